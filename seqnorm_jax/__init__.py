@@ -1,0 +1,41 @@
+"""seqnorm-jax: batch- and channel-grouped normalization layers for JAX and Flax.
+
+GhostNorm, SeqNorm, the "Four Things" batch/group normalization and example
+weighing, Heterologous Normalization, GN+ and Batch Group Normalization, as pure
+functions (:mod:`seqnorm_jax.functional`, on the statistics core
+:mod:`seqnorm_jax.stats`) and as drop-in replacements for
+``flax.linen.BatchNorm`` (:mod:`seqnorm_jax.linen`).
+"""
+
+from seqnorm_jax import functional, stats
+from seqnorm_jax.factory import norm_factory
+from seqnorm_jax.linen import (
+    BGN,
+    BatchGroupNorm,
+    BatchNorm,
+    GhostNorm,
+    GNPlus,
+    GroupNorm,
+    HeterologousNorm,
+    Identity,
+    NoisyBatchNorm,
+    SeqNorm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BGN",
+    "BatchGroupNorm",
+    "BatchNorm",
+    "GhostNorm",
+    "GNPlus",
+    "GroupNorm",
+    "HeterologousNorm",
+    "Identity",
+    "NoisyBatchNorm",
+    "SeqNorm",
+    "functional",
+    "norm_factory",
+    "stats",
+]

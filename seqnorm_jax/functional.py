@@ -1,0 +1,633 @@
+"""Pure normalization functions: moments -> per-(n, c) scale and shift -> ``x * a + b``.
+
+Every function here takes an input ``x`` of shape ``(N, ..., C)`` (feature axis
+``axis``, batch axis 0), optional per-channel ``scale`` (gamma) and ``bias``
+(beta) of shape ``(C,)``, and returns the normalized output in ``dtype`` (default:
+the input's dtype). Statistics are computed by :mod:`seqnorm_jax.stats` in float32
+(or wider); the output is produced by one elementwise pass ``x * a[n, c] + b[n, c]``.
+
+Training and inference
+----------------------
+Functions of layers that keep running statistics (batch norm family, SeqNorm,
+HN, GN+, BGN) use the batch statistics unless ``running_mean`` and
+``running_var`` (shape ``(C,)``) are given, in which case they run in inference
+mode and accept any batch size. In inference, ``example_weight`` (alpha of
+"Four Things", paper 002) blends each example's own statistics into the
+running ones (0: plain inference, 1: the example normalized by itself).
+
+With ``return_stats=True`` they return ``(y, stats)`` where ``stats`` is a
+:class:`~seqnorm_jax.stats.Moments` of ``(C,)`` arrays: the values the running
+statistics move towards (``None`` in inference mode). See
+:func:`seqnorm_jax.stats.ema`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqnorm_jax import stats
+from seqnorm_jax.stats import Moments
+
+Array = jax.Array
+Affine = tuple[Array, Array]  # (a, b): the per-(n, c) map x -> x * a + b
+
+__all__ = [
+    "batch_norm",
+    "ghost_norm",
+    "group_norm",
+    "seq_norm",
+    "batch_group_norm",
+    "heterologous_norm",
+    "gn_plus",
+    "bgn",
+    "noisy_batch_norm",
+    "resolve_groups",
+    "NORM_SETS",
+    "GN_PLUS_VARIANTS",
+    "SEQ_NORM_ORDERS",
+]
+
+# Normalization sets of Heterologous Normalization (paper 003): whether the set
+# pools over the batch, and how it pools channels ("groups": by the set's group
+# count; "all": every channel; None: one channel).
+NORM_SETS = {
+    "batch": (True, None),
+    "instance": (False, None),
+    "layer": (False, "all"),
+    "group": (False, "groups"),
+    "extended": (True, "groups"),
+    "extended_groups": (True, "groups"),
+}
+GN_PLUS_VARIANTS = ("gn_first", "bn_first", "parallel")
+SEQ_NORM_ORDERS = ("group_first", "ghost_first")
+STD_CENTERS = ("mean_set", "pooled")
+
+
+# ----------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------
+
+
+def _check_input(x: Array, who: str) -> None:
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(
+            f"{who}: x must be a floating-point array, got dtype {jnp.result_type(x)} "
+            f"(shape {jnp.shape(x)}); cast it first, e.g. x.astype(jnp.float32)."
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_groups(
+    total: int,
+    groups: int | None,
+    size: int | None,
+    *,
+    who: str,
+    groups_name: str,
+    size_name: str,
+    what: str,
+    default: int | None = None,
+    fix: str = "",
+) -> int:
+    """Number of groups of ``total`` items given either a group count or a group size.
+
+    Raises ``ValueError`` naming the argument when both or neither are given, or
+    when they do not divide ``total``.
+    """
+    if groups is not None and size is not None:
+        raise ValueError(
+            f"{who}: give either {groups_name} or {size_name}, not both "
+            f"(got {groups_name}={groups}, {size_name}={size})."
+        )
+    if groups is None and size is None:
+        if default is None:
+            raise ValueError(f"{who}: one of {groups_name} or {size_name} is required.")
+        groups = default
+    if size is not None:
+        if not isinstance(size, int) or size <= 0 or total % size:
+            raise ValueError(
+                f"{who}: {size_name}={size} does not divide the {what} ({total}); "
+                f"use a {size_name} in {_divisors(total)}{fix}."
+            )
+        return total // size
+    if not isinstance(groups, int) or groups <= 0 or total % groups:
+        raise ValueError(
+            f"{who}: {groups_name}={groups} does not divide the {what} ({total}); "
+            f"use {groups_name} in {_divisors(total)}{fix}."
+        )
+    return groups
+
+
+def _batch_groups(x, batch_groups, ghost_size, axis_name, who, default=1) -> int:
+    """Number of sample groups of the local batch's global counterpart."""
+    n = x.shape[0]
+    if axis_name is not None:
+        # The global batch is split over devices: check divisibility in stats.pool.
+        if ghost_size is not None:
+            raise ValueError(
+                f"{who}: use batch_groups (groups of the global batch), not ghost_size, "
+                f"with axis_name={axis_name!r}."
+            )
+        g = default if batch_groups is None else batch_groups
+        if not isinstance(g, int) or g <= 0:
+            raise ValueError(f"{who}: batch_groups must be a positive int, got {g!r}.")
+        return g
+    return resolve_groups(
+        n, batch_groups, ghost_size, who=who, groups_name="batch_groups",
+        size_name="ghost_size", what=f"batch size N (x.shape={tuple(x.shape)})",
+        default=default,
+        fix=" or a batch size that is a multiple of the number of groups "
+        "(drop the last incomplete batch, e.g. drop_remainder=True)",
+    )
+
+
+def _channel_groups(x, axis, groups, size, who, groups_name="channel_groups",
+                    size_name="channel_group_size", default=None) -> int:
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    return resolve_groups(
+        c, groups, size, who=who, groups_name=groups_name, size_name=size_name,
+        what=f"number of channels C (x.shape={tuple(x.shape)}, axis={axis})",
+        default=c if default is None else default,
+    )
+
+
+def _check_set_size(x, axis, samples: int, channels: int, who: str, what: str) -> None:
+    spatial = 1
+    for i in stats.spatial_axes(x.ndim, axis):
+        spatial *= x.shape[i]
+    if samples * spatial * channels < 2:
+        raise ValueError(
+            f"{who}: each {what} normalization set has a single element "
+            f"(x.shape={tuple(x.shape)}: {samples} sample(s) x {spatial} spatial x "
+            f"{channels} channel(s)), so its variance is 0 and the output is undefined. "
+            "Use fewer groups (larger ghost batches or channel groups) or a larger batch."
+        )
+
+
+def _check_choice(value, choices, name, who):
+    if value not in choices:
+        raise ValueError(f"{who}: {name} must be one of {tuple(choices)}, got {value!r}.")
+
+
+# ----------------------------------------------------------------------------
+# moments -> affine maps
+# ----------------------------------------------------------------------------
+
+
+def _normalizer(m: Moments, epsilon: float) -> Affine:
+    """The map ``x -> (x - mean) / sqrt(var + eps)`` as ``(a, b)``."""
+    a = lax.rsqrt(m.var + epsilon)
+    return a, -m.mean * a
+
+
+def _compose(first: Affine, second: Affine) -> Affine:
+    """``second(first(x))``."""
+    return first[0] * second[0], first[1] * second[0] + second[1]
+
+
+def _blend(s: Array, f: Affine, g: Affine) -> Affine:
+    """``s * f(x) + (1 - s) * g(x)``."""
+    return s * f[0] + (1 - s) * g[0], s * f[1] + (1 - s) * g[1]
+
+
+def _finish(x: Array, ab: Affine, scale, bias, axis: int, dtype) -> Array:
+    """Apply gamma and beta, then the single elementwise pass ``x * a + b``."""
+    a, b = ab
+    sdt = a.dtype
+    if scale is not None:
+        scale = jnp.asarray(scale, sdt)
+        a, b = a * scale, b * scale
+    if bias is not None:
+        b = b + jnp.asarray(bias, sdt)
+    y = x.astype(sdt) * stats.expand(a, x.ndim, axis) + stats.expand(b, x.ndim, axis)
+    return y.astype(x.dtype if dtype is None else dtype)
+
+
+def _is_zero(alpha) -> bool:
+    return isinstance(alpha, (int, float)) and alpha == 0
+
+
+def _running(running_mean, running_var, who) -> Moments | None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{who}: give both running_mean and running_var, or neither.")
+    if running_mean is None:
+        return None
+    return Moments(jnp.asarray(running_mean)[None], jnp.asarray(running_var)[None])
+
+
+def _batch_set(
+    m: Moments,
+    *,
+    batch_groups: int,
+    channel_groups: int | None,
+    grouping: str,
+    running: Moments | None,
+    example_weight,
+    axis_name,
+    axis_index_groups,
+) -> tuple[Moments, Moments | None]:
+    """Statistics of a normalization set pooled over sample groups and channel groups.
+
+    Training: pool the batch moments, and return the values for the running
+    statistics (the average over sample groups; across devices too). Inference:
+    the running statistics, blended with the example's own moments by
+    ``example_weight``, pooled over the channel groups.
+    """
+    if running is None:
+        pooled = stats.pool(
+            m, batch_groups=batch_groups, channel_groups=channel_groups, grouping=grouping,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+        )
+        update = stats.cross_device_mean(
+            jnp.stack([jnp.mean(pooled.mean, 0), jnp.mean(pooled.var, 0)]),
+            axis_name, axis_index_groups,
+        )
+        return pooled, Moments(update[0], update[1])
+    src = Moments(*(r.astype(m.mean.dtype) for r in running))
+    if not _is_zero(example_weight):
+        src = stats.mix(src, m, example_weight)
+    if channel_groups is not None and channel_groups != src.mean.shape[1]:
+        src = stats.pool(src, batch_groups=None, channel_groups=channel_groups)
+    return src, None
+
+
+def _sample_set(m: Moments, channel_groups: int | None) -> Moments:
+    """Statistics of a per-sample normalization set (group / layer / instance norm)."""
+    return stats.pool(m, batch_groups=None, channel_groups=channel_groups)
+
+
+def _output(y, update, return_stats):
+    return (y, update) if return_stats else y
+
+
+# ----------------------------------------------------------------------------
+# the layers
+# ----------------------------------------------------------------------------
+
+
+def batch_group_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    batch_groups: int | None = None,
+    ghost_size: int | None = None,
+    channel_groups: int | None = None,
+    channel_group_size: int | None = None,
+    grouping: str = "contiguous",
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    example_weight: float | Array = 0.0,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    dtype: Any = None,
+    return_stats: bool = False,
+    _who: str = "batch_group_norm",
+):
+    """Batch/group normalization of "Four Things" (paper 002, section 4).
+
+    Statistics per (sample group, channel group), over the samples of the group,
+    the spatial axes and the channels of the group. ``channel_groups=C`` (the
+    default) is GhostNorm; ``batch_groups=N`` is GroupNorm (in training);
+    both 1 pools everything. Running statistics: the average over sample groups
+    of each group's mean and biased variance, per channel (equal within a channel
+    group).
+    """
+    _check_input(x, _who)
+    _check_choice(grouping, stats.GROUPINGS, "grouping", _who)
+    running = _running(running_mean, running_var, _who)
+    g_c = _channel_groups(x, axis, channel_groups, channel_group_size, _who)
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    if running is None:
+        g_m = _batch_groups(x, batch_groups, ghost_size, axis_name, _who)
+        if axis_name is None:
+            _check_set_size(x, axis, x.shape[0] // g_m, c // g_c, _who, "group's")
+    else:
+        g_m = 1  # unused in inference: any batch size works
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    st, update = _batch_set(
+        m, batch_groups=g_m, channel_groups=g_c, grouping=grouping, running=running,
+        example_weight=example_weight, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    y = _finish(x, _normalizer(st, epsilon), scale, bias, axis, dtype)
+    return _output(y, update, return_stats)
+
+
+def batch_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *, epsilon: float = 1e-5,
+    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+):
+    """BatchNorm: statistics per channel over the batch and spatial axes (Ioffe & Szegedy).
+
+    Equal to ``flax.linen.BatchNorm`` to float32 rounding.
+    """
+    return batch_group_norm(
+        x, scale, bias, batch_groups=1, epsilon=epsilon, axis=axis, running_mean=running_mean,
+        running_var=running_var, example_weight=example_weight, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
+        return_stats=return_stats, _who="batch_norm",
+    )
+
+
+def ghost_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    batch_groups: int | None = None, ghost_size: int | None = None,
+    grouping: str = "contiguous", epsilon: float = 1e-5, axis: int = -1,
+    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+):
+    """GhostNorm (Hoffer et al. 2017; papers 000/001): BatchNorm per ghost batch.
+
+    The batch is split into ``batch_groups`` groups ("ghost batches") of
+    ``ghost_size`` samples, contiguous by default (``grouping="strided"`` for
+    Keras' ``virtual_batch_size`` layout), each normalized with its own
+    per-channel statistics. Running statistics move towards the whole-batch mean
+    and the mean of the per-ghost biased variances.
+    """
+    return batch_group_norm(
+        x, scale, bias, batch_groups=batch_groups, ghost_size=ghost_size, grouping=grouping,
+        epsilon=epsilon, axis=axis, running_mean=running_mean, running_var=running_var,
+        example_weight=example_weight, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+        dtype=dtype, return_stats=return_stats, _who="ghost_norm",
+    )
+
+
+def bgn(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    num_groups: int | None = None, group_size: int | None = None, epsilon: float = 1e-5,
+    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+):
+    """Batch Group Normalization (Zhou et al. 2020): channel groups over the whole batch.
+
+    Statistics per group of ``C / num_groups`` contiguous channels over the batch,
+    the spatial axes and the channels of the group. ``num_groups=C`` is
+    BatchNorm; ``num_groups=1`` pools everything. Running statistics per group.
+    """
+    who = "bgn"
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size",
+                        default=c)
+    return batch_group_norm(
+        x, scale, bias, batch_groups=1, channel_groups=g, epsilon=epsilon, axis=axis,
+        running_mean=running_mean, running_var=running_var, example_weight=example_weight,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+        use_fast_variance=use_fast_variance, dtype=dtype, return_stats=return_stats, _who=who,
+    )
+
+
+def group_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    num_groups: int | None = 32, group_size: int | None = None, epsilon: float = 1e-6,
+    axis: int = -1, use_fast_variance: bool = True, dtype=None,
+):
+    """GroupNorm (Wu & He 2018): per sample, over the spatial axes and a channel group.
+
+    Defaults as ``flax.linen.GroupNorm`` (``num_groups=32``, ``epsilon=1e-6``); pass
+    ``num_groups=None`` with ``group_size``. Batch-independent: no running statistics.
+    """
+    who = "group_norm"
+    _check_input(x, who)
+    g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size")
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    _check_set_size(x, axis, 1, c // g, who, "sample's group")
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    return _finish(x, _normalizer(_sample_set(m, g), epsilon), scale, bias, axis, dtype)
+
+
+def seq_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    channel_groups: int | None = None, channel_group_size: int | None = None,
+    batch_groups: int | None = None, ghost_size: int | None = None,
+    order: str = "group_first", grouping: str = "contiguous", epsilon: float = 1e-5,
+    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+):
+    """SeqNorm (papers 000/001): GroupNorm without affine, then GhostNorm, one gamma/beta.
+
+    ``order="ghost_first"`` runs the two steps the other way round (the paper's
+    ablation). Running statistics are those of the ghost step's input; at
+    inference the group step is computed from the example and the ghost step
+    uses the running statistics. Both steps use ``epsilon``. Computed in one
+    pass: the group step is affine per ``(n, c)``, so the ghost statistics of its
+    output follow from the input's moments.
+    """
+    who = "seq_norm"
+    _check_input(x, who)
+    _check_choice(order, SEQ_NORM_ORDERS, "order", who)
+    _check_choice(grouping, stats.GROUPINGS, "grouping", who)
+    running = _running(running_mean, running_var, who)
+    g_c = _channel_groups(x, axis, channel_groups, channel_group_size, who, default=1)
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    _check_set_size(x, axis, 1, c // g_c, who, "sample's channel group")
+    g_m = 1
+    if running is None:
+        g_m = _batch_groups(x, batch_groups, ghost_size, axis_name, who)
+        if axis_name is None:
+            _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's")
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    ghost = lambda mm: _batch_set(
+        mm, batch_groups=g_m, channel_groups=None, grouping=grouping, running=running,
+        example_weight=example_weight, axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    group = lambda mm: _sample_set(mm, g_c)
+    if order == "group_first":
+        f1 = _normalizer(group(m), epsilon)
+        st2, update = ghost(stats.affine(m, *f1))
+        f2 = _normalizer(st2, epsilon)
+    else:
+        st1, update = ghost(m)
+        f1 = _normalizer(st1, epsilon)
+        f2 = _normalizer(group(stats.affine(m, *f1)), epsilon)
+    y = _finish(x, _compose(f1, f2), scale, bias, axis, dtype)
+    return _output(y, update, return_stats)
+
+
+def heterologous_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    mean_set: str = "batch", std_set: str = "extended", mean_groups: int = 1,
+    std_groups: int = 1, std_center: str = "mean_set", epsilon: float = 1e-5, axis: int = -1,
+    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+):
+    """Heterologous Normalization (paper 003): mean and std from different pixel sets.
+
+    Sets (``NORM_SETS``): ``batch`` (per channel over the batch: BN), ``instance``
+    (per sample and channel: IN), ``layer`` (per sample, all channels: LN),
+    ``group`` (per sample, ``*_groups`` channel groups: GN), ``extended`` /
+    ``extended_groups`` (over the batch and ``*_groups`` channel groups; with one
+    group, the whole ``(N, spatial, C)`` set: EN). The default is the paper's HN:
+    BN mean, EN std. ``std_center="mean_set"`` takes the variance around the mean
+    the layer subtracts (for HN: each channel's own batch mean, i.e. the average
+    of the per-channel BN variances of the group); ``"pooled"`` around the std
+    set's own mean.
+
+    Running statistics are the per-channel batch mean and variance; sets over
+    the batch are pooled from them at use time, so inference is one fixed affine
+    map per channel (foldable into the previous convolution).
+    """
+    who = "heterologous_norm"
+    _check_input(x, who)
+    _check_choice(mean_set, NORM_SETS, "mean_set", who)
+    _check_choice(std_set, NORM_SETS, "std_set", who)
+    _check_choice(std_center, STD_CENTERS, "std_center", who)
+    running = _running(running_mean, running_var, who)
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+
+    def channel_groups(kind, groups, name):
+        pooling = NORM_SETS[kind][1]
+        if pooling is None:
+            return None
+        if pooling == "all":
+            return 1
+        return _channel_groups(x, axis, groups, None, who, name)
+
+    mg = channel_groups(mean_set, mean_groups, "mean_groups")
+    sg = channel_groups(std_set, std_groups, "std_groups")
+    for kind, g in ((mean_set, mg), (std_set, sg)):
+        per_group = 1 if g is None else c // g
+        if not NORM_SETS[kind][0] or running is None:
+            samples = x.shape[0] if NORM_SETS[kind][0] and axis_name is None else 1
+            _check_set_size(x, axis, samples, per_group, who, f"{kind!r}")
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    n = m.mean.shape[0]
+
+    if running is None:
+        per_channel, update = _batch_set(
+            m, batch_groups=1, channel_groups=None, grouping="contiguous", running=None,
+            example_weight=0.0, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        )
+    else:
+        per_channel, update = _batch_set(
+            m, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
+            example_weight=example_weight, axis_name=None, axis_index_groups=None,
+        )
+    per_channel = Moments(*(jnp.broadcast_to(a, (n, c)) for a in per_channel))
+
+    def source(kind):
+        # Sets over the batch start from the per-channel batch (or running) moments;
+        # per-sample sets from the sample's own.
+        return per_channel if NORM_SETS[kind][0] else m
+
+    mean = stats.pool(source(mean_set), batch_groups=None, channel_groups=mg).mean
+    center = mean if std_center == "mean_set" else None
+    src = source(std_set)
+    if NORM_SETS[std_set][0] and running is None and center is not None:
+        # A center that differs per sample: pool (v + (m - center)^2) over the batch.
+        var = stats.pool(m, batch_groups=1, channel_groups=sg, center=center,
+                         axis_name=axis_name, axis_index_groups=axis_index_groups).var
+    else:
+        var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center).var
+    y = _finish(x, _normalizer(Moments(mean, var), epsilon), scale, bias, axis, dtype)
+    return _output(y, update, return_stats)
+
+
+def gn_plus(
+    x: Array, scale: Array | None = None, bias: Array | None = None,
+    mixing: Array | float = 1.0, *, num_groups: int | None = 32, group_size: int | None = None,
+    variant: str = "gn_first", epsilon: float = 1e-5, axis: int = -1, running_mean=None,
+    running_var=None, example_weight=0.0, axis_name=None, axis_index_groups=None,
+    use_fast_variance: bool = True, dtype=None, return_stats=False,
+):
+    """GN+ (paper 004): GroupNorm and BatchNorm outputs mixed by ``S = sigmoid(mixing)``.
+
+    * ``gn_first``: ``g = GN(x)``; ``y = S g + (1 - S) BN(g)`` (the paper's best);
+    * ``bn_first``: ``b = BN(x)``; ``y = S GN(b) + (1 - S) b``;
+    * ``parallel``: ``y = S GN(x) + (1 - S) BN(x)``;
+
+    then one gamma/beta. ``mixing`` is the learnable scalar lambda. The BN part is
+    ordinary BatchNorm over ``(N, spatial)`` with running statistics of its
+    input, following the paper's text; the paper's public code instead
+    normalizes over the batch axis only with the unbiased std plus eps and keeps
+    no running statistics (its evaluation output depends on the batch).
+    """
+    who = "gn_plus"
+    _check_input(x, who)
+    _check_choice(variant, GN_PLUS_VARIANTS, "variant", who)
+    running = _running(running_mean, running_var, who)
+    g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size")
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    _check_set_size(x, axis, 1, c // g, who, "sample's group")
+    if running is None and axis_name is None:
+        _check_set_size(x, axis, x.shape[0], 1, who, "batch")
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    s = jax.nn.sigmoid(jnp.asarray(mixing, m.mean.dtype))
+
+    def bn(mm):
+        st, update = _batch_set(
+            mm, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
+            example_weight=example_weight, axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+        )
+        return _normalizer(st, epsilon), update
+
+    gn = lambda mm: _normalizer(_sample_set(mm, g), epsilon)
+    if variant == "gn_first":
+        f_gn = gn(m)
+        f_bn, update = bn(stats.affine(m, *f_gn))
+        ab = _blend(s, f_gn, _compose(f_gn, f_bn))
+    elif variant == "bn_first":
+        f_bn, update = bn(m)
+        ab = _blend(s, _compose(f_bn, gn(stats.affine(m, *f_bn))), f_bn)
+    else:
+        f_bn, update = bn(m)
+        ab = _blend(s, gn(m), f_bn)
+    y = _finish(x, ab, scale, bias, axis, dtype)
+    return _output(y, update, return_stats)
+
+
+def noisy_batch_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    noise_std: float = 3e-4, rng: Array | None = None, epsilon: float = 1e-5, axis: int = -1,
+    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+):
+    """BatchNorm with Gaussian noise ``N(0, noise_std^2)`` added to its input in training.
+
+    The noise (paper 000's ablation; best ``noise_std=3e-4``) needs ``rng`` in
+    training; inference (running statistics given) adds none.
+    """
+    who = "noisy_batch_norm"
+    _check_input(x, who)
+    if running_mean is None and noise_std:
+        if rng is None:
+            raise ValueError(
+                f"{who}: training with noise_std={noise_std} needs an rng key; pass rng= "
+                "(in linen: rngs={'noise': key} to apply)."
+            )
+        noise = jax.random.normal(rng, x.shape, stats.stat_dtype(x.dtype)) * noise_std
+        x = (x.astype(noise.dtype) + noise).astype(x.dtype)
+    return batch_group_norm(
+        x, scale, bias, batch_groups=1, epsilon=epsilon, axis=axis, running_mean=running_mean,
+        running_var=running_var, example_weight=example_weight, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
+        return_stats=return_stats, _who=who,
+    )
+
+
+FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "batch_norm": batch_norm,
+    "ghost_norm": ghost_norm,
+    "group_norm": group_norm,
+    "seq_norm": seq_norm,
+    "batch_group_norm": batch_group_norm,
+    "heterologous_norm": heterologous_norm,
+    "gn_plus": gn_plus,
+    "bgn": bgn,
+    "noisy_batch_norm": noisy_batch_norm,
+}

@@ -1,0 +1,355 @@
+"""The statistics core: every mean and variance in seqnorm-jax is computed here.
+
+Every layer of the library normalizes ``x[n, ..., c]`` with a mean and a variance
+that depend only on the sample ``n`` and the channel ``c``. They are all derived
+from the per-sample, per-channel spatial moments of ``x`` (an ``(N, C)`` pair of
+arrays, see :func:`sample_moments`), pooled over contiguous (or strided) groups
+of samples and/or channels (:func:`pool`).
+
+Numerical conventions
+---------------------
+* Statistics are computed in float32, or in the input's precision when it is
+  wider (float64). Half-precision inputs never produce half-precision statistics.
+* Variances are *biased* (divide by the count).
+* Pooling uses Chan's parallel merge of (mean, variance) pairs, so it never
+  subtracts two large raw second moments: a float32 input with mean 1e4 and
+  standard deviation 1 gives variances within 1e-5 relative of float64.
+
+Everything here is a pure function of arrays: no Flax, no state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+__all__ = [
+    "Moments",
+    "stat_dtype",
+    "feature_axis",
+    "spatial_axes",
+    "sample_moments",
+    "merge",
+    "pool",
+    "expand",
+    "mix",
+    "affine",
+    "ema",
+    "cross_device_mean",
+]
+
+GROUPINGS = ("contiguous", "strided")
+
+
+class Moments(NamedTuple):
+    """A mean and a biased variance of the same shape, over ``count`` values each."""
+
+    mean: Array
+    var: Array
+
+
+def stat_dtype(dtype: Any) -> jnp.dtype:
+    """The dtype statistics are computed in: at least float32, float64 kept."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def feature_axis(ndim: int, axis: int) -> int:
+    """Canonical (non-negative) feature axis; the batch axis is always 0."""
+    if not isinstance(axis, int):
+        raise ValueError(
+            f"axis must be a single int (the feature axis), got {axis!r}. "
+            "seqnorm-jax layers normalize one feature axis; reshape or transpose the "
+            "input so the channels form one axis."
+        )
+    if ndim < 2:
+        raise ValueError(
+            f"x must have a batch axis and a feature axis (rank >= 2), got rank {ndim}. "
+            "Add a batch axis, e.g. x[None]."
+        )
+    ax = axis % ndim if -ndim <= axis < ndim else None
+    if ax is None or ax == 0:
+        raise ValueError(
+            f"axis={axis} is not a valid feature axis for an input of rank {ndim}: "
+            "axis 0 is the batch axis; use axis=-1 for channels-last inputs."
+        )
+    return ax
+
+
+def spatial_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    """All axes of an ``ndim`` input except the batch axis 0 and the feature axis."""
+    ax = feature_axis(ndim, axis)
+    return tuple(i for i in range(1, ndim) if i != ax)
+
+
+def _to_nc(a: Array, ndim: int, axis: int) -> Array:
+    """Squeeze the reduced spatial axes of ``a`` (kept as size 1) to ``(N, C)``."""
+    return a.reshape(a.shape[0], a.shape[feature_axis(ndim, axis)])
+
+
+def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) -> Moments:
+    """Per-sample, per-channel moments over the spatial axes of ``x``.
+
+    Args:
+      x: input of shape ``(N, ..., C)`` (the feature axis is ``axis``); every axis
+        other than 0 and ``axis`` is reduced.
+      axis: the feature axis.
+      use_fast_variance: if True, one pass over ``x`` with sums shifted by the
+        first spatial value of each ``(n, c)`` map (fast and stable unless that
+        value is an outlier far from the map's mean); if False, two passes
+        (exact mean first, then squared deviations), stable for any data.
+
+    Returns:
+      ``Moments`` of shape ``(N, C)`` in :func:`stat_dtype` of ``x``. With no
+      spatial axes (dense input) the mean is ``x`` and the variance is zero.
+    """
+    red = spatial_axes(x.ndim, axis)
+    dt = stat_dtype(x.dtype)
+    xf = x.astype(dt)
+    if not red:
+        return Moments(xf, jnp.zeros_like(xf))
+    if use_fast_variance:
+        # Shift by one value of each (n, c) map: sums of (x - k) then do not cancel.
+        index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
+        k = lax.stop_gradient(xf[index])
+        d = xf - k
+        s1 = jnp.mean(d, axis=red, keepdims=True)
+        s2 = jnp.mean(d * d, axis=red, keepdims=True)
+        mean = k + s1
+        var = jnp.maximum(s2 - s1 * s1, 0.0)
+    else:
+        mean = jnp.mean(xf, axis=red, keepdims=True)
+        d = xf - mean
+        var = jnp.mean(d * d, axis=red, keepdims=True)
+    return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
+
+
+def merge(
+    m: Moments,
+    axis: int | Sequence[int],
+    *,
+    weight: Array | None = None,
+    center: Array | None = None,
+    keepdims: bool = True,
+) -> Moments:
+    """Chan's merge of several (mean, variance) pairs along ``axis``.
+
+    The pooled mean is the (weighted) average of the means; the pooled variance
+    is the average of ``var + (mean - center)**2`` where ``center`` is the pooled
+    mean (the total variance of the union) unless given, in which case it is the
+    mean squared deviation of the union around ``center`` (which must broadcast
+    against ``m.mean``).
+
+    Args:
+      m: moments to merge.
+      axis: the axes whose entries are merged.
+      weight: optional non-negative weights (counts) broadcastable to ``m.mean``;
+        equal weights when None.
+      center: optional point the variance is taken around.
+      keepdims: keep the merged axes with size 1.
+    """
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    if weight is None:
+        avg = lambda a: jnp.mean(a, axis=axis, keepdims=True)
+    else:
+        weight = jnp.broadcast_to(weight.astype(m.mean.dtype), m.mean.shape)
+        total = jnp.sum(weight, axis=axis, keepdims=True)
+        avg = lambda a: jnp.sum(weight * a, axis=axis, keepdims=True) / total
+    mean = avg(m.mean)
+    c = mean if center is None else center
+    var = avg(m.var + jnp.square(m.mean - c))
+    if not keepdims:
+        mean, var = jnp.squeeze(mean, axis), jnp.squeeze(var, axis)
+    return Moments(mean, var)
+
+
+def _group_view(a: Array, batch_groups: int, channel_groups: int, grouping: str) -> Array:
+    """``(N, C)`` -> ``(G_M, N // G_M, G_C, C // G_C)``: group index, member index."""
+    n, c = a.shape
+    if grouping == "contiguous":
+        return a.reshape(batch_groups, n // batch_groups, channel_groups, c // channel_groups)
+    # strided: sample n belongs to group n % G_M (Keras' virtual_batch_size layout)
+    a = a.reshape(n // batch_groups, batch_groups, channel_groups, c // channel_groups)
+    return jnp.swapaxes(a, 0, 1)
+
+
+def _ungroup(a: Array, n: int, c: int, grouping: str) -> Array:
+    """Inverse of :func:`_group_view` after a merge that kept dims: back to ``(N, C)``."""
+    g_m, _, g_c, _ = a.shape
+    a = jnp.broadcast_to(a, (g_m, n // g_m, g_c, c // g_c))
+    if grouping == "strided":
+        a = jnp.swapaxes(a, 0, 1)
+    return a.reshape(n, c)
+
+
+def _check_grouping(grouping: str) -> None:
+    if grouping not in GROUPINGS:
+        raise ValueError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
+
+
+def pool(
+    m: Moments,
+    *,
+    batch_groups: int | None,
+    channel_groups: int | None,
+    grouping: str = "contiguous",
+    center: Array | None = None,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> Moments:
+    """Pool ``(N, C)`` moments over groups of samples and of channels.
+
+    Args:
+      m: per-sample, per-channel moments, shape ``(N, C)``, each over the same count.
+      batch_groups: ``G_M``, number of sample groups of the batch (1: the whole
+        batch); ``None``: no pooling over samples (each sample alone).
+      channel_groups: ``G_C``, number of contiguous channel groups (1: all
+        channels); ``None``: no pooling over channels.
+      grouping: ``"contiguous"`` (sample groups ``x[:N/G_M]``, ...) or
+        ``"strided"`` (group ``g`` holds samples ``g, g + G_M, ...``).
+      center: optional ``(N, C)`` (or broadcastable) point to take the variance
+        around instead of each group's own mean.
+      axis_name: when set (inside ``shard_map``), ``N`` is the local shard of a
+        batch split over this named axis, and ``batch_groups`` counts the groups
+        of the *global* batch. It must be a multiple of the axis size (groups lie
+        within shards: no communication) or divide it (each group spans several
+        shards: one all-gather of the per-shard moments, count-weighted).
+      axis_index_groups: as in :func:`jax.lax.psum`: sub-groups of devices that
+        form separate batches.
+
+    Returns:
+      Pooled moments broadcast back to ``(N, C)``: entry ``(n, c)`` holds the
+      statistics of the group that contains sample ``n`` and channel ``c``.
+    """
+    _check_grouping(grouping)
+    n, c = m.mean.shape
+    g_c = c if channel_groups is None else channel_groups
+    g_m = n if batch_groups is None else batch_groups
+    if center is not None:
+        center = jnp.broadcast_to(center, (n, c))
+    if axis_name is not None and batch_groups is not None:
+        return _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_groups)
+    view = lambda a: _group_view(a, g_m, g_c, grouping)
+    mv = Moments(view(m.mean), view(m.var))
+    pooled = merge(mv, (1, 3), center=None if center is None else view(center))
+    return Moments(*(_ungroup(a, n, c, grouping) for a in pooled))
+
+
+def _axis_size_and_index(axis_name: str, axis_index_groups: Any) -> tuple[int, Array]:
+    """Size of the (sub-)group of devices this one reduces with, and its position in it."""
+    idx = lax.axis_index(axis_name)
+    if axis_index_groups is None:
+        return lax.axis_size(axis_name), idx
+    groups = [list(g) for g in axis_index_groups]
+    size = len(groups[0])
+    position = [0] * sum(len(g) for g in groups)
+    for g in groups:
+        for p, d in enumerate(g):
+            position[d] = p
+    return size, jnp.asarray(position)[idx]
+
+
+def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_groups):
+    n, c = m.mean.shape
+    n_dev, position = _axis_size_and_index(axis_name, axis_index_groups)
+    if g_m % n_dev == 0:
+        # Groups lie within shards: pool locally, no communication.
+        local = g_m // n_dev
+        if n % local:
+            raise ValueError(
+                f"batch_groups={g_m} over {n_dev} devices of axis {axis_name!r} puts {local} "
+                f"groups on each device, which do not divide the per-device batch ({n}); use a "
+                f"per-device batch that is a multiple of {local}."
+            )
+        if grouping == "strided" and local != g_m:
+            raise ValueError(
+                f"grouping='strided' with axis_name={axis_name!r} would interleave "
+                "samples of different devices; use grouping='contiguous'."
+            )
+        return pool(m, batch_groups=local, channel_groups=g_c, grouping=grouping, center=center)
+    if n_dev % g_m != 0:
+        raise ValueError(
+            f"batch_groups={g_m} must be a multiple or a divisor of the size of axis "
+            f"{axis_name!r} ({n_dev} devices) so that ghost batches align with shards; "
+            f"use batch_groups in {sorted({d for d in range(1, n_dev + 1) if n_dev % d == 0})} "
+            f"or a multiple of {n_dev}."
+        )
+    if grouping == "strided" and g_m != 1:
+        raise ValueError(
+            f"grouping='strided' with axis_name={axis_name!r} spreads each group over every "
+            "device; use grouping='contiguous'."
+        )
+    # Each group spans n_dev // g_m shards: merge each shard's moments, gather them
+    # (one collective, count-weighted), merge the shards of this device's group.
+    cview = lambda a: a.reshape(n, g_c, c // g_c)
+    local = merge(
+        Moments(cview(m.mean), cview(m.var)),
+        (0, 2),
+        center=None if center is None else cview(center),
+        keepdims=False,
+    )  # (G_C,)
+    count = jnp.full((g_c,), float(n * (c // g_c)), local.mean.dtype)
+    gathered = lax.all_gather(
+        jnp.stack([local.mean, local.var, count]), axis_name, axis_index_groups=axis_index_groups
+    )  # (n_dev, 3, G_C)
+    per_group = n_dev // g_m
+    gathered = gathered.reshape(g_m, per_group, 3, g_c)
+    mine = lax.dynamic_index_in_dim(gathered, position // per_group, axis=0, keepdims=False)
+    # With a center, each shard's variance is already taken around it: average the
+    # variances without a between-shard term (center each shard on its own mean).
+    pooled = merge(
+        Moments(mine[:, 0], mine[:, 1]),
+        0,
+        weight=mine[:, 2],
+        center=None if center is None else mine[:, 0],
+        keepdims=True,
+    )  # (1, G_C)
+    expand_c = lambda a: jnp.broadcast_to(jnp.repeat(a, c // g_c, axis=-1), (n, c))
+    return Moments(expand_c(pooled.mean), expand_c(pooled.var))
+
+
+def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = None) -> Array:
+    """Average ``a`` over the devices of ``axis_name`` (identity when None)."""
+    if axis_name is None:
+        return a
+    return lax.pmean(a, axis_name, axis_index_groups=axis_index_groups)
+
+
+def expand(a: Array, ndim: int, axis: int) -> Array:
+    """Broadcast an ``(N, C)`` (or ``(C,)``) per-sample, per-channel array against an input of rank ``ndim``."""
+    ax = feature_axis(ndim, axis)
+    if a.ndim == 1:
+        a = a[None]
+    shape = [1] * ndim
+    shape[0], shape[ax] = a.shape
+    return a.reshape(shape)
+
+
+def mix(a: Moments, b: Moments, weight_b: Array | float) -> Moments:
+    """Moments of the mixture ``(1 - w) * A + w * B`` of two distributions.
+
+    ``mean = (1-w) a.mean + w b.mean`` and ``var = (1-w) a.var + w b.var +
+    w (1-w) (a.mean - b.mean)**2``: the same as blending the raw second moments
+    (``E[x^2]``) and subtracting the squared mean, without the cancellation.
+    This is inference example weighing (Four Things, paper 002) with ``A`` the
+    running statistics and ``B`` the example's own.
+    """
+    w = jnp.asarray(weight_b, a.mean.dtype)
+    mean = (1 - w) * a.mean + w * b.mean
+    var = (1 - w) * a.var + w * b.var + w * (1 - w) * jnp.square(a.mean - b.mean)
+    return Moments(mean, var)
+
+
+def affine(m: Moments, scale: Array, shift: Array) -> Moments:
+    """Moments of ``x * scale + shift`` given those of ``x`` (same broadcasting)."""
+    return Moments(m.mean * scale + shift, m.var * jnp.square(scale))
+
+
+def ema(running: Array, value: Array, momentum: float) -> Array:
+    """Exponential moving average: ``momentum * running + (1 - momentum) * value``."""
+    return momentum * running + (1 - momentum) * value.astype(running.dtype)
