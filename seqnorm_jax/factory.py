@@ -26,7 +26,7 @@ ALIASES: dict[str, str] = {
     "batchgroupnorm": "BatchGroupNorm", "fourthings": "BatchGroupNorm",
     "heterologousnorm": "HeterologousNorm", "hn": "HeterologousNorm",
     "gnplus": "GNPlus", "gn+": "GNPlus",
-    "bgn": "BGN", "batchgroupnormalization": "BGN",
+    "bgn": "BGN",
     "noisybatchnorm": "NoisyBatchNorm", "noisybn": "NoisyBatchNorm",
     "none": "Identity", "identity": "Identity",
 }

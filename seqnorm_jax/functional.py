@@ -34,7 +34,11 @@ from seqnorm_jax import stats
 from seqnorm_jax.stats import Moments
 
 Array = jax.Array
-Affine = tuple[Array, Array]  # (a, b): the per-(n, c) map x -> x * a + b
+# (a, b): the per-(n, c) map x -> (x - k) * a + b, where k is a per-(n, c) (or
+# per-channel) center fixed for the whole layer: the sample's own mean when the
+# moments are computed, else the running mean. Writing maps around k instead of
+# as x * a + b' avoids the cancellation of two large terms when |mean| >> std.
+Affine = tuple[Array, Array]
 
 __all__ = [
     "batch_norm",
@@ -47,6 +51,7 @@ __all__ = [
     "bgn",
     "noisy_batch_norm",
     "resolve_groups",
+    "BatchSizeError",
     "NORM_SETS",
     "GN_PLUS_VARIANTS",
     "SEQ_NORM_ORDERS",
@@ -81,6 +86,10 @@ def _check_input(x: Array, who: str) -> None:
         )
 
 
+class BatchSizeError(ValueError):
+    """The batch cannot be split as the layer asks (training only; inference takes any batch)."""
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -96,6 +105,7 @@ def resolve_groups(
     what: str,
     default: int | None = None,
     fix: str = "",
+    error: type[ValueError] = ValueError,
 ) -> int:
     """Number of groups of ``total`` items given either a group count or a group size.
 
@@ -111,19 +121,15 @@ def resolve_groups(
         if default is None:
             raise ValueError(f"{who}: one of {groups_name} or {size_name} is required.")
         groups = default
-    if size is not None:
-        if not isinstance(size, int) or size <= 0 or total % size:
-            raise ValueError(
-                f"{who}: {size_name}={size} does not divide the {what} ({total}); "
-                f"use a {size_name} in {_divisors(total)}{fix}."
-            )
-        return total // size
-    if not isinstance(groups, int) or groups <= 0 or total % groups:
-        raise ValueError(
-            f"{who}: {groups_name}={groups} does not divide the {what} ({total}); "
-            f"use {groups_name} in {_divisors(total)}{fix}."
+    name, value = (size_name, size) if size is not None else (groups_name, groups)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{who}: {name} must be a positive int, got {value!r}.")
+    if total % value:
+        raise error(
+            f"{who}: {name}={value} does not divide the {what}, {total}; "
+            f"use {name} in {_divisors(total)}{fix}."
         )
-    return groups
+    return total // size if size is not None else groups
 
 
 def _batch_groups(x, batch_groups, ghost_size, axis_name, who, default=1) -> int:
@@ -142,8 +148,8 @@ def _batch_groups(x, batch_groups, ghost_size, axis_name, who, default=1) -> int
         return g
     return resolve_groups(
         n, batch_groups, ghost_size, who=who, groups_name="batch_groups",
-        size_name="ghost_size", what=f"batch size N (x.shape={tuple(x.shape)})",
-        default=default,
+        size_name="ghost_size", what=f"batch size of x (shape {tuple(x.shape)})",
+        default=default, error=BatchSizeError,
         fix=" or a batch size that is a multiple of the number of groups "
         "(drop the last incomplete batch, e.g. drop_remainder=True)",
     )
@@ -154,17 +160,18 @@ def _channel_groups(x, axis, groups, size, who, groups_name="channel_groups",
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     return resolve_groups(
         c, groups, size, who=who, groups_name=groups_name, size_name=size_name,
-        what=f"number of channels C (x.shape={tuple(x.shape)}, axis={axis})",
+        what=f"number of channels of x (shape {tuple(x.shape)}, axis={axis})",
         default=c if default is None else default,
     )
 
 
-def _check_set_size(x, axis, samples: int, channels: int, who: str, what: str) -> None:
+def _check_set_size(x, axis, samples: int, channels: int, who: str, what: str,
+                    error: type[ValueError] = ValueError) -> None:
     spatial = 1
     for i in stats.spatial_axes(x.ndim, axis):
         spatial *= x.shape[i]
     if samples * spatial * channels < 2:
-        raise ValueError(
+        raise error(
             f"{who}: each {what} normalization set has a single element "
             f"(x.shape={tuple(x.shape)}: {samples} sample(s) x {spatial} spatial x "
             f"{channels} channel(s)), so its variance is 0 and the output is undefined. "
@@ -182,10 +189,15 @@ def _check_choice(value, choices, name, who):
 # ----------------------------------------------------------------------------
 
 
-def _normalizer(m: Moments, epsilon: float) -> Affine:
-    """The map ``x -> (x - mean) / sqrt(var + eps)`` as ``(a, b)``."""
+def _normalizer(m: Moments, epsilon: float, k: Array | float = 0.0) -> Affine:
+    """The map ``x -> (x - mean) / sqrt(var + eps)`` as ``(a, b)`` around center ``k``."""
     a = lax.rsqrt(m.var + epsilon)
-    return a, -m.mean * a
+    return a, (k - m.mean) * a
+
+
+def _centered(m: Moments, k: Array) -> Moments:
+    """Moments of ``x - k``: the input of the maps above."""
+    return Moments(m.mean - k, m.var)
 
 
 def _compose(first: Affine, second: Affine) -> Affine:
@@ -198,8 +210,8 @@ def _blend(s: Array, f: Affine, g: Affine) -> Affine:
     return s * f[0] + (1 - s) * g[0], s * f[1] + (1 - s) * g[1]
 
 
-def _finish(x: Array, ab: Affine, scale, bias, axis: int, dtype) -> Array:
-    """Apply gamma and beta, then the single elementwise pass ``x * a + b``."""
+def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype) -> Array:
+    """Apply gamma and beta, then the single elementwise pass ``(x - k) * a + b``."""
     a, b = ab
     sdt = a.dtype
     if scale is not None:
@@ -207,7 +219,9 @@ def _finish(x: Array, ab: Affine, scale, bias, axis: int, dtype) -> Array:
         a, b = a * scale, b * scale
     if bias is not None:
         b = b + jnp.asarray(bias, sdt)
-    y = x.astype(sdt) * stats.expand(a, x.ndim, axis) + stats.expand(b, x.ndim, axis)
+    k = lax.stop_gradient(jnp.asarray(k, sdt))  # y does not depend on k: no gradient
+    ex = lambda v: stats.expand(v, x.ndim, axis)
+    y = (x.astype(sdt) - ex(k)) * ex(a) + ex(b)
     return y.astype(x.dtype if dtype is None else dtype)
 
 
@@ -215,12 +229,19 @@ def _is_zero(alpha) -> bool:
     return isinstance(alpha, (int, float)) and alpha == 0
 
 
-def _running(running_mean, running_var, who) -> Moments | None:
+def _running(x, axis, running_mean, running_var, who) -> Moments | None:
+    """Running statistics as ``(1, C)`` moments in the statistics dtype of ``x``."""
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{who}: give both running_mean and running_var, or neither.")
     if running_mean is None:
         return None
-    return Moments(jnp.asarray(running_mean)[None], jnp.asarray(running_var)[None])
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    for name, r in (("running_mean", running_mean), ("running_var", running_var)):
+        if jnp.shape(r) != (c,):
+            raise ValueError(f"{who}: {name} must have shape ({c},) (the channels of x, shape "
+                             f"{tuple(x.shape)}), got {jnp.shape(r)}.")
+    dt = stats.stat_dtype(jnp.result_type(x))
+    return Moments(jnp.asarray(running_mean, dt)[None], jnp.asarray(running_var, dt)[None])
 
 
 def _batch_set(
@@ -251,7 +272,7 @@ def _batch_set(
             axis_name, axis_index_groups,
         )
         return pooled, Moments(update[0], update[1])
-    src = Moments(*(r.astype(m.mean.dtype) for r in running))
+    src = running
     if not _is_zero(example_weight):
         src = stats.mix(src, m, example_weight)
     if channel_groups is not None and channel_groups != src.mean.shape[1]:
@@ -306,22 +327,27 @@ def batch_group_norm(
     """
     _check_input(x, _who)
     _check_choice(grouping, stats.GROUPINGS, "grouping", _who)
-    running = _running(running_mean, running_var, _who)
+    running = _running(x, axis, running_mean, running_var, _who)
     g_c = _channel_groups(x, axis, channel_groups, channel_group_size, _who)
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     if running is None:
         g_m = _batch_groups(x, batch_groups, ghost_size, axis_name, _who)
         if axis_name is None:
-            _check_set_size(x, axis, x.shape[0] // g_m, c // g_c, _who, "group's")
+            _check_set_size(x, axis, x.shape[0] // g_m, c // g_c, _who, "group's",
+                            BatchSizeError)
     else:
         g_m = 1  # unused in inference: any batch size works
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    if running is None or not _is_zero(example_weight):
+        m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+        k = m.mean
+    else:  # plain inference: one multiply-add pass, no reduction over x
+        m, k = None, running.mean
     st, update = _batch_set(
         m, batch_groups=g_m, channel_groups=g_c, grouping=grouping, running=running,
         example_weight=example_weight, axis_name=axis_name,
         axis_index_groups=axis_index_groups,
     )
-    y = _finish(x, _normalizer(st, epsilon), scale, bias, axis, dtype)
+    y = _finish(x, _normalizer(st, epsilon, k), k, scale, bias, axis, dtype)
     return _output(y, update, return_stats)
 
 
@@ -406,7 +432,8 @@ def group_norm(
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     _check_set_size(x, axis, 1, c // g, who, "sample's group")
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
-    return _finish(x, _normalizer(_sample_set(m, g), epsilon), scale, bias, axis, dtype)
+    return _finish(x, _normalizer(_sample_set(m, g), epsilon, m.mean), m.mean, scale, bias, axis,
+                   dtype)
 
 
 def seq_norm(
@@ -430,7 +457,7 @@ def seq_norm(
     _check_input(x, who)
     _check_choice(order, SEQ_NORM_ORDERS, "order", who)
     _check_choice(grouping, stats.GROUPINGS, "grouping", who)
-    running = _running(running_mean, running_var, who)
+    running = _running(x, axis, running_mean, running_var, who)
     g_c = _channel_groups(x, axis, channel_groups, channel_group_size, who, default=1)
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     _check_set_size(x, axis, 1, c // g_c, who, "sample's channel group")
@@ -438,7 +465,8 @@ def seq_norm(
     if running is None:
         g_m = _batch_groups(x, batch_groups, ghost_size, axis_name, who)
         if axis_name is None:
-            _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's")
+            _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's",
+                            BatchSizeError)
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
     ghost = lambda mm: _batch_set(
         mm, batch_groups=g_m, channel_groups=None, grouping=grouping, running=running,
@@ -447,14 +475,14 @@ def seq_norm(
     )
     group = lambda mm: _sample_set(mm, g_c)
     if order == "group_first":
-        f1 = _normalizer(group(m), epsilon)
-        st2, update = ghost(stats.affine(m, *f1))
+        f1 = _normalizer(group(m), epsilon, m.mean)
+        st2, update = ghost(stats.affine(_centered(m, m.mean), *f1))
         f2 = _normalizer(st2, epsilon)
     else:
         st1, update = ghost(m)
-        f1 = _normalizer(st1, epsilon)
-        f2 = _normalizer(group(stats.affine(m, *f1)), epsilon)
-    y = _finish(x, _compose(f1, f2), scale, bias, axis, dtype)
+        f1 = _normalizer(st1, epsilon, m.mean)
+        f2 = _normalizer(group(stats.affine(_centered(m, m.mean), *f1)), epsilon)
+    y = _finish(x, _compose(f1, f2), m.mean, scale, bias, axis, dtype)
     return _output(y, update, return_stats)
 
 
@@ -486,7 +514,7 @@ def heterologous_norm(
     _check_choice(mean_set, NORM_SETS, "mean_set", who)
     _check_choice(std_set, NORM_SETS, "std_set", who)
     _check_choice(std_center, STD_CENTERS, "std_center", who)
-    running = _running(running_mean, running_var, who)
+    running = _running(x, axis, running_mean, running_var, who)
     c = x.shape[stats.feature_axis(x.ndim, axis)]
 
     def channel_groups(kind, groups, name):
@@ -503,7 +531,8 @@ def heterologous_norm(
         per_group = 1 if g is None else c // g
         if not NORM_SETS[kind][0] or running is None:
             samples = x.shape[0] if NORM_SETS[kind][0] and axis_name is None else 1
-            _check_set_size(x, axis, samples, per_group, who, f"{kind!r}")
+            _check_set_size(x, axis, samples, per_group, who, f"{kind!r}",
+                            BatchSizeError if samples > 1 else ValueError)
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
     n = m.mean.shape[0]
 
@@ -533,7 +562,8 @@ def heterologous_norm(
                          axis_name=axis_name, axis_index_groups=axis_index_groups).var
     else:
         var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center).var
-    y = _finish(x, _normalizer(Moments(mean, var), epsilon), scale, bias, axis, dtype)
+    y = _finish(x, _normalizer(Moments(mean, var), epsilon, m.mean), m.mean, scale, bias, axis,
+                dtype)
     return _output(y, update, return_stats)
 
 
@@ -559,35 +589,38 @@ def gn_plus(
     who = "gn_plus"
     _check_input(x, who)
     _check_choice(variant, GN_PLUS_VARIANTS, "variant", who)
-    running = _running(running_mean, running_var, who)
+    running = _running(x, axis, running_mean, running_var, who)
     g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size")
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     _check_set_size(x, axis, 1, c // g, who, "sample's group")
     if running is None and axis_name is None:
-        _check_set_size(x, axis, x.shape[0], 1, who, "batch")
+        _check_set_size(x, axis, x.shape[0], 1, who, "batch", BatchSizeError)
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
     s = jax.nn.sigmoid(jnp.asarray(mixing, m.mean.dtype))
 
-    def bn(mm):
+    k = m.mean
+    mc = _centered(m, k)
+
+    def bn(mm, center=0.0):
         st, update = _batch_set(
             mm, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
             example_weight=example_weight, axis_name=axis_name,
             axis_index_groups=axis_index_groups,
         )
-        return _normalizer(st, epsilon), update
+        return _normalizer(st, epsilon, center), update
 
-    gn = lambda mm: _normalizer(_sample_set(mm, g), epsilon)
+    gn = lambda mm, center=0.0: _normalizer(_sample_set(mm, g), epsilon, center)
     if variant == "gn_first":
-        f_gn = gn(m)
-        f_bn, update = bn(stats.affine(m, *f_gn))
+        f_gn = gn(m, k)
+        f_bn, update = bn(stats.affine(mc, *f_gn))
         ab = _blend(s, f_gn, _compose(f_gn, f_bn))
     elif variant == "bn_first":
-        f_bn, update = bn(m)
-        ab = _blend(s, _compose(f_bn, gn(stats.affine(m, *f_bn))), f_bn)
+        f_bn, update = bn(m, k)
+        ab = _blend(s, _compose(f_bn, gn(stats.affine(mc, *f_bn))), f_bn)
     else:
-        f_bn, update = bn(m)
-        ab = _blend(s, gn(m), f_bn)
-    y = _finish(x, ab, scale, bias, axis, dtype)
+        f_bn, update = bn(m, k)
+        ab = _blend(s, gn(m, k), f_bn)
+    y = _finish(x, ab, k, scale, bias, axis, dtype)
     return _output(y, update, return_stats)
 
 

@@ -79,8 +79,15 @@ class _RunningNorm(nn.Module):
     force_float32_reductions: bool = True
 
     def _normalize(self, x: Array, scale, bias, **kwargs):
-        """Call the layer's pure function with ``return_stats=True``."""
+        """Call the layer's pure function with ``return_stats=True``.
+
+        Must not create variables: it may run twice during ``init``.
+        """
         raise NotImplementedError
+
+    def _extra_params(self) -> dict[str, Any]:
+        """Create the layer's own parameters (beyond scale and bias), passed to ``_normalize``."""
+        return {}
 
     @nn.compact
     def __call__(
@@ -113,10 +120,11 @@ class _RunningNorm(nn.Module):
         scale = (self.param("scale", self.scale_init, (c,), self.param_dtype)
                  if self.use_scale else None)
         bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
-        if not use_ra and isinstance(example_weight, (int, float)) and example_weight != 0:
+        extra = self._extra_params()
+        if not use_ra and not (isinstance(example_weight, (int, float)) and example_weight == 0):
             raise ValueError(
-                f"{type(self).__name__}: example_weight={example_weight} applies at inference "
-                "only; call with use_running_average=True."
+                f"{type(self).__name__}: example_weight={example_weight!r} applies at inference "
+                "only; call with use_running_average=True (or leave example_weight at 0)."
             )
         common = dict(
             epsilon=self.epsilon,
@@ -125,6 +133,7 @@ class _RunningNorm(nn.Module):
             dtype=self.dtype,
             axis_index_groups=self.axis_index_groups,
             return_stats=True,
+            **extra,
         )
         inference = dict(running_mean=ra_mean.value, running_var=ra_var.value,
                          example_weight=example_weight, axis_name=None)
@@ -133,11 +142,12 @@ class _RunningNorm(nn.Module):
             return y
         if self.is_initializing():
             # Like flax: no axis_name and no running-statistics update during init.
-            # A dummy init batch that the grouping does not fit (e.g. batch 1 for
-            # GhostNorm(batch_groups=8)) is normalized with the initial running stats.
+            # A dummy init batch that the grouping cannot split (e.g. batch 1 for
+            # GhostNorm(batch_groups=8)) is normalized with the initial running stats;
+            # any other bad setting raises here.
             try:
                 y, _ = self._normalize(x, scale, bias, **common, axis_name=None)
-            except ValueError:
+            except F.BatchSizeError:
                 y, _ = self._normalize(x, scale, bias, **common, **inference)
             return y
         y, update = self._normalize(x, scale, bias, **common, axis_name=self.axis_name)
@@ -281,10 +291,13 @@ class GNPlus(_RunningNorm):
     variant: str = "gn_first"
     lambda_init: float = 1.0
 
-    def _normalize(self, x, scale, bias, **kwargs):
+    def _extra_params(self):
         lam = self.param("lambda", initializers.constant(self.lambda_init), (), self.param_dtype)
+        return {"mixing": lam}
+
+    def _normalize(self, x, scale, bias, mixing, **kwargs):
         num_groups = None if self.group_size is not None else self.num_groups
-        return F.gn_plus(x, scale, bias, lam, num_groups=num_groups,
+        return F.gn_plus(x, scale, bias, mixing, num_groups=num_groups,
                          group_size=self.group_size, variant=self.variant, **kwargs)
 
 
