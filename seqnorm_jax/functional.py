@@ -166,7 +166,7 @@ def _channel_groups(x, axis, groups, size, who, groups_name="channel_groups",
 
 
 def _check_set_size(x, axis, samples: int, channels: int, who: str, what: str,
-                    error: type[ValueError] = ValueError) -> None:
+                    error: type[ValueError] = ValueError, fix: str = "") -> None:
     spatial = 1
     for i in stats.spatial_axes(x.ndim, axis):
         spatial *= x.shape[i]
@@ -175,8 +175,14 @@ def _check_set_size(x, axis, samples: int, channels: int, who: str, what: str,
             f"{who}: each {what} normalization set has a single element "
             f"(x.shape={tuple(x.shape)}: {samples} sample(s) x {spatial} spatial x "
             f"{channels} channel(s)), so its variance is 0 and the output is undefined. "
-            "Use fewer groups (larger ghost batches or channel groups) or a larger batch."
+            f"{fix or 'Use fewer groups (larger groups) or a larger batch.'}"
         )
+
+
+_GHOST_FIX = "Use fewer batch_groups (a larger ghost_size) or a larger batch."
+_GROUP_FIX = ("Use fewer batch_groups (a larger ghost_size) or fewer channel_groups (a larger "
+              "channel_group_size), or a larger batch.")
+_GN_FIX = "Use fewer num_groups (a larger group_size)."
 
 
 def _check_choice(value, choices, name, who):
@@ -193,6 +199,15 @@ def _normalizer(m: Moments, epsilon: float, k: Array | float = 0.0) -> Affine:
     """The map ``x -> (x - mean) / sqrt(var + eps)`` as ``(a, b)`` around center ``k``."""
     a = lax.rsqrt(m.var + epsilon)
     return a, (k - m.mean) * a
+
+
+def _center(m: Moments) -> Array:
+    """The layer's center ``k``: each ``(n, c)`` map's own mean, as a constant.
+
+    ``y`` does not depend on ``k`` mathematically, so it carries no gradient (it
+    must be a constant everywhere it appears for the derivatives to be right).
+    """
+    return lax.stop_gradient(m.mean)
 
 
 def _centered(m: Moments, k: Array) -> Moments:
@@ -219,7 +234,7 @@ def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype) -> Ar
         a, b = a * scale, b * scale
     if bias is not None:
         b = b + jnp.asarray(bias, sdt)
-    k = lax.stop_gradient(jnp.asarray(k, sdt))  # y does not depend on k: no gradient
+    k = jnp.asarray(k, sdt)
     ex = lambda v: stats.expand(v, x.ndim, axis)
     y = (x.astype(sdt) - ex(k)) * ex(a) + ex(b)
     return y.astype(x.dtype if dtype is None else dtype)
@@ -334,14 +349,14 @@ def batch_group_norm(
         g_m = _batch_groups(x, batch_groups, ghost_size, axis_name, _who)
         if axis_name is None:
             _check_set_size(x, axis, x.shape[0] // g_m, c // g_c, _who, "group's",
-                            BatchSizeError)
+                            BatchSizeError, _GHOST_FIX if g_c == c else _GROUP_FIX)
     else:
         g_m = 1  # unused in inference: any batch size works
     if running is None or not _is_zero(example_weight):
         m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
-        k = m.mean
+        k = _center(m)
     else:  # plain inference: one multiply-add pass, no reduction over x
-        m, k = None, running.mean
+        m, k = None, lax.stop_gradient(running.mean)
     st, update = _batch_set(
         m, batch_groups=g_m, channel_groups=g_c, grouping=grouping, running=running,
         example_weight=example_weight, axis_name=axis_name,
@@ -430,10 +445,10 @@ def group_norm(
     _check_input(x, who)
     g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size")
     c = x.shape[stats.feature_axis(x.ndim, axis)]
-    _check_set_size(x, axis, 1, c // g, who, "sample's group")
+    _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
-    return _finish(x, _normalizer(_sample_set(m, g), epsilon, m.mean), m.mean, scale, bias, axis,
-                   dtype)
+    k = _center(m)
+    return _finish(x, _normalizer(_sample_set(m, g), epsilon, k), k, scale, bias, axis, dtype)
 
 
 def seq_norm(
@@ -460,13 +475,14 @@ def seq_norm(
     running = _running(x, axis, running_mean, running_var, who)
     g_c = _channel_groups(x, axis, channel_groups, channel_group_size, who, default=1)
     c = x.shape[stats.feature_axis(x.ndim, axis)]
-    _check_set_size(x, axis, 1, c // g_c, who, "sample's channel group")
+    _check_set_size(x, axis, 1, c // g_c, who, "sample's channel group",
+                    fix="Use fewer channel_groups (a larger channel_group_size).")
     g_m = 1
     if running is None:
         g_m = _batch_groups(x, batch_groups, ghost_size, axis_name, who)
         if axis_name is None:
             _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's",
-                            BatchSizeError)
+                            BatchSizeError, _GHOST_FIX)
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
     ghost = lambda mm: _batch_set(
         mm, batch_groups=g_m, channel_groups=None, grouping=grouping, running=running,
@@ -474,15 +490,16 @@ def seq_norm(
         axis_index_groups=axis_index_groups,
     )
     group = lambda mm: _sample_set(mm, g_c)
+    k = _center(m)
     if order == "group_first":
-        f1 = _normalizer(group(m), epsilon, m.mean)
-        st2, update = ghost(stats.affine(_centered(m, m.mean), *f1))
+        f1 = _normalizer(group(m), epsilon, k)
+        st2, update = ghost(stats.affine(_centered(m, k), *f1))
         f2 = _normalizer(st2, epsilon)
     else:
         st1, update = ghost(m)
-        f1 = _normalizer(st1, epsilon, m.mean)
-        f2 = _normalizer(group(stats.affine(_centered(m, m.mean), *f1)), epsilon)
-    y = _finish(x, _compose(f1, f2), m.mean, scale, bias, axis, dtype)
+        f1 = _normalizer(st1, epsilon, k)
+        f2 = _normalizer(group(stats.affine(_centered(m, k), *f1)), epsilon)
+    y = _finish(x, _compose(f1, f2), k, scale, bias, axis, dtype)
     return _output(y, update, return_stats)
 
 
@@ -531,8 +548,11 @@ def heterologous_norm(
         per_group = 1 if g is None else c // g
         if not NORM_SETS[kind][0] or running is None:
             samples = x.shape[0] if NORM_SETS[kind][0] and axis_name is None else 1
-            _check_set_size(x, axis, samples, per_group, who, f"{kind!r}",
-                            BatchSizeError if samples > 1 else ValueError)
+            _check_set_size(
+                x, axis, samples, per_group, who, f"{kind!r}",
+                BatchSizeError if NORM_SETS[kind][0] else ValueError,
+                f"Use a larger batch, or a set with more elements than {kind!r} (fewer "
+                "mean_groups/std_groups, or a set that pools channels or the batch).")
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
     n = m.mean.shape[0]
 
@@ -562,8 +582,8 @@ def heterologous_norm(
                          axis_name=axis_name, axis_index_groups=axis_index_groups).var
     else:
         var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center).var
-    y = _finish(x, _normalizer(Moments(mean, var), epsilon, m.mean), m.mean, scale, bias, axis,
-                dtype)
+    k = _center(m)
+    y = _finish(x, _normalizer(Moments(mean, var), epsilon, k), k, scale, bias, axis, dtype)
     return _output(y, update, return_stats)
 
 
@@ -592,13 +612,13 @@ def gn_plus(
     running = _running(x, axis, running_mean, running_var, who)
     g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size")
     c = x.shape[stats.feature_axis(x.ndim, axis)]
-    _check_set_size(x, axis, 1, c // g, who, "sample's group")
+    _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
     if running is None and axis_name is None:
         _check_set_size(x, axis, x.shape[0], 1, who, "batch", BatchSizeError)
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
     s = jax.nn.sigmoid(jnp.asarray(mixing, m.mean.dtype))
 
-    k = m.mean
+    k = _center(m)
     mc = _centered(m, k)
 
     def bn(mm, center=0.0):
