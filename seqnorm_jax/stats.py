@@ -240,23 +240,42 @@ def pool(
     return Moments(*(_ungroup(a, n, c, grouping) for a in pooled))
 
 
-def _axis_size_and_index(axis_name: str, axis_index_groups: Any) -> tuple[int, Array]:
-    """Size of the (sub-)group of devices this one reduces with, and its position in it."""
+def _device_group(axis_name: str, axis_index_groups: Any) -> tuple[int, Array, Array | None]:
+    """This device's sub-group of ``axis_name``: its size, this device's position in
+    it, and the (static) member indices of the sub-group (None: the whole axis)."""
     idx = lax.axis_index(axis_name)
     if axis_index_groups is None:
-        return lax.axis_size(axis_name), idx
+        return lax.axis_size(axis_name), idx, None
     groups = [list(g) for g in axis_index_groups]
-    size = len(groups[0])
-    position = [0] * sum(len(g) for g in groups)
-    for g in groups:
+    sizes = {len(g) for g in groups}
+    members = sorted(d for g in groups for d in g)
+    if len(sizes) != 1 or members != list(range(lax.axis_size(axis_name))):
+        raise ValueError(
+            f"axis_index_groups={axis_index_groups!r} must split the {lax.axis_size(axis_name)} "
+            f"devices of axis {axis_name!r} into groups of equal size."
+        )
+    group_of, position = [0] * len(members), [0] * len(members)
+    for gi, g in enumerate(groups):
         for p, d in enumerate(g):
-            position[d] = p
-    return size, jnp.asarray(position)[idx]
+            group_of[d], position[d] = gi, p
+    table = jnp.asarray(groups)
+    return sizes.pop(), jnp.asarray(position)[idx], table[jnp.asarray(group_of)[idx]]
+
+
+def _gather(a: Array, axis_name: str, axis_index_groups: Any) -> Array:
+    """Stack ``a`` from every device of this device's sub-group: ``(group size, *a.shape)``.
+
+    One all-gather over the whole axis; sub-groups are selected locally, which works
+    wherever all-gather does (psum with axis_index_groups does not under shard_map).
+    """
+    gathered = lax.all_gather(a, axis_name)
+    _, _, members = _device_group(axis_name, axis_index_groups)
+    return gathered if members is None else gathered[members]
 
 
 def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_groups):
     n, c = m.mean.shape
-    n_dev, position = _axis_size_and_index(axis_name, axis_index_groups)
+    n_dev, position, _ = _device_group(axis_name, axis_index_groups)
     if g_m % n_dev == 0:
         # Groups lie within shards: pool locally, no communication.
         local = g_m // n_dev
@@ -294,9 +313,8 @@ def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_gr
         keepdims=False,
     )  # (G_C,)
     count = jnp.full((g_c,), float(n * (c // g_c)), local.mean.dtype)
-    gathered = lax.all_gather(
-        jnp.stack([local.mean, local.var, count]), axis_name, axis_index_groups=axis_index_groups
-    )  # (n_dev, 3, G_C)
+    gathered = _gather(jnp.stack([local.mean, local.var, count]), axis_name,
+                       axis_index_groups)  # (n_dev, 3, G_C)
     per_group = n_dev // g_m
     gathered = gathered.reshape(g_m, per_group, 3, g_c)
     mine = lax.dynamic_index_in_dim(gathered, position // per_group, axis=0, keepdims=False)
@@ -314,10 +332,13 @@ def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_gr
 
 
 def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = None) -> Array:
-    """Average ``a`` over the devices of ``axis_name`` (identity when None)."""
+    """Average ``a`` over the devices of ``axis_name`` (identity when None), or over
+    this device's sub-group of them."""
     if axis_name is None:
         return a
-    return lax.pmean(a, axis_name, axis_index_groups=axis_index_groups)
+    if axis_index_groups is None:
+        return lax.pmean(a, axis_name)
+    return jnp.mean(_gather(a, axis_name, axis_index_groups), axis=0)
 
 
 def expand(a: Array, ndim: int, axis: int) -> Array:
