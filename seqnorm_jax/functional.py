@@ -282,11 +282,7 @@ def _batch_set(
             m, batch_groups=batch_groups, channel_groups=channel_groups, grouping=grouping,
             axis_name=axis_name, axis_index_groups=axis_index_groups,
         )
-        update = stats.cross_device_mean(
-            jnp.stack([jnp.mean(pooled.mean, 0), jnp.mean(pooled.var, 0)]),
-            axis_name, axis_index_groups,
-        )
-        return pooled, Moments(update[0], update[1])
+        return pooled, stats.running_target(pooled, axis_name, axis_index_groups)
     src = running
     if not _is_zero(example_weight):
         src = stats.mix(src, m, example_weight)

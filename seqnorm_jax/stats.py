@@ -41,6 +41,7 @@ __all__ = [
     "mix",
     "affine",
     "ema",
+    "running_target",
     "cross_device_mean",
 ]
 
@@ -339,6 +340,20 @@ def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = 
     if axis_index_groups is None:
         return lax.pmean(a, axis_name)
     return jnp.mean(_gather(a, axis_name, axis_index_groups), axis=0)
+
+
+def running_target(pooled: Moments, axis_name: str | None = None,
+                   axis_index_groups: Any = None) -> Moments:
+    """What running statistics move towards: group statistics averaged over sample groups.
+
+    ``pooled`` is the output of :func:`pool` (``(N, C)``, each sample holding its
+    group's statistics; groups have equal sizes, so averaging over samples averages
+    over groups). Across devices the mean and variance travel stacked, as one
+    ``(2, C)`` collective.
+    """
+    target = jnp.stack([jnp.mean(pooled.mean, 0), jnp.mean(pooled.var, 0)])
+    target = cross_device_mean(target, axis_name, axis_index_groups)
+    return Moments(target[0], target[1])
 
 
 def expand(a: Array, ndim: int, axis: int) -> Array:
