@@ -24,7 +24,8 @@ updated during ``init``, and ``axis_name`` is ignored there. Differences from fl
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -78,12 +79,18 @@ class _RunningNorm(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
 
+    # The layer's pure function; the fields a subclass adds are passed to it by name.
+    function: ClassVar[Callable[..., Any]]
+
     def _normalize(self, x: Array, scale, bias, **kwargs):
-        """Call the layer's pure function with ``return_stats=True``.
+        """Call the layer's pure function with its own fields and ``return_stats=True``.
 
         Must not create variables: it may run twice during ``init``.
         """
-        raise NotImplementedError
+        base = {f.name for f in dataclasses.fields(_RunningNorm)}
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in base}
+        return type(self).function(x, scale, bias, **own, **kwargs)
 
     def _extra_params(self) -> dict[str, Any]:
         """Create the layer's own parameters (beyond scale and bias), passed to ``_normalize``."""
@@ -156,14 +163,20 @@ class _RunningNorm(nn.Module):
         return y
 
 
+def _groups(layer) -> dict[str, int | None]:
+    """``num_groups``/``group_size`` of a layer where a ``group_size`` overrides the default count."""
+    if layer.group_size is not None:
+        return {"num_groups": None, "group_size": layer.group_size}
+    return {"num_groups": layer.num_groups, "group_size": None}
+
+
 class BatchNorm(_RunningNorm):
     """BatchNorm, equal to ``flax.linen.BatchNorm`` to float32 rounding.
 
     Statistics per channel over the batch and spatial axes.
     """
 
-    def _normalize(self, x, scale, bias, **kwargs):
-        return F.batch_norm(x, scale, bias, **kwargs)
+    function = staticmethod(F.batch_norm)
 
 
 class GhostNorm(_RunningNorm):
@@ -187,9 +200,7 @@ class GhostNorm(_RunningNorm):
     ghost_size: int | None = None
     grouping: str = "contiguous"
 
-    def _normalize(self, x, scale, bias, **kwargs):
-        return F.ghost_norm(x, scale, bias, batch_groups=self.batch_groups,
-                            ghost_size=self.ghost_size, grouping=self.grouping, **kwargs)
+    function = staticmethod(F.ghost_norm)
 
 
 class BatchGroupNorm(_RunningNorm):
@@ -211,11 +222,7 @@ class BatchGroupNorm(_RunningNorm):
     channel_group_size: int | None = None
     grouping: str = "contiguous"
 
-    def _normalize(self, x, scale, bias, **kwargs):
-        return F.batch_group_norm(
-            x, scale, bias, batch_groups=self.batch_groups, ghost_size=self.ghost_size,
-            channel_groups=self.channel_groups, channel_group_size=self.channel_group_size,
-            grouping=self.grouping, **kwargs)
+    function = staticmethod(F.batch_group_norm)
 
 
 class SeqNorm(_RunningNorm):
@@ -239,11 +246,7 @@ class SeqNorm(_RunningNorm):
     order: str = "group_first"
     grouping: str = "contiguous"
 
-    def _normalize(self, x, scale, bias, **kwargs):
-        return F.seq_norm(
-            x, scale, bias, channel_groups=self.channel_groups,
-            channel_group_size=self.channel_group_size, batch_groups=self.batch_groups,
-            ghost_size=self.ghost_size, order=self.order, grouping=self.grouping, **kwargs)
+    function = staticmethod(F.seq_norm)
 
 
 class HeterologousNorm(_RunningNorm):
@@ -267,11 +270,7 @@ class HeterologousNorm(_RunningNorm):
     std_groups: int = 1
     std_center: str = "mean_set"
 
-    def _normalize(self, x, scale, bias, **kwargs):
-        return F.heterologous_norm(
-            x, scale, bias, mean_set=self.mean_set, std_set=self.std_set,
-            mean_groups=self.mean_groups, std_groups=self.std_groups,
-            std_center=self.std_center, **kwargs)
+    function = staticmethod(F.heterologous_norm)
 
 
 class GNPlus(_RunningNorm):
@@ -295,10 +294,10 @@ class GNPlus(_RunningNorm):
         lam = self.param("lambda", initializers.constant(self.lambda_init), (), self.param_dtype)
         return {"mixing": lam}
 
+    function = staticmethod(F.gn_plus)
+
     def _normalize(self, x, scale, bias, mixing, **kwargs):
-        num_groups = None if self.group_size is not None else self.num_groups
-        return F.gn_plus(x, scale, bias, mixing, num_groups=num_groups,
-                         group_size=self.group_size, variant=self.variant, **kwargs)
+        return F.gn_plus(x, scale, bias, mixing, **_groups(self), variant=self.variant, **kwargs)
 
 
 class BGN(_RunningNorm):
@@ -313,9 +312,10 @@ class BGN(_RunningNorm):
     num_groups: int | None = 1
     group_size: int | None = None
 
+    function = staticmethod(F.bgn)
+
     def _normalize(self, x, scale, bias, **kwargs):
-        num_groups = None if self.group_size is not None else self.num_groups
-        return F.bgn(x, scale, bias, num_groups=num_groups, group_size=self.group_size, **kwargs)
+        return F.bgn(x, scale, bias, **_groups(self), **kwargs)
 
 
 class NoisyBatchNorm(_RunningNorm):
@@ -329,6 +329,8 @@ class NoisyBatchNorm(_RunningNorm):
 
     noise_std: float = 3e-4
     rng_collection: str = "noise"
+
+    function = staticmethod(F.noisy_batch_norm)
 
     def _normalize(self, x, scale, bias, **kwargs):
         training = kwargs.get("running_mean") is None

@@ -118,10 +118,12 @@ def _sigmoid(v):
     return 1.0 / (1.0 + np.exp(-v))
 
 
-def gn_plus(x, g, lam, variant="gn_first", eps=1e-5, gamma=None, beta=None):
+def gn_plus(x, g, lam, variant="gn_first", eps=1e-5, gamma=None, beta=None, bn=None):
+    """GN+; ``bn`` replaces the training BatchNorm step (e.g. by its inference)."""
     s = _sigmoid(lam)
     gn = lambda a: normalize_sets(a, eps, batch_groups=None, channel_groups=g)
-    bn = lambda a: normalize_sets(a, eps, batch_groups=1, channel_groups=None)
+    if bn is None:
+        bn = lambda a: normalize_sets(a, eps, batch_groups=1, channel_groups=None)
     if variant == "gn_first":
         h = gn(x)
         y = s * h + (1 - s) * bn(h)

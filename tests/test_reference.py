@@ -233,18 +233,9 @@ def test_gn_plus_inference(variant, alpha):
     lam = -0.4
     y = F.gn_plus(x, gamma, beta, lam, num_groups=4, variant=variant, running_mean=rm,
                   running_var=rv, example_weight=alpha)
-    s = 1 / (1 + np.exp(-lam))
-    gn = lambda a: ref.group_norm(a, 4, 1e-5)
     bn = lambda a: ref.example_weighted_inference(a, rm, rv, alpha, 1e-5)
-    if variant == "gn_first":
-        h = gn(x)
-        want = s * h + (1 - s) * bn(h)
-    elif variant == "bn_first":
-        b = bn(x)
-        want = s * gn(b) + (1 - s) * b
-    else:
-        want = s * gn(x) + (1 - s) * bn(x)
-    assert_close(y, ref.affine(want, gamma, beta), rtol=1e-8, atol=1e-8)
+    want = ref.gn_plus(x, 4, lam, variant, 1e-5, gamma, beta, bn=bn)
+    assert_close(y, want, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("alpha", ALPHAS)
