@@ -114,19 +114,19 @@ def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) 
     xf = x.astype(dt)
     if not red:
         return Moments(xf, jnp.zeros_like(xf))
+    # Shift by one value of each (n, c) map: sums of (x - k) are small, so they
+    # neither cancel nor lose the low digits of the mean. k is a constant: the
+    # moments do not depend on it, so it carries no gradient.
+    index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
+    k = lax.stop_gradient(xf[index])
+    d = xf - k
+    s1 = jnp.mean(d, axis=red, keepdims=True)
+    mean = k + s1
     if use_fast_variance:
-        # Shift by one value of each (n, c) map: sums of (x - k) then do not cancel.
-        index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
-        k = lax.stop_gradient(xf[index])
-        d = xf - k
-        s1 = jnp.mean(d, axis=red, keepdims=True)
         s2 = jnp.mean(d * d, axis=red, keepdims=True)
-        mean = k + s1
         var = jnp.maximum(s2 - s1 * s1, 0.0)
     else:
-        mean = jnp.mean(xf, axis=red, keepdims=True)
-        d = xf - mean
-        var = jnp.mean(d * d, axis=red, keepdims=True)
+        var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
     return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
 
 

@@ -19,7 +19,7 @@ def rel_err(got, want):
 @pytest.mark.parametrize("fast_variance", [True, False], ids=["fastvar", "twopass"])
 def test_large_mean_small_std_float32(fast_variance):
     """A float32 input with mean 1e4 and std 1: variances within 1e-3 of float64 (measured
-    ~7e-5 at worst, asserted at 2e-4)."""
+    1.04e-4 at worst with jax 0.8, 0.10 and 0.12, asserted at 2e-4)."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(16, 8, 8, 4)) + 1e4, jnp.float32)
     xd = np.asarray(x, np.float64)  # the same float32 values, in float64
