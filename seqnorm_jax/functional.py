@@ -552,16 +552,11 @@ def heterologous_norm(
     m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
     n = m.mean.shape[0]
 
-    if running is None:
-        per_channel, update = _batch_set(
-            m, batch_groups=1, channel_groups=None, grouping="contiguous", running=None,
-            example_weight=0.0, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        )
-    else:
-        per_channel, update = _batch_set(
-            m, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
-            example_weight=example_weight, axis_name=None, axis_index_groups=None,
-        )
+    # Per-channel batch moments in training, running ones (blended) in inference.
+    per_channel, update = _batch_set(
+        m, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
+        example_weight=example_weight, axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )
     per_channel = Moments(*(jnp.broadcast_to(a, (n, c)) for a in per_channel))
 
     def source(kind):
