@@ -25,17 +25,21 @@ def test_large_mean_small_std_float32(fast_variance):
     xd = np.asarray(x, np.float64)  # the same float32 values, in float64
     m = stats.sample_moments(x, use_fast_variance=fast_variance)
     assert m.var.dtype == jnp.float32
-    assert rel_err(m.var, xd.var(axis=(1, 2))) < 2e-4
+    errors = {"per-sample": rel_err(m.var, xd.var(axis=(1, 2)))}
     for g_m in (1, 2, 4):
         pooled = stats.pool(m, batch_groups=g_m, channel_groups=None)
         want = np.repeat(xd.reshape(g_m, -1, 8, 8, 4).var(axis=(1, 2, 3)), 16 // g_m, axis=0)
-        assert rel_err(pooled.var, want) < 2e-4
+        errors[f"batch_groups={g_m}"] = rel_err(pooled.var, want)
     pooled = stats.pool(m, batch_groups=None, channel_groups=1)
-    assert rel_err(pooled.var[:, 0], xd.var(axis=(1, 2, 3))) < 2e-4
+    errors["channel_groups=1"] = rel_err(pooled.var[:, 0], xd.var(axis=(1, 2, 3)))
     # Dense inputs: the batch pooling is a two-pass merge of the samples.
     d = jnp.asarray(rng.normal(size=(64, 4)) + 1e4, jnp.float32)
     pooled = stats.pool(stats.sample_moments(d), batch_groups=1, channel_groups=None)
-    assert rel_err(pooled.var[0], np.asarray(d, np.float64).var(axis=0)) < 2e-4
+    errors["dense"] = rel_err(pooled.var[0], np.asarray(d, np.float64).var(axis=0))
+    print(f"\nmean 1e4, std 1, float32, relative variance error vs float64 "
+          f"(use_fast_variance={fast_variance}): "
+          + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    assert max(errors.values()) < 2e-4, errors
     # Whole layers stay accurate: BatchNorm output vs float64 (flax's one-pass
     # E[x^2] - E[x]^2 variance is off by ~100% here).
     y = F.batch_norm(x, use_fast_variance=fast_variance)
