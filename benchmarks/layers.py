@@ -1,0 +1,220 @@
+"""Layer benchmark: every seqnorm-jax layer against flax's BatchNorm in the same run.
+
+For each shape and dtype it times, jit-compiled and in steady state, the training
+forward pass (output and running-statistics update), the forward+backward pass
+(gradients with respect to the input and the parameters, given an output
+cotangent) and, for layers with running statistics, inference. Repetitions are
+interleaved across layers (one call of each layer per round) and the median is
+reported, so slow drifts of the machine hit every layer alike.
+
+Columns: time in ms; the ratio to flax BatchNorm measured in the same run; and the
+fraction of the memory floor: the bytes a normalization layer must move (forward:
+read x, write y; forward+backward: also read dy and x, write dx) divided by the
+time, relative to the bandwidth of a copy (read x, write y) measured in the same run.
+
+    python benchmarks/layers.py                      # all shapes, float32 and bfloat16
+    python benchmarks/layers.py --quick              # one small shape, few rounds
+    python benchmarks/layers.py --json results.json  # also write the figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+import seqnorm_jax as snj
+
+SHAPES = {
+    "dense": (512, 1024),
+    "cifar-64": (128, 32, 32, 64),
+    "cifar-256": (128, 8, 8, 256),
+    "imagenet": (32, 56, 56, 256),
+}
+
+
+class NaiveSeqNorm(nn.Module):
+    """The anti-goal: flax GroupNorm (no affine), materialized, then GhostNorm."""
+
+    channel_groups: int
+    batch_groups: int
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None):
+        g = nn.GroupNorm(num_groups=self.channel_groups, epsilon=1e-5, use_scale=False,
+                         use_bias=False)(x)
+        return snj.GhostNorm(batch_groups=self.batch_groups)(g, use_running_average)
+
+
+class FlaxGroupNorm(nn.Module):
+    """flax's GroupNorm with the call signature of the other layers."""
+
+    num_groups: int
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None):
+        return nn.GroupNorm(num_groups=self.num_groups)(x)
+
+
+def layers(shape) -> dict[str, tuple[nn.Module, bool]]:
+    """name -> (module, has running statistics), configured for ``shape``."""
+    n, c = shape[0], shape[-1]
+    g_m = 8 if n % 8 == 0 else 1
+    g_c = 32 if c % 32 == 0 else 1
+    return {
+        "flax BatchNorm": (nn.BatchNorm(), True),
+        "flax GroupNorm": (FlaxGroupNorm(num_groups=g_c), False),
+        "BatchNorm": (snj.BatchNorm(), True),
+        f"GhostNorm(G_M={g_m})": (snj.GhostNorm(batch_groups=g_m), True),
+        f"GroupNorm(G={g_c})": (snj.GroupNorm(num_groups=g_c), False),
+        f"SeqNorm(G_C=4,G_M={g_m})": (snj.SeqNorm(channel_groups=4, batch_groups=g_m), True),
+        f"BatchGroupNorm(G_M={g_m},G_C={c // 4})": (
+            snj.BatchGroupNorm(batch_groups=g_m, channel_groups=c // 4), True),
+        "HeterologousNorm": (snj.HeterologousNorm(), True),
+        f"GNPlus(G={g_c})": (snj.GNPlus(num_groups=g_c), True),
+        f"BGN(G={g_c})": (snj.BGN(num_groups=g_c), True),
+        f"naive SeqNorm(G_C=4,G_M={g_m})": (NaiveSeqNorm(channel_groups=4, batch_groups=g_m),
+                                             True),
+    }
+
+
+def compile_layer(module: nn.Module, x: jax.Array, has_running: bool) -> dict[str, Callable]:
+    """Jitted closures of the three modes, each taking no argument and returning arrays."""
+    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    dy = jax.random.normal(jax.random.key(1), x.shape, x.dtype)
+
+    def train_fwd(params, x):
+        y, upd = module.apply({**rest, "params": params}, x, use_running_average=False,
+                              mutable=["batch_stats"])
+        return y, upd
+
+    @jax.jit
+    def fwd(params, x):
+        return train_fwd(params, x)
+
+    @jax.jit
+    def fwd_bwd(params, x, dy):
+        _, vjp_fn = jax.vjp(lambda p, x: train_fwd(p, x)[0], params, x)
+        return vjp_fn(dy)
+
+    @jax.jit
+    def infer(params, x):
+        return module.apply({**rest, "params": params}, x, use_running_average=True)
+
+    runs = {
+        "fwd": lambda: fwd(params, x),
+        "fwd+bwd": lambda: fwd_bwd(params, x, dy),
+    }
+    if has_running:
+        runs["infer"] = lambda: infer(params, x)
+    return runs
+
+
+def copy_fn(x):
+    f = jax.jit(lambda a: a * 2)
+    return lambda: f(x)
+
+
+def measure(runs: dict[str, Callable], rounds: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each run, with the runs interleaved round by round."""
+    for run in runs.values():
+        for _ in range(warmup):
+            jax.block_until_ready(run())
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(run())
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+FLOOR_BYTES = {"fwd": 2, "fwd+bwd": 5, "infer": 2}  # x-sized arrays each mode must move
+
+
+def bench_shape(name: str, shape, dtype, rounds: int) -> dict[str, Any]:
+    x = (jax.random.normal(jax.random.key(2), shape) * 2.0 + 1.0).astype(dtype)
+    configs = layers(shape)
+    runs = {"copy": copy_fn(x)}
+    for lname, (module, has_running) in configs.items():
+        for mode, run in compile_layer(module, x, has_running).items():
+            runs[f"{lname}|{mode}"] = run
+    med = measure(runs, rounds)
+    nbytes = x.size * x.dtype.itemsize
+    copy_bw = 2 * nbytes / med["copy"]
+    rows = []
+    for lname in configs:
+        row = {"layer": lname}
+        for mode in ("fwd", "fwd+bwd", "infer"):
+            t = med.get(f"{lname}|{mode}")
+            if t is None:
+                continue
+            base = med[f"flax BatchNorm|{mode}"]
+            row[mode] = {"ms": t * 1e3, "ratio": t / base,
+                         "floor": FLOOR_BYTES[mode] * nbytes / t / copy_bw}
+        rows.append(row)
+    return {"shape": name, "dims": list(shape), "dtype": jnp.dtype(dtype).name,
+            "copy_ms": med["copy"] * 1e3, "copy_GBps": copy_bw / 1e9, "rows": rows}
+
+
+def print_table(res: dict[str, Any]) -> None:
+    print(f"\n{res['shape']} {tuple(res['dims'])} {res['dtype']}: copy {res['copy_ms']:.2f} ms "
+          f"({res['copy_GBps']:.1f} GB/s)")
+    head = f"{'layer':34s}"
+    for mode in ("fwd", "fwd+bwd", "infer"):
+        head += f" | {mode + ' ms':>11s} {'xBN':>5s} {'floor':>5s}"
+    print(head)
+    print("-" * len(head))
+    for row in res["rows"]:
+        line = f"{row['layer']:34s}"
+        for mode in ("fwd", "fwd+bwd", "infer"):
+            m = row.get(mode)
+            line += (f" | {m['ms']:11.3f} {m['ratio']:5.2f} {m['floor']:5.2f}" if m
+                     else f" | {'-':>11s} {'-':>5s} {'-':>5s}")
+        print(line)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"comma-separated names among {list(SHAPES)}")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved repetitions (median)")
+    p.add_argument("--quick", action="store_true", help="cifar-256 float32, 5 rounds")
+    p.add_argument("--json", help="write the figures to this file")
+    args = p.parse_args(argv)
+    shapes = ["cifar-256"] if args.quick else args.shapes.split(",")
+    dtypes = ["float32"] if args.quick else args.dtypes.split(",")
+    rounds = 5 if args.quick else args.rounds
+    for s in shapes:
+        if s not in SHAPES:
+            p.error(f"unknown shape {s!r}; choose among {list(SHAPES)}")
+    machine = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
+               "jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
+               "python": platform.python_version()}
+    print(f"jax {machine['jax']} on {machine['platform']} ({machine['device']}), "
+          f"{rounds} interleaved rounds, median")
+    results = []
+    for dtype in dtypes:
+        for s in shapes:
+            res = bench_shape(s, SHAPES[s], jnp.dtype(dtype), rounds)
+            print_table(res)
+            results.append(res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "rounds": rounds, "results": results}, f, indent=1)
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
