@@ -90,10 +90,6 @@ class BatchSizeError(ValueError):
     """The batch cannot be split as the layer asks (training only; inference takes any batch)."""
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def resolve_groups(
     total: int,
     groups: int | None,
@@ -127,7 +123,7 @@ def resolve_groups(
     if total % value:
         raise error(
             f"{who}: {name}={value} does not divide the {what}, {total}; "
-            f"use {name} in {_divisors(total)}{fix}."
+            f"use {name} in {stats.divisors(total)}{fix}."
         )
     return total // size if size is not None else groups
 

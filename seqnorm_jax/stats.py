@@ -169,6 +169,11 @@ def merge(
     return Moments(mean, var)
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``: the group counts that split ``n`` items evenly (for messages)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def _group_view(a: Array, batch_groups: int, channel_groups: int, grouping: str) -> Array:
     """``(N, C)`` -> ``(G_M, N // G_M, G_C, C // G_C)``: group index, member index."""
     n, c = a.shape
@@ -263,20 +268,20 @@ def _device_group(axis_name: str, axis_index_groups: Any) -> tuple[int, Array, A
     return sizes.pop(), jnp.asarray(position)[idx], table[jnp.asarray(group_of)[idx]]
 
 
-def _gather(a: Array, axis_name: str, axis_index_groups: Any) -> Array:
-    """Stack ``a`` from every device of this device's sub-group: ``(group size, *a.shape)``.
+def _gather(a: Array, axis_name: str, members: Array | None) -> Array:
+    """Stack ``a`` from every device of this device's sub-group (``members`` from
+    :func:`_device_group`; None: the whole axis): ``(group size, *a.shape)``.
 
     One all-gather over the whole axis; sub-groups are selected locally, which works
     wherever all-gather does (psum with axis_index_groups does not under shard_map).
     """
     gathered = lax.all_gather(a, axis_name)
-    _, _, members = _device_group(axis_name, axis_index_groups)
     return gathered if members is None else gathered[members]
 
 
 def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_groups):
     n, c = m.mean.shape
-    n_dev, position, _ = _device_group(axis_name, axis_index_groups)
+    n_dev, position, members = _device_group(axis_name, axis_index_groups)
     if g_m % n_dev == 0:
         # Groups lie within shards: pool locally, no communication.
         local = g_m // n_dev
@@ -296,7 +301,7 @@ def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_gr
         raise ValueError(
             f"batch_groups={g_m} must be a multiple or a divisor of the size of axis "
             f"{axis_name!r} ({n_dev} devices) so that ghost batches align with shards; "
-            f"use batch_groups in {sorted({d for d in range(1, n_dev + 1) if n_dev % d == 0})} "
+            f"use batch_groups in {divisors(n_dev)} "
             f"or a multiple of {n_dev}."
         )
     if grouping == "strided" and g_m != 1:
@@ -315,7 +320,7 @@ def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_gr
     )  # (G_C,)
     count = jnp.full((g_c,), float(n * (c // g_c)), local.mean.dtype)
     gathered = _gather(jnp.stack([local.mean, local.var, count]), axis_name,
-                       axis_index_groups)  # (n_dev, 3, G_C)
+                       members)  # (n_dev, 3, G_C)
     per_group = n_dev // g_m
     gathered = gathered.reshape(g_m, per_group, 3, g_c)
     mine = lax.dynamic_index_in_dim(gathered, position // per_group, axis=0, keepdims=False)
@@ -328,8 +333,7 @@ def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_gr
         center=None if center is None else mine[:, 0],
         keepdims=True,
     )  # (1, G_C)
-    expand_c = lambda a: jnp.broadcast_to(jnp.repeat(a, c // g_c, axis=-1), (n, c))
-    return Moments(expand_c(pooled.mean), expand_c(pooled.var))
+    return Moments(*(_ungroup(a.reshape(1, 1, g_c, 1), n, c, "contiguous") for a in pooled))
 
 
 def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = None) -> Array:
@@ -339,7 +343,8 @@ def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = 
         return a
     if axis_index_groups is None:
         return lax.pmean(a, axis_name)
-    return jnp.mean(_gather(a, axis_name, axis_index_groups), axis=0)
+    _, _, members = _device_group(axis_name, axis_index_groups)
+    return jnp.mean(_gather(a, axis_name, members), axis=0)
 
 
 def running_target(pooled: Moments, axis_name: str | None = None,
