@@ -1,0 +1,78 @@
+"""Data parallelism on JAX's own runtime: a 1-D ``"data"`` mesh and sharded batches.
+
+The layers need nothing from this module: under ``jax.jit`` with a batch sharded
+over a mesh axis, XLA partitions their statistics itself, and under ``jax.shard_map``
+the layers take ``axis_name`` / ``axis_index_groups`` like flax's ``BatchNorm``.
+This module only names the few steps every data-parallel training loop repeats:
+
+>>> mesh = data_mesh()                         # all devices of all processes
+>>> batch = shard_batch({"image": x, "label": y}, mesh)   # host-local -> global
+>>> state = replicate(state, mesh)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DATA_AXIS) -> Mesh:
+    """A one-dimensional mesh named ``axis_name`` over ``devices`` (default: all devices).
+
+    With several processes (``jax.distributed.initialize``) the default covers the
+    devices of every process, in ``jax.devices()`` order.
+    """
+    if devices is None:
+        return jax.make_mesh((jax.device_count(),), (axis_name,))
+    devices = list(devices)
+    if not devices:
+        raise ValueError("data_mesh: `devices` is empty; pass at least one device or None for all.")
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def batch_sharding(mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
+    """Sharding of a batch: the leading (batch) axis split over ``axis_name``."""
+    return NamedSharding(mesh, P(axis_name))
+
+
+def replicated_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of parameters and optimizer state: a full copy on every device."""
+    return NamedSharding(mesh, P())
+
+
+def _local_batch_divisible(tree: Any, mesh: Mesh, axis_name: str) -> None:
+    local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+    for leaf in jax.tree_util.tree_leaves(tree):
+        n = np.shape(leaf)[0] if np.ndim(leaf) else None
+        if n is None or n % max(local, 1):
+            raise ValueError(
+                f"shard_batch: this process's batch has leading size {n}, which its {local} "
+                f"device(s) on mesh axis {axis_name!r} cannot split evenly; use a per-process "
+                f"batch size that is a multiple of {local}."
+            )
+
+
+def shard_batch(tree: Any, mesh: Mesh, axis_name: str = DATA_AXIS) -> Any:
+    """Turn each process's local batch (NumPy arrays) into global ``jax.Array`` s.
+
+    Every process passes its own slice of the global batch (its per-process shard of
+    the data); the result is sharded ``P(axis_name)`` over the mesh, with global batch
+    size = local size x process count. In one process this is ``jax.device_put``.
+    """
+    _local_batch_divisible(tree, mesh, axis_name)
+    sharding = batch_sharding(mesh, axis_name)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree
+    )
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Place ``tree`` (parameters, optimizer state, ...) in full on every device of ``mesh``."""
+    return jax.device_put(tree, replicated_sharding(mesh))
