@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
@@ -25,14 +25,17 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DATA
     """A one-dimensional mesh named ``axis_name`` over ``devices`` (default: all devices).
 
     With several processes (``jax.distributed.initialize``) the default covers the
-    devices of every process, in ``jax.devices()`` order.
+    devices of every process, in ``jax.devices()`` order. The axis is
+    ``AxisType.Auto``: XLA propagates the batch sharding through the layers' reshapes
+    into groups (``jax.make_mesh`` defaults to ``Explicit`` axes on newer jax, where
+    every such reshape would need an explicit output sharding).
     """
     if devices is None:
-        return jax.make_mesh((jax.device_count(),), (axis_name,))
+        return jax.make_mesh((jax.device_count(),), (axis_name,), axis_types=(AxisType.Auto,))
     devices = list(devices)
     if not devices:
         raise ValueError("data_mesh: `devices` is empty; pass at least one device or None for all.")
-    return Mesh(np.asarray(devices), (axis_name,))
+    return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
 def batch_sharding(mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
