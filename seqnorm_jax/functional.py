@@ -23,6 +23,7 @@ statistics move towards (``None`` in inference mode). See
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -221,6 +222,20 @@ def _blend(s: Array, f: Affine, g: Affine) -> Affine:
     return s * f[0] + (1 - s) * g[0], s * f[1] + (1 - s) * g[1]
 
 
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def _affine_pass(x: Array, k: Array, a: Array, b: Array, axis: int, dtype) -> Array:
+    """The one elementwise pass ``(x - k) * a + b`` over ``x``, in the statistics dtype.
+
+    Checkpointed: the backward pass recomputes ``x - k`` from ``x`` in its fused
+    loops instead of storing it, so what autodiff keeps is ``x`` and ``(N, C)``
+    arrays.
+    """
+    sdt = a.dtype
+    ex = lambda v: stats.expand(v, x.ndim, axis)
+    y = (x.astype(sdt) - ex(k)) * ex(a) + ex(b)
+    return y.astype(dtype)
+
+
 def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype) -> Array:
     """Apply gamma and beta, then the single elementwise pass ``(x - k) * a + b``."""
     a, b = ab
@@ -231,9 +246,7 @@ def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype) -> Ar
     if bias is not None:
         b = b + jnp.asarray(bias, sdt)
     k = jnp.asarray(k, sdt)
-    ex = lambda v: stats.expand(v, x.ndim, axis)
-    y = (x.astype(sdt) - ex(k)) * ex(a) + ex(b)
-    return y.astype(x.dtype if dtype is None else dtype)
+    return _affine_pass(x, k, a, b, axis, jnp.dtype(x.dtype if dtype is None else dtype))
 
 
 def _is_zero(alpha) -> bool:

@@ -20,6 +20,8 @@ Everything here is a pure function of arrays: no Flax, no state.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -93,6 +95,42 @@ def _to_nc(a: Array, ndim: int, axis: int) -> Array:
     return a.reshape(a.shape[0], a.shape[feature_axis(ndim, axis)])
 
 
+def _pqview(a: Array, axis: int) -> Array:
+    """``(N, d1, ..., C, ..., dk)`` -> ``(N, P, C, Q)``: the axes before and after the
+    feature axis flattened (a free, row-major reshape)."""
+    ax = feature_axis(a.ndim, axis)
+    p = math.prod(a.shape[1:ax])
+    return a.reshape(a.shape[0], p, a.shape[ax], math.prod(a.shape[ax + 1:]))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(1, 2))
+def _spatial_moments(x: Array, axis: int, use_fast_variance: bool) -> tuple[Array, Array, Array]:
+    """Shift ``k`` and shifted moments ``mean(x - k)``, ``var`` over the spatial axes.
+
+    Checkpointed: reverse-mode autodiff keeps only ``x`` (and ``(N, C)`` values),
+    recomputing ``x - k`` inside the backward pass's own fused loops instead of
+    storing an ``x``-sized difference.
+    """
+    red = spatial_axes(x.ndim, axis)
+    xf = x.astype(stat_dtype(x.dtype))
+    index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
+    # Shift by one value of each (n, c) map: sums of (x - k) are small, so they
+    # neither cancel nor lose the low digits of the mean. k is a constant: the
+    # moments do not depend on it, so it carries no gradient.
+    k = lax.stop_gradient(xf[index])
+    # The first sum runs over the (N, P, C, Q) view and the second over the original
+    # shape: as two distinct expressions, each reduction recomputes x - k in its own
+    # loop (XLA would otherwise materialize one shared, x-sized x - k).
+    s1 = jnp.mean(_pqview(xf, axis) - _pqview(k, axis), axis=(1, 3))
+    s1 = s1.reshape(k.shape)
+    if use_fast_variance:
+        s2 = jnp.mean(jnp.square(xf - k), axis=red, keepdims=True)
+        var = jnp.maximum(s2 - s1 * s1, 0.0)
+    else:
+        var = jnp.mean(jnp.square(xf - k - s1), axis=red, keepdims=True)
+    return k, s1, var
+
+
 def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) -> Moments:
     """Per-sample, per-channel moments over the spatial axes of ``x``.
 
@@ -110,24 +148,11 @@ def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) 
       spatial axes (dense input) the mean is ``x`` and the variance is zero.
     """
     red = spatial_axes(x.ndim, axis)
-    dt = stat_dtype(x.dtype)
-    xf = x.astype(dt)
     if not red:
+        xf = x.astype(stat_dtype(x.dtype))
         return Moments(xf, jnp.zeros_like(xf))
-    # Shift by one value of each (n, c) map: sums of (x - k) are small, so they
-    # neither cancel nor lose the low digits of the mean. k is a constant: the
-    # moments do not depend on it, so it carries no gradient.
-    index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
-    k = lax.stop_gradient(xf[index])
-    d = xf - k
-    s1 = jnp.mean(d, axis=red, keepdims=True)
-    mean = k + s1
-    if use_fast_variance:
-        s2 = jnp.mean(d * d, axis=red, keepdims=True)
-        var = jnp.maximum(s2 - s1 * s1, 0.0)
-    else:
-        var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
-    return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
+    k, s1, var = _spatial_moments(x, axis, use_fast_variance)
+    return Moments(_to_nc(k + s1, x.ndim, axis), _to_nc(var, x.ndim, axis))
 
 
 def merge(
