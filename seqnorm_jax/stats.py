@@ -95,40 +95,56 @@ def _to_nc(a: Array, ndim: int, axis: int) -> Array:
     return a.reshape(a.shape[0], a.shape[feature_axis(ndim, axis)])
 
 
-def _pqview(a: Array, axis: int) -> Array:
-    """``(N, d1, ..., C, ..., dk)`` -> ``(N, P, C, Q)``: the axes before and after the
-    feature axis flattened (a free, row-major reshape)."""
-    ax = feature_axis(a.ndim, axis)
-    p = math.prod(a.shape[1:ax])
-    return a.reshape(a.shape[0], p, a.shape[ax], math.prod(a.shape[ax + 1:]))
+def _spatial_count(shape: Sequence[int], red: tuple[int, ...]) -> int:
+    return math.prod(shape[i] for i in red)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(1, 2))
-def _spatial_moments(x: Array, axis: int, use_fast_variance: bool) -> tuple[Array, Array, Array]:
-    """Shift ``k`` and shifted moments ``mean(x - k)``, ``var`` over the spatial axes.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _spatial_moments(x: Array, axis: int, use_fast_variance: bool) -> tuple[Array, Array]:
+    """Mean and biased variance over the spatial axes (kept as size 1), in the
+    statistics dtype.
 
-    Checkpointed: reverse-mode autodiff keeps only ``x`` (and ``(N, C)`` values),
-    recomputing ``x - k`` inside the backward pass's own fused loops instead of
-    storing an ``x``-sized difference.
+    Both sums are shifted by one value ``k`` of each ``(n, c)`` map, so they neither
+    cancel nor lose the low digits of the mean. The fast mode computes them in ONE
+    variadic reduction: one loop over ``x`` that forms ``x - k`` on the fly (two
+    separate reductions would each re-read ``x``, or share a materialized ``x - k``).
     """
     red = spatial_axes(x.ndim, axis)
     xf = x.astype(stat_dtype(x.dtype))
     index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
-    # Shift by one value of each (n, c) map: sums of (x - k) are small, so they
-    # neither cancel nor lose the low digits of the mean. k is a constant: the
-    # moments do not depend on it, so it carries no gradient.
     k = lax.stop_gradient(xf[index])
-    # The first sum runs over the (N, P, C, Q) view and the second over the original
-    # shape: as two distinct expressions, each reduction recomputes x - k in its own
-    # loop (XLA would otherwise materialize one shared, x-sized x - k).
-    s1 = jnp.mean(_pqview(xf, axis) - _pqview(k, axis), axis=(1, 3))
-    s1 = s1.reshape(k.shape)
+    d = xf - k
+    count = _spatial_count(x.shape, red)
+    zero = jnp.zeros((), xf.dtype)
     if use_fast_variance:
-        s2 = jnp.mean(jnp.square(xf - k), axis=red, keepdims=True)
-        var = jnp.maximum(s2 - s1 * s1, 0.0)
+        t1, t2 = lax.reduce((d, d * d), (zero, zero),
+                            lambda a, b: (a[0] + b[0], a[1] + b[1]), red)
+        s1 = (t1 / count).reshape(k.shape)
+        var = jnp.maximum((t2 / count).reshape(k.shape) - s1 * s1, 0.0)
     else:
-        var = jnp.mean(jnp.square(xf - k - s1), axis=red, keepdims=True)
-    return k, s1, var
+        s1 = jnp.mean(d, axis=red, keepdims=True)
+        var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
+    return k + s1, var
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3,))
+def _centered_mean_product(x: Array, mean: Array, t: Array, red: tuple[int, ...]) -> Array:
+    """``mean((x - mean) * t)`` over ``red``. Checkpointed: reverse mode keeps ``x`` and
+    recomputes ``x - mean`` in the backward loop instead of storing it."""
+    return jnp.mean((x.astype(mean.dtype) - mean) * t, axis=red, keepdims=True)
+
+
+@_spatial_moments.defjvp
+def _spatial_moments_jvp(axis, use_fast_variance, primals, tangents):
+    (x,), (dx,) = primals, tangents
+    mean, var = _spatial_moments(x, axis, use_fast_variance)
+    red = spatial_axes(x.ndim, axis)
+    dx = dx.astype(mean.dtype)
+    # d mean = mean(dx); d var = 2 mean((x - mean) dx): what autodiff would derive,
+    # written so that the backward pass keeps x, not an x-sized difference.
+    dmean = jnp.mean(dx, axis=red, keepdims=True)
+    dvar = 2 * _centered_mean_product(x, mean, dx, red)
+    return (mean, var), (dmean, dvar)
 
 
 def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) -> Moments:
@@ -151,8 +167,8 @@ def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) 
     if not red:
         xf = x.astype(stat_dtype(x.dtype))
         return Moments(xf, jnp.zeros_like(xf))
-    k, s1, var = _spatial_moments(x, axis, use_fast_variance)
-    return Moments(_to_nc(k + s1, x.ndim, axis), _to_nc(var, x.ndim, axis))
+    mean, var = _spatial_moments(x, axis, use_fast_variance)
+    return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
 
 
 def merge(
