@@ -184,6 +184,37 @@ def print_table(res: dict[str, Any]) -> None:
         print(line)
 
 
+# issue 3's targets: (layer name prefix, largest median fwd+bwd ratio to flax BatchNorm)
+TARGETS = [("BatchNorm", 1.0), ("GhostNorm", 1.1), ("GroupNorm", 1.1), ("BatchGroupNorm", 1.1),
+           ("HeterologousNorm", 1.1), ("BGN", 1.1), ("SeqNorm", 1.2), ("GNPlus", 1.2)]
+
+
+def targets(results: list[dict[str, Any]], dtype: str = "float32") -> list[dict[str, Any]]:
+    """Median over the shapes of each layer's float32 fwd+bwd ratio to flax BatchNorm,
+    against the targets; SeqNorm and GNPlus also against the naive SeqNorm."""
+    res = [r for r in results if r["dtype"] == dtype]
+    if not res:
+        return []
+    ratio = lambda r, prefix: next(row["fwd+bwd"]["ratio"] for row in r["rows"]
+                                   if row["layer"].split("(")[0] == prefix)
+    out = []
+    print(f"\ntargets ({dtype} fwd+bwd, median over {len(res)} shape(s) of the ratio to "
+          "flax BatchNorm):")
+    naive = statistics.median(ratio(r, "naive SeqNorm") for r in res)
+    for prefix, bound in TARGETS:
+        med = statistics.median(ratio(r, prefix) for r in res)
+        row = {"layer": prefix, "median_ratio": med, "target": bound, "met": med <= bound}
+        line = f"  {prefix:18s} {med:5.2f}x  (target <= {bound:.2f}x: {'met' if row['met'] else 'MISSED'})"
+        if prefix in ("SeqNorm", "GNPlus"):
+            speedup = naive / med
+            row.update(vs_naive=speedup, met=row["met"] and speedup >= 2)
+            line += f"; {speedup:.2f}x faster than naive SeqNorm (target >= 2x: " \
+                    f"{'met' if speedup >= 2 else 'MISSED'})"
+        print(line)
+        out.append(row)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES),
@@ -210,9 +241,11 @@ def main(argv=None) -> None:
             res = bench_shape(s, SHAPES[s], jnp.dtype(dtype), rounds)
             print_table(res)
             results.append(res)
+    summary = targets(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": machine, "rounds": rounds, "results": results}, f, indent=1)
+            json.dump({"machine": machine, "rounds": rounds, "results": results,
+                       "targets": summary}, f, indent=1)
         print(f"\nwrote {args.json}")
 
 
