@@ -8,10 +8,13 @@ This module only names the few steps every data-parallel training loop repeats:
 >>> mesh = data_mesh()                         # all devices of all processes
 >>> batch = shard_batch({"image": x, "label": y}, mesh)   # host-local -> global
 >>> state = replicate(state, mesh)
+
+and checks what a compiled step communicates (:func:`collective_counts`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 import jax
@@ -79,3 +82,45 @@ def shard_batch(tree: Any, mesh: Mesh, axis_name: str = DATA_AXIS) -> Any:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place ``tree`` (parameters, optimizer state, ...) in full on every device of ``mesh``."""
     return jax.device_put(tree, replicated_sharding(mesh))
+
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_COLLECTIVE_RE = re.compile(
+    r"=\s*(?P<shape>\([^=]*?\)|\S+)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\("
+)
+
+
+def collectives(compiled: Any) -> list[tuple[str, str]]:
+    """The cross-device collectives of a compiled computation, in program order.
+
+    Args:
+      compiled: ``jax.jit(f).lower(*args).compile()`` (anything with ``as_text()``),
+        or its HLO text.
+
+    Returns:
+      ``(op, result shape)`` for each all-reduce, all-gather, reduce-scatter,
+      collective-permute and all-to-all instruction (asynchronous ``-start``/``-done``
+      pairs count once), e.g. ``("all-reduce", "(f32[8]{0}, f32[8]{0})")``: XLA merges
+      independent all-reduces into one instruction with a tuple result.
+    """
+    text = compiled if isinstance(compiled, str) else getattr(compiled, "as_text", None)
+    text = text() if callable(text) else text
+    if not isinstance(text, str):
+        raise ValueError("collectives: pass a compiled computation (jit(f).lower(...).compile()) "
+                         f"or its HLO text, got {type(compiled).__name__}.")
+    return [(m["op"], m["shape"]) for m in _COLLECTIVE_RE.finditer(text)]
+
+
+def collective_counts(compiled: Any) -> dict[str, int]:
+    """How many of each collective a compiled computation runs (see :func:`collectives`).
+
+    Every name of :data:`COLLECTIVES` is a key (0 when absent). Use it to check that a
+    training step communicates no more than expected:
+
+    >>> step = jax.jit(train_step).lower(state, batch).compile()
+    >>> collective_counts(step)["all-reduce"]
+    """
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    for op, _ in collectives(compiled):
+        counts[op] += 1
+    return counts

@@ -287,11 +287,10 @@ def _batch_set(
     ``example_weight``, pooled over the channel groups.
     """
     if running is None:
-        pooled = stats.pool(
+        return stats.pool_with_target(
             m, batch_groups=batch_groups, channel_groups=channel_groups, grouping=grouping,
             axis_name=axis_name, axis_index_groups=axis_index_groups,
         )
-        return pooled, stats.running_target(pooled, axis_name, axis_index_groups)
     src = running
     if not _is_zero(example_weight):
         src = stats.mix(src, m, example_weight)
@@ -576,8 +575,12 @@ def heterologous_norm(
     mean = stats.pool(source(mean_set), batch_groups=None, channel_groups=mg).mean
     center = mean if std_center == "mean_set" else None
     src = source(std_set)
-    if NORM_SETS[std_set][0] and running is None and center is not None:
+    if (NORM_SETS[std_set][0] and running is None and center is not None
+            and not NORM_SETS[mean_set][0]):
         # A center that differs per sample: pool (v + (m - center)^2) over the batch.
+        # (A mean set over the batch gives a per-channel center: then the per-channel
+        # batch moments below already hold the whole set, with no second cross-device
+        # reduction.)
         var = stats.pool(m, batch_groups=1, channel_groups=sg, center=center,
                          axis_name=axis_name, axis_index_groups=axis_index_groups).var
     else:

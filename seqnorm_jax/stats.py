@@ -44,6 +44,7 @@ __all__ = [
     "affine",
     "ema",
     "running_target",
+    "pool_with_target",
     "cross_device_mean",
 ]
 
@@ -265,7 +266,7 @@ def pool(
         batch split over this named axis, and ``batch_groups`` counts the groups
         of the *global* batch. It must be a multiple of the axis size (groups lie
         within shards: no communication) or divide it (each group spans several
-        shards: one all-gather of the per-shard moments, count-weighted).
+        shards: one all-reduce gathering the per-shard moments, count-weighted).
       axis_index_groups: as in :func:`jax.lax.psum`: sub-groups of devices that
         form separate batches.
 
@@ -285,6 +286,123 @@ def pool(
     mv = Moments(view(m.mean), view(m.var))
     pooled = merge(mv, (1, 3), center=None if center is None else view(center))
     return Moments(*(_ungroup(a, n, c, grouping) for a in pooled))
+
+
+def _target_of_groups(grouped: Moments) -> Moments:
+    """Average ``(G_M, 1, G_C, 1)`` group statistics over the sample groups, as ``(C,)``-ready
+    ``(G_C, 1)`` arrays (see :func:`_channels`)."""
+    return Moments(*(jnp.mean(a, axis=(0, 1)) for a in grouped))
+
+
+def _channels(a: Array, c: int) -> Array:
+    """``(G_C, 1)`` per-channel-group values broadcast to ``(C,)``."""
+    g_c = a.shape[0]
+    return jnp.broadcast_to(a, (g_c, c // g_c)).reshape(c)
+
+
+def pool_with_target(
+    m: Moments,
+    *,
+    batch_groups: int,
+    channel_groups: int | None,
+    grouping: str = "contiguous",
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+) -> tuple[Moments, Moments]:
+    """:func:`pool` over sample groups, and the running-statistics target, together.
+
+    Returns ``(pooled, target)``: ``pooled`` as :func:`pool` (``(N, C)``), and
+    ``target`` the group statistics averaged over the sample groups of the global
+    batch, shape ``(C,)`` (what :func:`running_target` computes from ``pooled``).
+    Taking the average from the ``(G_M, C)`` group statistics rather than from the
+    ``(N, C)`` broadcast costs no extra reduction over the batch: under ``jax.jit``
+    with a sharded batch, SyncBN's target needs no collective of its own; under
+    ``shard_map`` with ``axis_name``, groups that lie within shards need one
+    all-reduce of the stacked ``(2, C)`` target, and groups that span shards none
+    beyond the one all-reduce that gathers the per-shard moments.
+    """
+    _check_grouping(grouping)
+    n, c = m.mean.shape
+    g_c = c if channel_groups is None else channel_groups
+    if axis_name is None:
+        view = lambda a: _group_view(a, batch_groups, g_c, grouping)
+        grouped = merge(Moments(view(m.mean), view(m.var)), (1, 3))
+        pooled = Moments(*(_ungroup(a, n, c, grouping) for a in grouped))
+        target = _target_of_groups(grouped)
+        return pooled, Moments(*(_channels(a, c) for a in target))
+    n_dev, position, members = _device_group(axis_name, axis_index_groups)
+    if batch_groups % n_dev == 0:
+        local = _local_groups(n, batch_groups, n_dev, grouping, axis_name)
+        pooled, target = pool_with_target(m, batch_groups=local, channel_groups=g_c,
+                                          grouping=grouping)
+        both = cross_device_mean(jnp.stack(target), axis_name, axis_index_groups)
+        return pooled, Moments(both[0], both[1])
+    groups = _gathered_groups(m, batch_groups, g_c, grouping, axis_name, n_dev, members)
+    mine = Moments(*(lax.dynamic_index_in_dim(a, position // (n_dev // batch_groups), axis=0,
+                                              keepdims=False) for a in groups))
+    pooled = Moments(*(_ungroup(a.reshape(1, 1, g_c, 1), n, c, "contiguous") for a in mine))
+    target = Moments(*(jnp.mean(a, axis=0) for a in groups))
+    return pooled, Moments(*(_channels(a[:, None], c) for a in target))
+
+
+def _local_groups(n: int, g_m: int, n_dev: int, grouping: str, axis_name: str) -> int:
+    """Groups per device when ``g_m`` groups lie within the shards of ``n_dev`` devices."""
+    local = g_m // n_dev
+    if n % local:
+        raise ValueError(
+            f"batch_groups={g_m} over {n_dev} devices of axis {axis_name!r} puts {local} "
+            f"groups on each device, which do not divide the per-device batch ({n}); use a "
+            f"per-device batch that is a multiple of {local}."
+        )
+    if grouping == "strided" and local != g_m:
+        raise ValueError(
+            f"grouping='strided' with axis_name={axis_name!r} would interleave "
+            "samples of different devices; use grouping='contiguous'."
+        )
+    return local
+
+
+def _check_spanning(g_m: int, n_dev: int, grouping: str, axis_name: str) -> None:
+    if n_dev % g_m != 0:
+        raise ValueError(
+            f"batch_groups={g_m} must be a multiple or a divisor of the size of axis "
+            f"{axis_name!r} ({n_dev} devices) so that ghost batches align with shards; "
+            f"use batch_groups in {divisors(n_dev)} "
+            f"or a multiple of {n_dev}."
+        )
+    if grouping == "strided" and g_m != 1:
+        raise ValueError(
+            f"grouping='strided' with axis_name={axis_name!r} spreads each group over every "
+            "device; use grouping='contiguous'."
+        )
+
+
+def _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center=None) -> Moments:
+    """Statistics ``(G_M, G_C)`` of every group of the global batch when each group spans
+    ``n_dev // g_m`` shards: one gather (:func:`_gather`) of the per-shard ``(mean, var, count)``,
+    then a count-weighted merge of each group's shards on every device."""
+    _check_spanning(g_m, n_dev, grouping, axis_name)
+    n, c = m.mean.shape
+    cview = lambda a: a.reshape(n, g_c, c // g_c)
+    local = merge(
+        Moments(cview(m.mean), cview(m.var)),
+        (0, 2),
+        center=None if center is None else cview(center),
+        keepdims=False,
+    )  # (G_C,)
+    count = jnp.full((g_c,), float(n * (c // g_c)), local.mean.dtype)
+    gathered = _gather(jnp.stack([local.mean, local.var, count]), axis_name,
+                       members)  # (n_dev, 3, G_C)
+    gathered = gathered.reshape(g_m, n_dev // g_m, 3, g_c)
+    # With a center, each shard's variance is already taken around it: average the
+    # variances without a between-shard term (center each shard on its own mean).
+    return merge(
+        Moments(gathered[:, :, 0], gathered[:, :, 1]),
+        1,
+        weight=gathered[:, :, 2],
+        center=None if center is None else gathered[:, :, 0],
+        keepdims=False,
+    )
 
 
 def _device_group(axis_name: str, axis_index_groups: Any) -> tuple[int, Array, Array | None]:
@@ -313,10 +431,17 @@ def _gather(a: Array, axis_name: str, members: Array | None) -> Array:
     """Stack ``a`` from every device of this device's sub-group (``members`` from
     :func:`_device_group`; None: the whole axis): ``(group size, *a.shape)``.
 
-    One all-gather over the whole axis; sub-groups are selected locally, which works
-    wherever all-gather does (psum with axis_index_groups does not under shard_map).
+    One all-reduce: each device puts ``a`` in its own slot of a zero ``(axis size,
+    *a.shape)`` array and the slots are summed over the axis (adding zeros is exact).
+    Unlike ``lax.all_gather``, the result over the whole axis is device-invariant,
+    so statistics built from it may leave ``shard_map`` with a replicated
+    ``out_specs``. Sub-groups are selected locally, which works wherever ``psum``
+    over the whole axis does (``psum`` with ``axis_index_groups`` does not under
+    ``shard_map``).
     """
-    gathered = lax.all_gather(a, axis_name)
+    n_dev = lax.axis_size(axis_name)
+    slot = jnp.arange(n_dev) == lax.axis_index(axis_name)
+    gathered = lax.psum(jnp.where(slot.reshape((n_dev,) + (1,) * a.ndim), a[None], 0), axis_name)
     return gathered if members is None else gathered[members]
 
 
@@ -325,56 +450,13 @@ def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_gr
     n_dev, position, members = _device_group(axis_name, axis_index_groups)
     if g_m % n_dev == 0:
         # Groups lie within shards: pool locally, no communication.
-        local = g_m // n_dev
-        if n % local:
-            raise ValueError(
-                f"batch_groups={g_m} over {n_dev} devices of axis {axis_name!r} puts {local} "
-                f"groups on each device, which do not divide the per-device batch ({n}); use a "
-                f"per-device batch that is a multiple of {local}."
-            )
-        if grouping == "strided" and local != g_m:
-            raise ValueError(
-                f"grouping='strided' with axis_name={axis_name!r} would interleave "
-                "samples of different devices; use grouping='contiguous'."
-            )
+        local = _local_groups(n, g_m, n_dev, grouping, axis_name)
         return pool(m, batch_groups=local, channel_groups=g_c, grouping=grouping, center=center)
-    if n_dev % g_m != 0:
-        raise ValueError(
-            f"batch_groups={g_m} must be a multiple or a divisor of the size of axis "
-            f"{axis_name!r} ({n_dev} devices) so that ghost batches align with shards; "
-            f"use batch_groups in {divisors(n_dev)} "
-            f"or a multiple of {n_dev}."
-        )
-    if grouping == "strided" and g_m != 1:
-        raise ValueError(
-            f"grouping='strided' with axis_name={axis_name!r} spreads each group over every "
-            "device; use grouping='contiguous'."
-        )
-    # Each group spans n_dev // g_m shards: merge each shard's moments, gather them
-    # (one collective, count-weighted), merge the shards of this device's group.
-    cview = lambda a: a.reshape(n, g_c, c // g_c)
-    local = merge(
-        Moments(cview(m.mean), cview(m.var)),
-        (0, 2),
-        center=None if center is None else cview(center),
-        keepdims=False,
-    )  # (G_C,)
-    count = jnp.full((g_c,), float(n * (c // g_c)), local.mean.dtype)
-    gathered = _gather(jnp.stack([local.mean, local.var, count]), axis_name,
-                       members)  # (n_dev, 3, G_C)
-    per_group = n_dev // g_m
-    gathered = gathered.reshape(g_m, per_group, 3, g_c)
-    mine = lax.dynamic_index_in_dim(gathered, position // per_group, axis=0, keepdims=False)
-    # With a center, each shard's variance is already taken around it: average the
-    # variances without a between-shard term (center each shard on its own mean).
-    pooled = merge(
-        Moments(mine[:, 0], mine[:, 1]),
-        0,
-        weight=mine[:, 2],
-        center=None if center is None else mine[:, 0],
-        keepdims=True,
-    )  # (1, G_C)
-    return Moments(*(_ungroup(a.reshape(1, 1, g_c, 1), n, c, "contiguous") for a in pooled))
+    # Each group spans n_dev // g_m shards: one all-reduce, count-weighted merge.
+    groups = _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center)
+    mine = Moments(*(lax.dynamic_index_in_dim(a, position // (n_dev // g_m), axis=0,
+                                              keepdims=False) for a in groups))
+    return Moments(*(_ungroup(a.reshape(1, 1, g_c, 1), n, c, "contiguous") for a in mine))
 
 
 def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = None) -> Array:

@@ -1,0 +1,352 @@
+"""The ``seqnorm-jax`` command line: ``train``, ``eval`` and ``compare``.
+
+::
+
+    seqnorm-jax compare                                   # the default comparison, ~10 min on CPU
+    seqnorm-jax compare --model cnn --norms bn,ghost,seqnorm --seeds 3 --epochs 5
+    seqnorm-jax train --model cnn --norm "ghost:batch_groups=8" --epochs 5 --out runs/ghost
+    seqnorm-jax train --config runs/ghost/config.json --resume --out runs/ghost
+    seqnorm-jax eval --run runs/ghost --example-weight 0 0.1 0.2
+
+Every field of :class:`~seqnorm_jax.train.TrainConfig` is a flag (``--batch-size``,
+``--norm-weight-decay``, ...); ``--config FILE`` loads a JSON config first and the
+flags given override it. ``python -m seqnorm_jax`` is the same command. Invalid flags,
+configurations and missing datasets end with a one-line ``error:`` message and exit
+status 2 (``--traceback`` shows the Python traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["COMPARE_DEFAULTS", "build_parser", "main"]
+
+# The default `compare`: paper 000's MNIST network (SimpleNet, 784-512-300-10) on all of
+# Fashion-MNIST (60k/10k), 7 layers x 3 seeds x 4 epochs. Measured with 3 epochs on 2 CPU
+# cores shared with other jobs (load ~7): 424 s of CPU time, 11.5 min of wall time; so 4
+# epochs take ~565 s of CPU time, about 8 minutes on 2 otherwise idle cores.
+COMPARE_DEFAULTS: dict[str, Any] = dict(
+    model="simplenet", dataset="fashion_mnist", epochs=4, batch_size=128, lr=0.05,
+    optimizer="sgd", momentum=0.9, schedule="cosine", weight_decay=5e-4, log_every=100,
+    eval_batch_size=2000,
+)
+COMPARE_SEEDS = 3
+
+_HELP = {
+    "model": "model name (simplenet, mlp, mlp4, cnn, resnet20, resnet56, wrn28_10, resnet18, "
+             "resnet50, vgg11)",
+    "norm": "norm layer spec, e.g. 'seqnorm:channel_groups=4,batch_groups=8', 'none'",
+    "model_kwargs": "extra model fields as KEY=VALUE; a comma makes a list (features=16,32,32 "
+                    "or features=16, for one element)",
+    "dtype": "float32 or bfloat16 (mixed precision)",
+    "dataset": "fashion_mnist, mnist, cifar10, cifar100, imagenet2012, digits",
+    "data_dir": "directory of the dataset (TFDS data_dir, IDX or CIFAR files)",
+    "data_source": "auto, tfds, idx, cifar or digits",
+    "train_size": "train on a stratified random subset of this many examples",
+    "validation_size": "hold out this many training examples and evaluate on them",
+    "eval_split": "split evaluated after each epoch",
+    "augment": "none, flip_crop, flip_crop_cutout, imagenet or default",
+    "non_iid_classes": "non-i.i.d. batches drawn from this many classes (paper 002)",
+    "data_workers": "Grain worker processes for the training batches (0: none)",
+    "grad_accum_steps": "accumulate gradients over this many micro-batches per step",
+    "optimizer": "sgd, nesterov or adamw",
+    "lr": "peak (cosine, one-cycle) or initial (step, constant) learning rate",
+    "schedule": "constant, cosine, one_cycle, cosine_one_cycle or step",
+    "decay_epochs": "epochs at which the step schedule multiplies lr by --decay-factor",
+    "weight_decay": "L2 (SGD) or decoupled (AdamW) weight decay",
+    "norm_weight_decay": "decay of the norm layers' gamma/beta: zero, one or off",
+    "grad_clip_norm": "clip gradients to this global norm",
+    "example_weight": "Four Things inference example weight used in evaluation",
+    "checkpoint_every": "also checkpoint every this many steps (0: epoch ends only)",
+}
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from seqnorm_jax.train import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
+
+    return {"optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+            "norm_weight_decay": NORM_DECAY_MODES, "dtype": ("float32", "bfloat16")}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_none(cast):
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "null", "") else cast(text)
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def _scalar(text: str) -> Any:
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, ``"none"`` -> None, else the text."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _parse_kv(text: str) -> tuple[str, Any]:
+    """``"features=16,32"`` -> ``("features", [16, 32])``; ``"depth=20"`` -> ``("depth", 20)``."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if "," in value:
+        return key.strip(), [_scalar(v) for v in value.split(",") if v.strip()]
+    return key.strip(), _scalar(value)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ()) -> None:
+    """One flag per TrainConfig field; defaults are SUPPRESS so only given flags are seen."""
+    from seqnorm_jax.train import TrainConfig
+
+    group = parser.add_argument_group("training configuration (TrainConfig fields)")
+    choices = _choices()
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
+        kind = str(field.type).replace(" ", "")
+        help_ = _HELP.get(field.name, field.name.replace("_", " "))
+        common = dict(dest=field.name, default=argparse.SUPPRESS, help=help_)
+        if kind == "bool":
+            group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
+                               **common)
+        elif kind in ("int", "float", "str"):
+            group.add_argument(_flag(field.name), type={"int": int, "float": float,
+                                                        "str": str}[kind],
+                               choices=choices.get(field.name), **common)
+        elif kind in ("int|None", "float|None", "str|None"):
+            cast = {"int": int, "float": float, "str": str}[kind.split("|")[0]]
+            group.add_argument(_flag(field.name), type=_parse_none(cast), **common)
+        elif kind == "list[float]":
+            group.add_argument(_flag(field.name), type=float, nargs="*", **common)
+        elif kind == "dict[str,Any]":
+            group.add_argument(_flag(field.name), type=_parse_kv, nargs="+",
+                               metavar="KEY=VALUE", **common)
+        else:  # pragma: no cover - a new field type must be mapped here
+            raise TypeError(f"cli: no flag type for TrainConfig.{field.name}: {field.type}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``seqnorm-jax`` argument parser (sub-commands ``train``, ``eval``, ``compare``)."""
+    parser = _Parser(prog="seqnorm-jax", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--traceback", action="store_true",
+                        help="show Python tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one model with one norm layer",
+                           description="Train a model; flags override --config.")
+    train.add_argument("--config", help="JSON TrainConfig file (flags override it)")
+    train.add_argument("--out", required=True,
+                       help="output directory (config.json, metrics, checkpoints)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint in --out")
+    _add_config_flags(train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint of a train run",
+                        description="Evaluate the checkpoint of a `train` output directory.")
+    ev.add_argument("--run", required=True, help="the --out directory of a train run")
+    ev.add_argument("--split", default=None,
+                    help="split to evaluate (default: the run's eval split)")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    ev.add_argument("--example-weight", type=float, nargs="+", default=[0.0],
+                    help="Four Things example weight(s) alpha in [0, 1]; several values are "
+                         "evaluated in turn (a line search)")
+    ev.add_argument("--batch-size", type=int, default=None, help="evaluation batch size")
+    ev.add_argument("--data-dir", default=None, help="override the run's data directory")
+
+    cmp_ = sub.add_parser(
+        "compare", help="compare norm layers on one model over several seeds",
+        description="Train the same model with several norm layers and seeds; write "
+                    "results.json, results.csv, results.md and curves.png to --out. Defaults: "
+                    + ", ".join(f"{k}={v}" for k, v in COMPARE_DEFAULTS.items())
+                    + f", seeds={COMPARE_SEEDS}.")
+    cmp_.add_argument("--config", help="JSON TrainConfig file for the shared settings")
+    cmp_.add_argument("--out", default=os.path.join("runs", "compare"),
+                      help="output directory (default runs/compare)")
+    cmp_.add_argument("--norms", default=None,
+                      help="comma-separated layers: labels (none, bn, ghost, gn, seqnorm, hn, "
+                           "gn+, bgn, fourthings, noisybn; group settings chosen for the "
+                           "model) or norm specs, e.g. 'bn,seqnorm:channel_groups=2,"
+                           "batch_groups=4' (default: none,bn,ghost,gn,seqnorm,hn,gn+)")
+    cmp_.add_argument("--seeds", default=str(COMPARE_SEEDS),
+                      help=f"a count N (seeds 0..N-1) or a comma-separated list "
+                           f"(default {COMPARE_SEEDS})")
+    _add_config_flags(cmp_, skip=("norm", "seed"))
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " ".join(lines)
+
+
+def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
+    from seqnorm_jax.train import TrainConfig
+
+    data = dict(defaults or {})
+    if getattr(args, "config", None):
+        if not os.path.exists(args.config):
+            raise FileNotFoundError(f"--config: no such file {args.config!r}.")
+        data.update(TrainConfig.from_json(args.config).to_dict())
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for name in names:
+        if name in vars(args):
+            value = getattr(args, name)
+            data[name] = dict(value) if name == "model_kwargs" else value
+    return TrainConfig.from_dict(data)
+
+
+def _cmd_train(args) -> int:
+    from seqnorm_jax.train import Trainer
+
+    config = _config(args)
+    trainer = Trainer(config, out_dir=args.out)
+    result = trainer.fit(resume=args.resume)
+    last = result.eval_rows[-1] if result.eval_rows else {}
+    print(json.dumps({"out": args.out, "step": int(result.state.step),
+                      "eval_accuracy": last.get("eval_accuracy"),
+                      "eval_loss": last.get("eval_loss"), "train_loss": last.get("loss")}))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from seqnorm_jax import data
+    from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer
+
+    path = os.path.join(args.run, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--run: {args.run!r} has no config.json; pass the --out "
+                                "directory of a `seqnorm-jax train` run.")
+    config = TrainConfig.from_json(path)
+    changes = {"progress": False}
+    if args.data_dir is not None:
+        changes["data_dir"] = args.data_dir
+    if args.batch_size is not None:
+        changes["eval_batch_size"] = args.batch_size
+    config = config.replace(**changes)
+    for a in args.example_weight:
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"--example-weight {a} must lie in [0, 1].")
+    trainer = Trainer(config)
+    source = trainer.eval_source
+    if args.split is not None:
+        kwargs = dict(data_dir=config.data_dir, source=config.data_source, seed=config.seed)
+        if args.split.split("[")[0].strip() in ("validation", "train_minus_val"):
+            kwargs["validation_size"] = config.validation_size
+        source = data.load(config.dataset, args.split, **kwargs)
+    checkpointer = Checkpointer(os.path.join(args.run, "checkpoints"))
+    try:
+        state, position = checkpointer.restore(trainer.init_state(), step=args.step)
+    finally:
+        checkpointer.close()
+    for a in args.example_weight:
+        metrics = trainer.evaluate(state, source, example_weight=a)
+        print(json.dumps({"run": args.run, "step": int(state.step), "epoch": position["epoch"],
+                          "split": args.split or ("validation" if config.validation_size
+                                                  else config.eval_split),
+                          "example_weight": a, "eval_accuracy": metrics["eval_accuracy"],
+                          "eval_loss": metrics["eval_loss"], "count": int(metrics["count"])}))
+    return 0
+
+
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        items = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: give a count N or comma-separated integers.") \
+            from None
+    if len(items) == 1 and "," not in text:
+        if items[0] < 1:
+            raise ValueError(f"--seeds {text!r}: the count must be >= 1.")
+        return list(range(items[0]))
+    if not items:
+        raise ValueError(f"--seeds {text!r}: give a count N or comma-separated integers.")
+    return items
+
+
+def _parse_norms(text: str | None) -> list[str]:
+    from seqnorm_jax.train import DEFAULT_NORMS
+
+    if text is None:
+        return list(DEFAULT_NORMS)
+    norms: list[str] = []
+    for item in (i.strip() for i in text.replace(";", ",").split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and norms and ":" in norms[-1]:
+            norms[-1] += "," + item  # KEY=VALUE continuing the previous spec's fields
+        else:
+            norms.append(item)
+    if not norms:
+        raise ValueError("--norms is empty; name at least one layer, e.g. --norms bn,ghost.")
+    return norms
+
+
+def _cmd_compare(args) -> int:
+    from seqnorm_jax.factory import norm_factory
+    from seqnorm_jax.train import compare, default_norm_specs
+    from seqnorm_jax.train.compare import format_table
+
+    config = _config(args, COMPARE_DEFAULTS)
+    seeds = _parse_seeds(args.seeds)
+    norms = _parse_norms(args.norms)
+    for spec in default_norm_specs([], config.batch_size, norms).values():
+        norm_factory(spec)  # fail fast on a bad layer name, before any training
+    result = compare(config, norms=norms, seeds=seeds, out_dir=args.out,
+                     progress=config.progress)
+    print(format_table(result.summary))
+    print(f"results: {os.path.join(args.out, 'results.md')} (+ results.json, results.csv, "
+          f"curves.png); {result.settings['total_seconds']:.0f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's notes about absent folders
+    except ImportError:  # pragma: no cover - absl comes with jax's dependencies
+        pass
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare}
+    from seqnorm_jax.data import DatasetNotFoundError
+
+    try:
+        return commands[args.command](args)
+    except (ValueError, DatasetNotFoundError, FileNotFoundError) as err:
+        if args.traceback:
+            raise
+        print(f"seqnorm-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"seqnorm-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

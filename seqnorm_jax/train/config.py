@@ -1,0 +1,189 @@
+"""``TrainConfig``: every hyperparameter of a run, as a dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from seqnorm_jax.train.optim import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
+
+__all__ = ["TrainConfig"]
+
+_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """All hyperparameters of a training run; :meth:`to_json` saves it, :meth:`from_json` loads.
+
+    Model and data:
+      model: a name of :func:`seqnorm_jax.models.get_model` (``"cnn"``, ``"resnet20"``, ...).
+      norm: a :func:`seqnorm_jax.norm_factory` spec, e.g.
+        ``"seqnorm:channel_groups=4,batch_groups=8"``.
+      model_kwargs: extra keyword arguments for ``get_model`` (e.g. a width).
+      dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision: bf16 compute, float32
+        parameters and running statistics).
+      dataset: a name of :func:`seqnorm_jax.data.load` (``"fashion_mnist"``, ``"cifar10"``, ...).
+      data_dir, data_source: where and how to read it (see ``seqnorm_jax.data.load``).
+      train_size: use a random subset of this many training examples (``None``: all).
+      validation_size: hold out this many training examples and evaluate on them instead
+        of ``eval_split``.
+      eval_split: the split evaluated after every epoch (``"test"``), unless
+        ``validation_size`` is set.
+      augment: the training augmentation of ``seqnorm_jax.data.make_loader``.
+      non_iid_classes: paper 002's non-i.i.d. minibatches (examples of this many classes
+        per batch); ``None`` for i.i.d.
+      data_workers: Grain worker processes preparing training batches (0: in the
+        training thread).
+
+    Optimisation:
+      epochs, batch_size (global, over all devices), eval_batch_size.
+      grad_accum_steps: run each batch as this many accumulated micro-batches (one
+        optimizer step per batch; through BatchNorm this is GhostNorm with
+        ``batch_groups=grad_accum_steps``, papers 000/001).
+      optimizer: ``"sgd"``, ``"nesterov"`` or ``"adamw"``; momentum; b1, b2 (AdamW).
+      lr: the peak (``cosine``, ``one_cycle``) or initial (``step``, ``constant``) rate.
+      schedule: ``"constant"``, ``"cosine"`` (after ``warmup_epochs`` of linear warm-up
+        from ``warmup_init_lr``), ``"one_cycle"`` (paper 000's linear cycle,
+        ``one_cycle_*``), ``"cosine_one_cycle"`` or ``"step"`` (times ``decay_factor`` at
+        each of ``decay_epochs``).
+      weight_decay: coupled L2 for SGD, decoupled for AdamW.
+      norm_weight_decay: gamma/beta decay, ``"zero"`` (standard), ``"one"`` or ``"off"``
+        (paper 002, 3.3).
+      grad_clip_norm: clip gradients to this global norm (``None``: off).
+
+    Evaluation, bookkeeping:
+      example_weight: the "Four Things" alpha used in the per-epoch evaluation.
+      seed: seeds the initialisation, the per-step rngs and the data order.
+      log_every: write a train metrics row every this many steps (and at each epoch end).
+      checkpoint_every: save an Orbax checkpoint every this many steps (and at the end
+        of every epoch); ``None``/0: only at epoch ends. keep_checkpoints: how many to keep.
+      progress: show a tqdm progress bar.
+    """
+
+    model: str = "cnn"
+    norm: str = "bn"
+    model_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    dtype: str = "float32"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    data_source: str = "auto"
+    train_size: int | None = None
+    validation_size: int | None = None
+    eval_split: str = "test"
+    augment: str = "none"
+    non_iid_classes: int | None = None
+    data_workers: int = 0
+
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    grad_accum_steps: int = 1
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.999
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    warmup_init_lr: float = 0.0
+    end_lr: float = 0.0
+    one_cycle_init_lr: float | None = None
+    one_cycle_final_lr: float | None = None
+    one_cycle_pct_up: float = 0.375
+    one_cycle_pct_down: float = 0.375
+    decay_epochs: list[float] = dataclasses.field(default_factory=list)
+    decay_factor: float = 0.1
+    weight_decay: float = 5e-4
+    norm_weight_decay: str = "zero"
+    grad_clip_norm: float | None = None
+
+    example_weight: float = 0.0
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field and its valid values."""
+        def need(cond, field, msg):
+            if not cond:
+                raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {msg}")
+
+        need(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {list(OPTIMIZERS)}.")
+        need(self.schedule in SCHEDULES, "schedule", f"choose one of {list(SCHEDULES)}.")
+        need(self.norm_weight_decay in NORM_DECAY_MODES, "norm_weight_decay",
+             f"choose one of {list(NORM_DECAY_MODES)}.")
+        need(self.dtype in _DTYPES, "dtype", f"choose one of {list(_DTYPES)}.")
+        for f in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every",
+                  "keep_checkpoints"):
+            v = getattr(self, f)
+            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f,
+                 "must be an integer >= 1.")
+        for f in ("train_size", "validation_size", "non_iid_classes"):
+            v = getattr(self, f)
+            need(v is None or (isinstance(v, int) and v >= 1), f,
+                 "must be an integer >= 1 or None.")
+        need(self.checkpoint_every is None or (isinstance(self.checkpoint_every, int)
+                                               and self.checkpoint_every >= 0),
+             "checkpoint_every", "must be an integer >= 0 or None.")
+        need(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
+             f"must divide batch_size={self.batch_size}.")
+        need(isinstance(self.data_workers, int) and self.data_workers >= 0, "data_workers",
+             "must be an integer >= 0.")
+        need(self.lr > 0, "lr", "must be positive.")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0.")
+        need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm",
+             "must be positive or None.")
+        need(0.0 <= self.example_weight <= 1.0, "example_weight", "must lie in [0, 1].")
+        need(0.0 <= self.warmup_epochs < self.epochs or self.schedule not in ("cosine", "step"),
+             "warmup_epochs", "must be >= 0 and smaller than epochs.")
+        need(isinstance(self.model_kwargs, dict), "model_kwargs", "must be a dict.")
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-compatible dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Build from a dict; unknown keys raise ``ValueError`` listing the valid ones."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a TrainConfig must be a JSON object, got {type(data).__name__}.")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields are "
+                             f"{sorted(names)}.")
+        return cls(**data)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The config as JSON text; also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text)
+        return text
+
+    @classmethod
+    def from_json(cls, path_or_text: str | os.PathLike) -> TrainConfig:
+        """Load from a JSON file path or from JSON text."""
+        text = str(path_or_text)
+        if not text.lstrip().startswith("{"):
+            with open(path_or_text) as f:
+                text = f.read()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config is not valid JSON ({e}).") from None
+        return cls.from_dict(data)
+
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)

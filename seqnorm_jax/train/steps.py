@@ -1,0 +1,173 @@
+"""Train and eval steps: cross-entropy loss, accuracy, running statistics, example weighing.
+
+The steps are pure functions of ``(state, batch)``; :func:`jit_train_step` and
+:func:`jit_eval_step` compile them for a data-parallel mesh (batch sharded over the
+``"data"`` axis, state replicated; one device works the same). XLA partitions the norm
+layers' statistics over the sharded batch itself, so a ``GhostNorm`` with groups aligned
+to the devices needs no communication and ``BatchNorm`` reduces across them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from seqnorm_jax.distributed import batch_sharding, replicated_sharding
+from seqnorm_jax.linen import LAYERS
+from seqnorm_jax.train.state import TrainState, step_rngs
+
+__all__ = [
+    "cross_entropy_loss",
+    "eval_step",
+    "example_weight_scope",
+    "jit_eval_step",
+    "jit_train_step",
+    "train_step",
+]
+
+_NORM_CLASSES = tuple(cls for name, cls in LAYERS.items() if name != "Identity")
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The l2 norm of all leaves of ``tree`` together, in float32 (any optax version)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                        for g in jax.tree_util.tree_leaves(tree)))
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels, computed in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+@contextlib.contextmanager
+def example_weight_scope(example_weight: float | jax.Array):
+    """Pass ``example_weight`` to every seqnorm-jax norm layer called inside the scope.
+
+    The "Four Things" inference example weighing (paper 002) is a call argument of the
+    layers (``layer(x, example_weight=a)``). This scope sets it on every norm layer's
+    call through ``flax.linen.intercept_methods``, so a model needs no extra argument to
+    forward it. Use it around inference (``train=False``) only: the layers reject a
+    non-zero weight in training.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, _NORM_CLASSES):
+            kwargs = {**kwargs, "example_weight": example_weight}
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array],
+               lr_fn: Callable[[Any], Any] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on ``batch`` (``{"image", "label"}``) in training mode.
+
+    The forward pass uses the batch statistics and updates the running ones
+    (``batch_stats``); the per-step ``"noise"``/``"dropout"`` rngs come from
+    :func:`step_rngs`. The loss is the mean cross-entropy, in float32 also for bfloat16
+    models.
+
+    Returns:
+      ``(new_state, metrics)`` with scalar ``loss``, ``accuracy``, ``grad_norm`` (before
+      clipping) and ``lr`` (``lr_fn(step)`` of the step just taken, 0 if ``lr_fn`` is None).
+    """
+    rngs = step_rngs(state)
+
+    def loss_fn(params):
+        variables = {"params": params}
+        mutable = []
+        if state.batch_stats:
+            variables["batch_stats"] = state.batch_stats
+            mutable = ["batch_stats"]
+        logits, updates = state.apply_fn(variables, batch["image"], train=True, rngs=rngs,
+                                         mutable=mutable)
+        loss = cross_entropy_loss(logits, batch["label"]).mean()
+        return loss, (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    if state.batch_stats:
+        new_state = new_state.replace(batch_stats=updates["batch_stats"])
+    accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    lr = jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)
+    grad_norm = global_norm(grads)
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "lr": lr}
+    return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array],
+              example_weight: float | jax.Array = 0.0) -> dict[str, jax.Array]:
+    """Inference with the running statistics; returns sums to aggregate over batches.
+
+    Args:
+      state: the train state.
+      batch: ``{"image", "label"}`` and optionally ``"mask"`` (1 for real examples, 0 for
+        padding, e.g. to fill the last batch to a multiple of the device count).
+      example_weight: alpha of "Four Things" inference example weighing, passed to every
+        norm layer (0: plain running statistics; 1: each example's own statistics).
+
+    Returns:
+      ``{"loss_sum", "correct", "count"}`` (float32 scalars, summed over unmasked examples).
+    """
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    with example_weight_scope(example_weight):
+        logits = state.apply_fn(variables, batch["image"], train=False)
+    labels = batch["label"]
+    mask = batch.get("mask")
+    mask = jnp.ones(labels.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    keep = mask > 0
+    loss = jnp.where(keep, cross_entropy_loss(logits, labels), 0.0)  # padding cannot be NaN
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(loss * mask), "correct": jnp.sum(jnp.where(keep, correct, 0.0)
+                                                                  * mask),
+            "count": jnp.sum(mask)}
+
+
+def jit_train_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None = None,
+                   *, donate: bool | None = None, num_micro_batches: int = 1):
+    """:func:`train_step` compiled for ``mesh``: batch sharded on ``"data"``, state replicated.
+
+    Args:
+      mesh: a :func:`seqnorm_jax.distributed.data_mesh`; ``None`` compiles without
+        sharding constraints (inputs decide).
+      lr_fn: the learning-rate schedule, for the logged ``lr``.
+      donate: donate the input state's buffers (default: on accelerators, not on CPU,
+        where XLA cannot reuse them).
+      num_micro_batches: ``k > 1`` runs each batch as ``k`` accumulated micro-batches
+        (:func:`seqnorm_jax.train.accumulated_train_step`; with BatchNorm this trains
+        ``GhostNorm(batch_groups=k)``).
+    """
+    if donate is None:
+        donate = jax.default_backend() != "cpu"
+    kwargs = {}
+    if mesh is not None:
+        kwargs = dict(in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
+                      out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)))
+    if num_micro_batches == 1:
+        step = lambda s, b: train_step(s, b, lr_fn)
+    else:
+        from seqnorm_jax.train.accumulation import accumulated_train_step
+
+        step = lambda s, b: accumulated_train_step(s, b, num_micro_batches, lr_fn)
+    return jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs)
+
+
+def jit_eval_step(mesh: Mesh | None = None):
+    """:func:`eval_step` compiled for ``mesh``; ``example_weight`` is a traced argument."""
+    kwargs = {}
+    if mesh is not None:
+        kwargs = dict(in_shardings=(replicated_sharding(mesh), batch_sharding(mesh),
+                                    replicated_sharding(mesh)),
+                      out_shardings=replicated_sharding(mesh))
+    return jax.jit(lambda s, b, a: eval_step(s, b, a), **kwargs)
