@@ -93,18 +93,11 @@ def _parse_none(cast):
 
 
 def _scalar(text: str) -> Any:
-    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, ``"none"`` -> None, else the text."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text.strip()
+    """``"3"`` -> 3, ``"0.5"`` -> 0.5, ``"true"`` -> True, ``"none"`` -> None, else the text
+    (the same rule as ``norm_factory``'s values)."""
+    from seqnorm_jax.factory import parse_value
+
+    return parse_value(text)
 
 
 def _parse_kv(text: str) -> tuple[str, Any]:

@@ -36,7 +36,8 @@ def _key(name: str) -> str:
     return name.strip().lower().replace("_", "").replace("-", "")
 
 
-def _value(text: str):
+def parse_value(text: str):
+    """A ``KEY=VALUE`` value: bool, None, int, float, else the stripped text."""
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
@@ -91,7 +92,7 @@ def norm_factory(spec: str | Callable[..., nn.Module], **overrides) -> Callable[
                 f"{cls_name} has no field {key!r} (in norm spec {spec!r}); its fields are "
                 f"{sorted(fields)}."
             )
-        kwargs[key] = _value(value)
+        kwargs[key] = parse_value(value)
     for key in overrides:
         if key not in fields and key != "name":
             raise ValueError(f"{cls_name} has no field {key!r}; its fields are {sorted(fields)}.")
