@@ -51,6 +51,7 @@ fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimizatio
 def normal(seed, shape):
     return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
+
 # One spec per layer family, with groups that divide the tiny models' batch of 8
 # and their channel counts (all even).
 LAYERS = {
@@ -433,6 +434,8 @@ def test_registry_presets():
     assert get_model("resnet50").block_cls is BottleneckBlock
     assert get_model("resnet18").block_cls is BasicBlock
     assert get_model("resnet20", depth=32).depth == 32  # a preset's field can be overridden
+    mlp = get_model("mlp", features=[8, 4])  # lists become tuples: the module stays hashable
+    assert mlp.features == (8, 4) and isinstance(hash(mlp), int)
     model = get_model("cnn", norm="ghost:batch_groups=4", dtype=jnp.bfloat16)
     assert model.norm.func is snj.GhostNorm and model.norm.keywords == {"batch_groups": 4}
     assert model.dtype == jnp.bfloat16
@@ -468,7 +471,8 @@ def test_errors(call, match):
 
 def test_input_errors():
     model = SmallCNN(num_classes=3)
-    with pytest.raises(ValueError, match=r"SmallCNN: x must be a batch of NHWC images.*\(8, 28, 28\)"):
+    with pytest.raises(ValueError,
+                       match=r"SmallCNN: x must be a batch of NHWC images.*\(8, 28, 28\)"):
         model.init(key(0), jnp.zeros((8, 28, 28)))
     with pytest.raises(ValueError, match=r"x must be floating point, got dtype uint8.*/ 255"):
         model.init(key(0), jnp.zeros((8, 28, 28, 1), jnp.uint8))

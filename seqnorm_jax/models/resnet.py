@@ -147,7 +147,9 @@ class ResNet(nn.Module):
         check_positive(name, num_classes=self.num_classes, num_filters=self.num_filters,
                        **{f"stage_sizes[{i}]": s for i, s in enumerate(self.stage_sizes)})
         if not self.stage_sizes:
-            raise ValueError(f"{name}: stage_sizes must name at least one stage, e.g. (2, 2, 2, 2).")
+            raise ValueError(
+                f"{name}: stage_sizes must name at least one stage, e.g. (2, 2, 2, 2)."
+            )
         if not (isinstance(self.block_cls, type) and issubclass(self.block_cls, nn.Module)):
             raise ValueError(
                 f"{name}: block_cls must be a module class such as BasicBlock or "
