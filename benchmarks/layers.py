@@ -104,8 +104,9 @@ def compile_layer(module: nn.Module, x: jax.Array, has_running: bool) -> dict[st
 
     @jax.jit
     def fwd_bwd(params, x, dy):
-        _, vjp_fn = jax.vjp(lambda p, x: train_fwd(p, x)[0], params, x)
-        return vjp_fn(dy)
+        y, vjp_fn = jax.vjp(lambda p, x: train_fwd(p, x)[0], params, x)
+        # flax promotes a bfloat16 input to float32 output; the cotangent follows y
+        return vjp_fn(dy.astype(y.dtype))
 
     @jax.jit
     def infer(params, x):
