@@ -17,12 +17,10 @@ import argparse
 import functools
 import json
 import platform
-import statistics
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from layers import measure  # benchmarks/layers.py: interleaved medians

@@ -21,7 +21,6 @@ Everything here is a pure function of arrays: no Flax, no state.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 

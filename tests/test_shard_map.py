@@ -8,7 +8,6 @@ global batch (a multiple or a divisor of the device count).
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P

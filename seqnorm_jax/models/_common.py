@@ -61,6 +61,21 @@ def bind_norm(norm: ModuleDef, **fields: Any) -> ModuleDef:
     return functools.partial(norm, **fields)
 
 
+def conv_layers(module: nn.Module, train: bool, **conv_fields: Any) -> tuple[ModuleDef, ModuleDef]:
+    """The ``(norm, conv)`` factories of a convolutional model's ``__call__``.
+
+    ``norm`` is ``module.norm`` bound to ``use_running_average=not train`` and the
+    model's ``dtype``; ``conv`` is ``nn.Conv`` with "SAME" padding, He fan-out init, the
+    model's dtype, and a bias only when the norm is absent (the norm's beta is the bias
+    otherwise), plus ``conv_fields``.
+    """
+    norm = bind_norm(module.norm, use_running_average=not train, dtype=module.dtype)
+    conv = functools.partial(nn.Conv, **{"padding": "SAME", "use_bias": is_identity(module.norm),
+                                         "kernel_init": conv_init, "dtype": module.dtype,
+                                         **conv_fields})
+    return norm, conv
+
+
 def check_images(model: str, x: jax.Array) -> None:
     """Raise ``ValueError`` unless ``x`` is a floating-point NHWC batch."""
     if np.ndim(x) != 4:

@@ -10,7 +10,6 @@ normalization sets with spatial extent.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,12 +19,10 @@ from flax import linen as nn
 
 from seqnorm_jax.linen import BatchNorm
 from seqnorm_jax.models._common import (
+    conv_layers,
     ModuleDef,
-    bind_norm,
     check_images,
     check_positive,
-    conv_init,
-    is_identity,
     logits,
 )
 
@@ -57,10 +54,7 @@ class SmallCNN(nn.Module):
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         """Logits ``(N, num_classes)`` (float32) of NHWC images ``x``; see ``MLP.__call__``."""
         check_images(type(self).__name__, x)
-        norm = bind_norm(self.norm, use_running_average=not train, dtype=self.dtype)
-        conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME",
-                                 use_bias=is_identity(self.norm), kernel_init=conv_init,
-                                 dtype=self.dtype)
+        norm, conv = conv_layers(self, train, kernel_size=(3, 3))
         x = jnp.asarray(x, self.dtype)
         for i, width in enumerate(self.features, start=1):
             x = conv(width, name=f"conv{i}")(x)

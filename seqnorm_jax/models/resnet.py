@@ -27,14 +27,13 @@ from flax import linen as nn
 
 from seqnorm_jax.linen import BatchNorm
 from seqnorm_jax.models._common import (
+    conv_layers,
     ModuleDef,
     bind_norm,
     check_choice,
     check_images,
     check_positive,
-    conv_init,
     global_avg_pool,
-    is_identity,
     logits,
 )
 
@@ -162,9 +161,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         """Logits ``(N, num_classes)`` (float32) of NHWC images ``x``; see ``MLP.__call__``."""
         check_images(type(self).__name__, x)
-        norm = bind_norm(self.norm, use_running_average=not train, dtype=self.dtype)
-        conv = functools.partial(nn.Conv, padding="SAME", use_bias=is_identity(self.norm),
-                                 kernel_init=conv_init, dtype=self.dtype)
+        norm, conv = conv_layers(self, train)
         x = jnp.asarray(x, self.dtype)
         if self.stem == "imagenet":
             x = conv(self.num_filters, (7, 7), strides=2, padding=((3, 3), (3, 3)),

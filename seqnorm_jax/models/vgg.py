@@ -28,15 +28,13 @@ from flax import linen as nn
 
 from seqnorm_jax.linen import BatchNorm
 from seqnorm_jax.models._common import (
+    conv_layers,
     ModuleDef,
     adaptive_avg_pool,
-    bind_norm,
     check_choice,
     check_images,
     check_positive,
     check_rate,
-    conv_init,
-    is_identity,
     logits,
 )
 
@@ -89,10 +87,7 @@ class VGG(nn.Module):
         head = self.head
         if head == "auto":
             head = "cifar" if max(x.shape[1:3]) <= 32 else "imagenet"
-        norm = bind_norm(self.norm, use_running_average=not train, dtype=self.dtype)
-        conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME",
-                                 use_bias=is_identity(self.norm), kernel_init=conv_init,
-                                 dtype=self.dtype)
+        norm, conv = conv_layers(self, train, kernel_size=(3, 3))
         dense = functools.partial(nn.Dense, dtype=self.dtype)
         x = jnp.asarray(x, self.dtype)
         i = 0

@@ -13,7 +13,6 @@ papers 000 and 001 (registry name ``wrn28_10``; ``wrn`` takes ``depth`` and
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -22,14 +21,12 @@ from flax import linen as nn
 
 from seqnorm_jax.linen import BatchNorm
 from seqnorm_jax.models._common import (
+    conv_layers,
     ModuleDef,
-    bind_norm,
     check_images,
     check_positive,
     check_rate,
-    conv_init,
     global_avg_pool,
-    is_identity,
     is_int,
     logits,
 )
@@ -110,9 +107,7 @@ class WideResNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         """Logits ``(N, num_classes)`` (float32) of NHWC images ``x``; see ``MLP.__call__``."""
         check_images(type(self).__name__, x)
-        norm = bind_norm(self.norm, use_running_average=not train, dtype=self.dtype)
-        conv = functools.partial(nn.Conv, padding="SAME", use_bias=is_identity(self.norm),
-                                 kernel_init=conv_init, dtype=self.dtype)
+        norm, conv = conv_layers(self, train)
         blocks_per_stage = (self.depth - 4) // 6
         x = jnp.asarray(x, self.dtype)
         x = conv(16, (3, 3), name="stem_conv")(x)

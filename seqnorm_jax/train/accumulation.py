@@ -38,7 +38,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from seqnorm_jax.train.state import TrainState, step_rngs
 from seqnorm_jax.train.steps import cross_entropy_loss, global_norm
