@@ -350,10 +350,13 @@ class GroupNorm(nn.Module):
     """GroupNorm, equal to ``flax.linen.GroupNorm`` (same fields and defaults).
 
     Batch-independent, so it keeps no running statistics; ``use_running_average``
-    and ``example_weight`` are accepted (so it can replace any layer here) and
+    (as a field, like ``flax.linen.BatchNorm``'s, or a call argument) and
+    ``example_weight`` are accepted, so that a model written for BatchNorm
+    (``partial(norm, use_running_average=not train)``) takes it unchanged, and they
     change nothing.
     """
 
+    use_running_average: bool | None = None
     num_groups: int | None = 32
     group_size: int | None = None
     epsilon: float = 1e-6
@@ -381,7 +384,27 @@ class GroupNorm(nn.Module):
 
 
 class Identity(nn.Module):
-    """No normalization (baselines): returns ``x``; same call signature as the layers."""
+    """No normalization (baselines): returns ``x``.
+
+    It has ``flax.linen.BatchNorm``'s fields and call signature, all ignored, so a model
+    that builds its norm layers as ``partial(norm, use_running_average=not train,
+    dtype=...)`` takes ``Identity`` unchanged.
+    """
+
+    use_running_average: bool | None = None
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *,

@@ -302,7 +302,8 @@ def test_unknown_field_is_case_sensitive_and_names_the_layer():
                        ".*'batch_groups'"):
         norm_factory("ghost:Batch_Groups=4")
     with pytest.raises(ValueError, match=re.escape(
-            "Identity has no field 'eps' (in norm spec 'none:eps=1'); its fields are []")):
+            "Identity has no field 'eps' (in norm spec 'none:eps=1'); its fields are "
+            "['axis', 'axis_index_groups', 'axis_name', 'bias_init', 'dtype', 'epsilon'")):
         norm_factory("none:eps=1")
 
 
