@@ -324,3 +324,18 @@ def test_empty_or_non_string_spec(spec):
             "norm spec must be a non-empty string like 'seqnorm:channel_groups=4', "
             f"got {spec!r}")):
         norm_factory(spec)
+
+
+@pytest.mark.parametrize("spec", ["gn:num_groups=2", "none"])
+def test_batch_norm_style_binding_works_for_every_layer(spec):
+    """A model written for BatchNorm binds use_running_average and dtype as fields."""
+    import jax
+    import jax.numpy as jnp
+
+    layer = norm_factory(spec)(use_running_average=True, dtype=jnp.float32)
+    x = jnp.arange(16.0).reshape(2, 2, 4)
+    v = layer.init(jax.random.key(0), x)
+    y = layer.apply(v, x)
+    assert y.shape == x.shape and y.dtype == jnp.float32
+    if spec == "none":
+        assert bool(jnp.all(y == x))
