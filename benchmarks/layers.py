@@ -126,6 +126,16 @@ def copy_fn(x):
     return lambda: f(x)
 
 
+def machine_info(rounds: int) -> dict[str, str]:
+    """The device, jax and Python versions a benchmark ran on; printed as its header."""
+    machine = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
+               "jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
+               "python": platform.python_version()}
+    print(f"jax {machine['jax']} on {machine['platform']} ({machine['device']}), "
+          f"{rounds} interleaved rounds, median")
+    return machine
+
+
 def measure(runs: dict[str, Callable], rounds: int, warmup: int = 3) -> dict[str, float]:
     """Median seconds of each run, with the runs interleaved round by round."""
     for run in runs.values():
@@ -231,11 +241,7 @@ def main(argv=None) -> None:
     for s in shapes:
         if s not in SHAPES:
             p.error(f"unknown shape {s!r}; choose among {list(SHAPES)}")
-    machine = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-               "jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
-               "python": platform.python_version()}
-    print(f"jax {machine['jax']} on {machine['platform']} ({machine['device']}), "
-          f"{rounds} interleaved rounds, median")
+    machine = machine_info(rounds)
     results = []
     for dtype in dtypes:
         for s in shapes:

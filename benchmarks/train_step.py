@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 from typing import Any
 
 import flax.linen as nn
 import jax
 import optax
 
-from layers import measure  # benchmarks/layers.py: interleaved medians
+from layers import machine_info, measure  # benchmarks/layers.py
 
 from seqnorm_jax.models import get_model
 from seqnorm_jax.train import create_train_state, train_step
@@ -95,11 +94,7 @@ def main(argv=None) -> None:
     for n in names:
         if n not in MODELS:
             p.error(f"unknown model {n!r}; choose among {list(MODELS)}")
-    machine = {"device": str(jax.devices()[0].device_kind), "platform": jax.default_backend(),
-               "jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
-               "python": platform.python_version()}
-    print(f"jax {machine['jax']} on {machine['platform']} ({machine['device']}), "
-          f"{args.rounds} interleaved rounds, median")
+    machine = machine_info(args.rounds)
     results = []
     for n in names:
         res = bench_model(n, args.rounds)

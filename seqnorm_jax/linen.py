@@ -61,8 +61,9 @@ def _check_float32_reductions(module: nn.Module) -> None:
         )
 
 
-class _RunningNorm(nn.Module):
-    """Base of the layers that keep running statistics; see the module docstring."""
+class _BatchNormFields(nn.Module):
+    """``flax.linen.BatchNorm``'s fields and defaults, shared by the layers with running
+    statistics and by ``Identity`` (which ignores them)."""
 
     use_running_average: bool | None = None
     axis: int = -1
@@ -78,6 +79,10 @@ class _RunningNorm(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+
+
+class _RunningNorm(_BatchNormFields):
+    """Base of the layers that keep running statistics; see the module docstring."""
 
     # The layer's pure function; the fields a subclass adds are passed to it by name.
     function: ClassVar[Callable[..., Any]]
@@ -383,28 +388,13 @@ class GroupNorm(nn.Module):
                             use_fast_variance=self.use_fast_variance, dtype=self.dtype)
 
 
-class Identity(nn.Module):
+class Identity(_BatchNormFields):
     """No normalization (baselines): returns ``x``.
 
     It has ``flax.linen.BatchNorm``'s fields and call signature, all ignored, so a model
     that builds its norm layers as ``partial(norm, use_running_average=not train,
     dtype=...)`` takes ``Identity`` unchanged.
     """
-
-    use_running_average: bool | None = None
-    axis: int = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Initializer = initializers.zeros
-    scale_init: Initializer = initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
-    use_fast_variance: bool = True
-    force_float32_reductions: bool = True
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
