@@ -35,6 +35,7 @@ from seqnorm_jax.train import (
     make_optimizer,
     make_schedule,
     norm_param_labels,
+    output_noise_scope,
     read_jsonl,
     step_decay,
     train_step,
@@ -352,7 +353,66 @@ def test_train_step_noisy_bn_uses_step_rng():
     assert float(mc["loss"]) != float(ma["loss"])
 
 
+@pytest.mark.parametrize("layer", [snj.GroupNorm(num_groups=2), snj.BatchNorm(), nn.BatchNorm()])
+def test_output_noise_scope_adds_gaussian_noise_to_norm_outputs(layer):
+    x = jnp.asarray(fixed_batch(n=64, hw=16)["image"]).repeat(4, axis=-1)
+    kw = {"use_running_average": False} if not isinstance(layer, snj.GroupNorm) else {}
+    variables = layer.init(jax.random.key(0), x, **kw)
+    run = lambda: layer.apply(variables, x, rngs={"output_noise": jax.random.key(1)},
+                              mutable=["batch_stats"], **kw)[0]
+    clean = run()
+    with output_noise_scope(0.5, 0.0):           # a constant shift, exactly
+        np.testing.assert_allclose(run() - clean, 0.5, atol=1e-6)
+    with output_noise_scope(1e-3, 1.001):        # paper 004's noise: 65536 draws
+        d = np.asarray(run() - clean, np.float64)
+    assert abs(d.mean() - 1e-3) < 4 * 1.001 / np.sqrt(d.size)
+    np.testing.assert_allclose(d.std(), 1.001, rtol=0.02)
+
+
+def test_train_step_output_noise_only_in_training_and_identity_untouched():
+    batch = fixed_batch()
+    tx = make_optimizer("sgd", 0.1)
+    state = create_train_state(TinyCNN(), jax.random.key(4), batch["image"][:1], tx)
+    _, clean = jax.jit(train_step)(state, batch)
+    step = jax.jit(lambda s, b: train_step(s, b, output_noise=(1e-3, 1.001)))
+    _, noisy = step(state, batch)
+    _, again = step(state, batch)                # the noise is a function of the step
+    assert float(noisy["loss"]) != float(clean["loss"])
+    assert float(noisy["loss"]) == float(again["loss"])
+    # no norm layer ("none"): nothing to perturb
+    plain = create_train_state(TinyCNN(norm=snj.norm_factory("none")), jax.random.key(4),
+                               batch["image"][:1], tx)
+    _, a = jax.jit(train_step)(plain, batch)
+    _, b = step(plain, batch)
+    assert float(a["loss"]) == float(b["loss"])
+
+
 # ------------------------------------------------------------------- config and loop
+
+
+def test_trainer_step_hooks_see_every_step_before_the_update():
+    seen, epochs = [], []
+
+    class Hook:
+        def __call__(self, state, batch, step):
+            seen.append((step, int(state.step), batch["image"].shape[0]))
+
+        def on_epoch_end(self, state, epoch):
+            epochs.append((epoch, int(state.step)))
+
+    trainer = Trainer(digits_config(epochs=2), step_hooks=[Hook()], save_checkpoints=False)
+    trainer.fit()
+    n = trainer.steps_per_epoch
+    assert seen == [(i, i, 32) for i in range(2 * n)]
+    assert epochs == [(0, n), (1, 2 * n)]
+    with pytest.raises(ValueError, match="step_hooks must be callables"):
+        Trainer(digits_config(), step_hooks=[3])
+    with pytest.raises(ValueError, match="TrainConfig.output_noise_std=-1"):
+        digits_config(output_noise_std=-1)
+    assert digits_config().output_noise is None
+    assert digits_config(output_noise_mean=1e-3, output_noise_std=1.001).output_noise == (
+        1e-3, 1.001)
+
 
 
 def test_train_config_json_round_trip_and_errors(tmp_path):

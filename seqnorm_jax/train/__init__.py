@@ -65,6 +65,7 @@ from seqnorm_jax.train.steps import (
     example_weight_scope,
     jit_eval_step,
     jit_train_step,
+    output_noise_scope,
     train_step,
 )
 
@@ -106,6 +107,7 @@ __all__ = [
     "make_schedule",
     "norm_channels",
     "norm_param_labels",
+    "output_noise_scope",
     "read_jsonl",
     "step_decay",
     "step_rngs",

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from seqnorm_jax.train.state import TrainState, step_rngs
-from seqnorm_jax.train.steps import cross_entropy_loss, global_norm
+from seqnorm_jax.train.steps import _noise_context, cross_entropy_loss, global_norm
 
 __all__ = [
     "MicroBatchStats",
@@ -144,6 +144,8 @@ def accumulated_train_step(
     batch: dict[str, jax.Array],
     num_micro_batches: int,
     lr_fn: Callable[[Any], Any] | None = None,
+    *,
+    output_noise: tuple[float, float] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`seqnorm_jax.train.train_step` with the batch run as ``k`` accumulated micro-batches.
 
@@ -166,8 +168,9 @@ def accumulated_train_step(
         if mutable:
             variables["batch_stats"] = batch_stats
         micro_rngs = {name: jax.random.fold_in(key, index) for name, key in rngs.items()}
-        logits, updates = state.apply_fn(variables, mb["image"], train=True, rngs=micro_rngs,
-                                         mutable=mutable)
+        with _noise_context(output_noise):
+            logits, updates = state.apply_fn(variables, mb["image"], train=True,
+                                             rngs=micro_rngs, mutable=mutable)
         loss = cross_entropy_loss(logits, mb["label"]).mean()
         correct = jnp.sum((jnp.argmax(logits, -1) == mb["label"]).astype(jnp.float32))
         return loss, (updates.get("batch_stats", batch_stats), correct)

@@ -53,6 +53,9 @@ class TrainConfig:
       norm_weight_decay: gamma/beta decay, ``"zero"`` (standard), ``"one"`` or ``"off"``
         (paper 002, 3.3).
       grad_clip_norm: clip gradients to this global norm (``None``: off).
+      output_noise_mean, output_noise_std: Gaussian noise ``N(mean, std**2)`` added to
+        every norm layer's output in training (paper 004's robustness study uses 1e-3
+        and 1.001); off while ``output_noise_std`` is 0 and ``output_noise_mean`` is 0.
 
     Evaluation, bookkeeping:
       example_weight: the "Four Things" alpha used in the per-epoch evaluation.
@@ -99,6 +102,8 @@ class TrainConfig:
     weight_decay: float = 5e-4
     norm_weight_decay: str = "zero"
     grad_clip_norm: float | None = None
+    output_noise_mean: float = 0.0
+    output_noise_std: float = 0.0
 
     example_weight: float = 0.0
     seed: int = 0
@@ -141,6 +146,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0.")
         need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm",
              "must be positive or None.")
+        need(self.output_noise_std >= 0, "output_noise_std", "must be >= 0.")
         need(0.0 <= self.example_weight <= 1.0, "example_weight", "must lie in [0, 1].")
         need(0.0 <= self.warmup_epochs < self.epochs or self.schedule not in ("cosine", "step"),
              "warmup_epochs", "must be >= 0 and smaller than epochs.")
@@ -183,6 +189,13 @@ class TrainConfig:
         except json.JSONDecodeError as e:
             raise ValueError(f"config is not valid JSON ({e}).") from None
         return cls.from_dict(data)
+
+    @property
+    def output_noise(self) -> tuple[float, float] | None:
+        """``(output_noise_mean, output_noise_std)``, or ``None`` when both are 0."""
+        if self.output_noise_mean == 0 and self.output_noise_std == 0:
+            return None
+        return (float(self.output_noise_mean), float(self.output_noise_std))
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""

@@ -191,12 +191,19 @@ class Trainer:
       max_steps: stop after this global step (simulates an interruption; the
         checkpoint at that point allows ``fit(resume=True)`` to continue).
       desc: the progress bar's label.
+      step_hooks: callables ``hook(state, batch, step)`` run before every optimizer step
+        with the state before the update, the sharded batch ``{"image", "label"}`` and
+        the 0-based global step (e.g. :class:`seqnorm_jax.analysis.LandscapeRecorder`);
+        a hook's optional ``on_epoch_end(state, epoch)`` method runs after each epoch's
+        evaluation. Hooks must not change the state; they do not see skipped steps of a
+        resumed run.
     """
 
     def __init__(self, config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
                  model: nn.Module | None = None, train_source=None, eval_source=None,
                  mesh: Mesh | None = None, save_checkpoints: bool = True,
-                 max_steps: int | None = None, desc: str | None = None):
+                 max_steps: int | None = None, desc: str | None = None,
+                 step_hooks: Iterable[Any] = ()):
         config.validate()
         self.config = config
         self.out_dir = None if out_dir is None else os.fspath(out_dir)
@@ -210,6 +217,11 @@ class Trainer:
         self.save_checkpoints = save_checkpoints and self.out_dir is not None
         self.max_steps = max_steps
         self.desc = desc or f"{config.model}/{config.norm}"
+        self.step_hooks = list(step_hooks)
+        for hook in self.step_hooks:
+            if not callable(hook):
+                raise ValueError(f"Trainer: step_hooks must be callables hook(state, batch, step); "
+                                 f"got {hook!r}.")
 
         devices = self.mesh.devices.size
         if config.batch_size % devices:
@@ -243,7 +255,8 @@ class Trainer:
             weight_decay=config.weight_decay, norm_decay=config.norm_weight_decay,
             grad_clip_norm=config.grad_clip_norm, b1=config.b1, b2=config.b2)
         self.train_step = jit_train_step(self.mesh, self.schedule,
-                                         num_micro_batches=config.grad_accum_steps)
+                                         num_micro_batches=config.grad_accum_steps,
+                                         output_noise=config.output_noise)
         self.eval_step = jit_eval_step(self.mesh)
 
     # ------------------------------------------------------------------------ state
@@ -363,8 +376,10 @@ class Trainer:
         for batch in self._loader(epoch, start):
             if step_in_epoch >= self.steps_per_epoch:
                 break
-            state, metrics = self.train_step(state, shard_batch(
-                {"image": batch["image"], "label": batch["label"]}, self.mesh))
+            sharded = shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
+            for hook in self.step_hooks:
+                hook(state, sharded, step0 + step_in_epoch - start)
+            state, metrics = self.train_step(state, sharded)
             pending.append(metrics)
             step_in_epoch += 1
             n_window_steps += 1
@@ -397,6 +412,9 @@ class Trainer:
             bar.write(f"{self.desc} epoch {epoch + 1}/{c.epochs}: train loss {train_loss:.4f}, "
                       f"eval loss {metrics['eval_loss']:.4f}, eval accuracy "
                       f"{metrics['eval_accuracy']:.4f} ({epoch_time:.1f} s)")
+        for hook in self.step_hooks:
+            if hasattr(hook, "on_epoch_end"):
+                hook.on_epoch_end(state, epoch)
         self._save(checkpointer, state, epoch + 1, 0, window)
         stopped = self.max_steps is not None and step0 + step_in_epoch - start >= self.max_steps
         return state, 0, window, stopped

@@ -37,11 +37,14 @@ def _key_data(rng: jax.Array) -> jax.Array:
     return rng
 
 
-def step_rngs(state: TrainState, names: tuple[str, ...] = ("dropout", "noise")) -> dict:
+def step_rngs(state: TrainState,
+              names: tuple[str, ...] = ("dropout", "noise", "output_noise")) -> dict:
     """The per-step rngs for ``apply``: ``{name: key}``, a function of ``(state.rng, state.step)``.
 
     Deterministic in the step, so a resumed run draws the same noise as an
-    uninterrupted one. ``"noise"`` feeds ``NoisyBatchNorm``, ``"dropout"`` dropout layers.
+    uninterrupted one. ``"noise"`` feeds ``NoisyBatchNorm``, ``"dropout"`` dropout layers,
+    ``"output_noise"`` :func:`~seqnorm_jax.train.output_noise_scope`. The key of a name
+    depends on its position only, so appending names leaves the earlier keys unchanged.
     """
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     return {name: jax.random.fold_in(key, i) for i, name in enumerate(names)}

@@ -29,10 +29,13 @@ __all__ = [
     "example_weight_scope",
     "jit_eval_step",
     "jit_train_step",
+    "output_noise_scope",
     "train_step",
 ]
 
 _NORM_CLASSES = tuple(cls for name, cls in LAYERS.items() if name != "Identity")
+# Layers whose output `output_noise_scope` perturbs: ours and flax's own norm layers.
+_NOISE_TARGETS = _NORM_CLASSES + (nn.BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 
 def global_norm(tree: Any) -> jax.Array:
@@ -66,15 +69,48 @@ def example_weight_scope(example_weight: float | jax.Array):
         yield
 
 
+@contextlib.contextmanager
+def output_noise_scope(mean: float, std: float, rng_name: str = "output_noise"):
+    """Add Gaussian noise ``N(mean, std**2)`` to the output of every norm layer in the scope.
+
+    Paper 004's robustness study (section 3, Figures 5 and 11) distorts the output
+    distribution of every normalization layer with ``mean=1e-3, std=1.001`` during
+    training. The noise is drawn per element with ``module.make_rng(rng_name)``, so
+    ``apply`` needs ``rngs={rng_name: key}`` (:func:`~seqnorm_jax.train.step_rngs`
+    provides ``"output_noise"``). It perturbs seqnorm-jax's layers (not ``Identity``)
+    and flax's ``BatchNorm``, ``GroupNorm`` and ``LayerNorm``; :func:`train_step` uses it
+    when given ``output_noise``.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        y = next_fun(*args, **kwargs)
+        if context.method_name == "__call__" and isinstance(context.module, _NOISE_TARGETS):
+            noise = jax.random.normal(context.module.make_rng(rng_name), y.shape, jnp.float32)
+            y = y + (mean + std * noise).astype(y.dtype)
+        return y
+
+    with nn.intercept_methods(interceptor):
+        yield
+
+
+def _noise_context(output_noise: tuple[float, float] | None):
+    if output_noise is None:
+        return contextlib.nullcontext()
+    mean, std = output_noise
+    return output_noise_scope(mean, std)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array],
-               lr_fn: Callable[[Any], Any] | None = None
+               lr_fn: Callable[[Any], Any] | None = None, *,
+               output_noise: tuple[float, float] | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on ``batch`` (``{"image", "label"}``) in training mode.
 
     The forward pass uses the batch statistics and updates the running ones
     (``batch_stats``); the per-step ``"noise"``/``"dropout"`` rngs come from
     :func:`step_rngs`. The loss is the mean cross-entropy, in float32 also for bfloat16
-    models.
+    models. ``output_noise=(mean, std)`` adds that Gaussian noise to every norm layer's
+    output (:func:`output_noise_scope`, paper 004's robustness study).
 
     Returns:
       ``(new_state, metrics)`` with scalar ``loss``, ``accuracy``, ``grad_norm`` (before
@@ -88,8 +124,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
         if state.batch_stats:
             variables["batch_stats"] = state.batch_stats
             mutable = ["batch_stats"]
-        logits, updates = state.apply_fn(variables, batch["image"], train=True, rngs=rngs,
-                                         mutable=mutable)
+        with _noise_context(output_noise):
+            logits, updates = state.apply_fn(variables, batch["image"], train=True, rngs=rngs,
+                                             mutable=mutable)
         loss = cross_entropy_loss(logits, batch["label"]).mean()
         return loss, (logits, updates)
 
@@ -135,7 +172,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array],
 
 
 def jit_train_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None = None,
-                   *, donate: bool | None = None, num_micro_batches: int = 1):
+                   *, donate: bool | None = None, num_micro_batches: int = 1,
+                   output_noise: tuple[float, float] | None = None):
     """:func:`train_step` compiled for ``mesh``: batch sharded on ``"data"``, state replicated.
 
     Args:
@@ -147,6 +185,8 @@ def jit_train_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None 
       num_micro_batches: ``k > 1`` runs each batch as ``k`` accumulated micro-batches
         (:func:`seqnorm_jax.train.accumulated_train_step`; with BatchNorm this trains
         ``GhostNorm(batch_groups=k)``).
+      output_noise: ``(mean, std)`` of Gaussian noise added to every norm layer's output
+        in training (:func:`output_noise_scope`); ``None``: off.
     """
     if donate is None:
         donate = jax.default_backend() != "cpu"
@@ -155,11 +195,12 @@ def jit_train_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None 
         kwargs = dict(in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
                       out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)))
     if num_micro_batches == 1:
-        step = lambda s, b: train_step(s, b, lr_fn)
+        step = lambda s, b: train_step(s, b, lr_fn, output_noise=output_noise)
     else:
         from seqnorm_jax.train.accumulation import accumulated_train_step
 
-        step = lambda s, b: accumulated_train_step(s, b, num_micro_batches, lr_fn)
+        step = lambda s, b: accumulated_train_step(s, b, num_micro_batches, lr_fn,
+                                                   output_noise=output_noise)
     return jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs)
 
 
