@@ -1,4 +1,4 @@
-"""The ``seqnorm-jax`` command line: ``train``, ``eval`` and ``compare``.
+"""The ``seqnorm-jax`` command line: ``train``, ``eval``, ``compare``, ``tune`` and ``experiment``.
 
 ::
 
@@ -7,6 +7,9 @@
     seqnorm-jax train --model cnn --norm "ghost:batch_groups=8" --epochs 5 --out runs/ghost
     seqnorm-jax train --config runs/ghost/config.json --resume --out runs/ghost
     seqnorm-jax eval --run runs/ghost --example-weight 0 0.1 0.2
+    seqnorm-jax tune --batch-groups 1,2,4,8,16 --channel-groups 1,2,4 --seeds 3
+    seqnorm-jax experiment --list
+    seqnorm-jax experiment experiments/configs/002_ghost_batch_size_sweep.json --scale cpu
 
 Every field of :class:`~seqnorm_jax.train.TrainConfig` is a flag (``--batch-size``,
 ``--norm-weight-decay``, ...); ``--config FILE`` loads a JSON config first and the
@@ -37,6 +40,11 @@ COMPARE_DEFAULTS: dict[str, Any] = dict(
     eval_batch_size=2000,
 )
 COMPARE_SEEDS = 3
+
+# The default `tune` (paper 000, 3.2.1): compare's settings, G_M then G_C, on a validation
+# set the tuner holds out of the training set (10 %) when --validation-size is not given.
+TUNE_BATCH_GROUPS = "1,2,4,8,16"
+TUNE_CHANNEL_GROUPS = "1,2,4,8,16,32"
 
 _HELP = {
     "model": "model name (simplenet, mlp, mlp4, cnn, resnet20, resnet56, wrn28_10, resnet18, "
@@ -142,7 +150,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = ())
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``seqnorm-jax`` argument parser (sub-commands ``train``, ``eval``, ``compare``)."""
+    """The ``seqnorm-jax`` argument parser (``train``, ``eval``, ``compare``, ``tune``,
+    ``experiment``)."""
     parser = _Parser(prog="seqnorm-jax", description=__doc__.split("\n\n")[0])
     parser.add_argument("--traceback", action="store_true",
                         help="show Python tracebacks instead of one-line errors")
@@ -187,7 +196,64 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"a count N (seeds 0..N-1) or a comma-separated list "
                            f"(default {COMPARE_SEEDS})")
     _add_config_flags(cmp_, skip=("norm", "seed"))
+    _add_tune_parser(sub)
+
+    exp = sub.add_parser(
+        "experiment", help="run a paper experiment config (experiments/configs/*.json)",
+        description="Run one table or figure of the papers at a scale: full (the paper's "
+                    "setting, for accelerators), cpu (real data, minutes to an hour on a CPU) "
+                    "or smoke (two steps of a tiny model on mock data). Writes results.json, "
+                    "results.csv, results.md and the plots to --out.")
+    exp.add_argument("config", nargs="?", help="the experiment's JSON config")
+    exp.add_argument("--scale", default="cpu", choices=("full", "cpu", "smoke"),
+                     help="which version to run (default cpu)")
+    exp.add_argument("--out", default=None,
+                     help="output directory (default runs/experiments/NAME/SCALE)")
+    exp.add_argument("--seeds", default=None,
+                     help="override the seeds: a count N (0..N-1) or a comma-separated list")
+    exp.add_argument("--list", action="store_true", dest="list_configs",
+                     help="list the configs of --configs-dir and exit")
+    exp.add_argument("--configs-dir", default=os.path.join("experiments", "configs"),
+                     help="where --list looks (default experiments/configs)")
     return parser
+
+
+def _add_tune_parser(sub) -> None:
+    """The ``tune`` sub-command: paper 000's sequential G_M-then-G_C search."""
+    tune = sub.add_parser(
+        "tune", help="tune SeqNorm's batch_groups then channel_groups (paper 000, 3.2.1)",
+        description="Tune G_M (batch_groups) with GhostNorm, keep the largest well-performing "
+                    "value (lowest std over seeds among similar ones), then tune G_C "
+                    "(channel_groups) of SeqNorm with it: len(G_M) + len(G_C) settings instead "
+                    "of a grid. Tuning reads a validation set, never the test set: without "
+                    "--validation-size, 10% of the training set is held out (stratified). "
+                    "Writes tune.json, tune.csv, tune.md, tune.png and one compare folder per "
+                    "stage to --out. Defaults as compare: "
+                    + ", ".join(f"{k}={v}" for k, v in COMPARE_DEFAULTS.items())
+                    + f", seeds={COMPARE_SEEDS}.")
+    tune.add_argument("--config", help="JSON TrainConfig file for the shared settings")
+    tune.add_argument("--out", default=os.path.join("runs", "tune"),
+                      help="output directory (default runs/tune)")
+    tune.add_argument("--batch-groups", default=TUNE_BATCH_GROUPS, dest="tune_batch_groups",
+                      metavar="G_M,...",
+                      help=f"comma-separated G_M candidates (default {TUNE_BATCH_GROUPS}); "
+                           "values that do not fit the batch are skipped")
+    tune.add_argument("--channel-groups", default=TUNE_CHANNEL_GROUPS,
+                      dest="tune_channel_groups", metavar="G_C,...",
+                      help=f"comma-separated G_C candidates (default {TUNE_CHANNEL_GROUPS}); "
+                           "values that do not divide every norm layer's width are skipped")
+    tune.add_argument("--seeds", default=str(COMPARE_SEEDS),
+                      help=f"a count N (seeds 0..N-1) or a comma-separated list "
+                           f"(default {COMPARE_SEEDS})")
+    tune.add_argument("--tolerance", type=float, default=None,
+                      help="candidates whose mean metric is within this of the best perform "
+                           "'similarly' (e.g. 0.005 = half a point of accuracy; default: the "
+                           "best candidate's standard error over the seeds)")
+    tune.add_argument("--metric", default="eval_accuracy",
+                      help="the validation metric to select by: eval_accuracy (last epoch, "
+                           "default), best_eval_accuracy (best epoch) or eval_loss (last "
+                           "epoch, lower is better)")
+    _add_config_flags(tune, skip=("norm", "seed"))
 
 
 def _one_line(err: BaseException) -> str:
@@ -316,6 +382,70 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _parse_groups(text: str, flag: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; ``ValueError`` naming ``flag`` unless all are ints >= 1."""
+    try:
+        items = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        items = []
+    if not items or any(v < 1 for v in items):
+        raise ValueError(f"{flag} {text!r}: give comma-separated positive integers, e.g. "
+                         f"{flag} 1,2,4,8.")
+    return items
+
+
+def _cmd_tune(args) -> int:
+    from seqnorm_jax.analysis.tuner import METRICS, format_stage, sequential_tune
+
+    if args.metric not in METRICS:
+        raise ValueError(f"--metric {args.metric!r}: choose one of {', '.join(METRICS)}.")
+    config = _config(args, COMPARE_DEFAULTS)
+    batch_groups = _parse_groups(args.tune_batch_groups, "--batch-groups")
+    channel_groups = _parse_groups(args.tune_channel_groups, "--channel-groups")
+    seeds = _parse_seeds(args.seeds)
+    if args.tolerance is not None and not args.tolerance >= 0:
+        raise ValueError(f"--tolerance {args.tolerance}: must be >= 0 (in the metric's units).")
+    result = sequential_tune(config, batch_groups=batch_groups, channel_groups=channel_groups,
+                             seeds=seeds, tolerance=args.tolerance, metric=args.metric,
+                             out_dir=args.out, progress=config.progress)
+    print(f"stage 1: G_M (batch_groups) with GhostNorm\n"
+          f"{format_stage(result.stage1, args.metric)}\n{result.reasons['batch_groups']}\n")
+    print(f"stage 2: G_C (channel_groups) with SeqNorm at G_M = {result.batch_groups}\n"
+          f"{format_stage(result.stage2, args.metric)}\n{result.reasons['channel_groups']}\n")
+    print(result.reasons["validation"])
+    print(f"chosen: {result.spec} ({result.num_runs} runs; a grid would take "
+          f"{result.grid_runs})")
+    print(f"results: {os.path.join(args.out, 'tune.md')} (+ tune.json, tune.csv, tune.png); "
+          f"{result.settings['total_seconds']:.0f} s")
+    return 0
+
+
+def _cmd_experiment(args) -> int:
+    from seqnorm_jax.experiment import list_experiments, run_experiment
+
+    if args.list_configs:
+        exps = list_experiments(args.configs_dir)
+        print("| config | paper | reproduces | kind | runs x seeds (full) | full-scale compute |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for e in exps:
+            print(f"| {e.name} | {e.paper} | {e.ref} | {e.kind} | {len(e.runs)} x "
+                  f"{len(e.seeds)} | {e.compute} |")
+        return 0
+    if not args.config:
+        raise ValueError("give an experiment config (a JSON file) or --list.")
+    if not os.path.exists(args.config):
+        raise ValueError(f"no such experiment config {args.config!r}; `seqnorm-jax experiment "
+                         "--list` shows the configs.")
+    seeds = None if args.seeds is None else _parse_seeds(args.seeds)
+    command = "seqnorm-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] \
+        else None
+    payload = run_experiment(args.config, args.scale, args.out, seeds=seeds, command=command)
+    out = args.out or os.path.join("runs", "experiments", payload["experiment"]["name"],
+                                   args.scale)
+    print(f"wrote {os.path.join(out, 'results.md')} ({payload['seconds'] / 60:.1f} min)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
     parser = build_parser()
@@ -326,7 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's notes about absent folders
     except ImportError:  # pragma: no cover - absl comes with jax's dependencies
         pass
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare,
+                "tune": _cmd_tune, "experiment": _cmd_experiment}
     from seqnorm_jax.data import DatasetNotFoundError
 
     try:

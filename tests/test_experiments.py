@@ -1,0 +1,169 @@
+"""The paper experiment configs: every one loads at every scale and passes its smoke run.
+
+The smoke run trains each run of a config for two steps of a tiny model on mock data
+(``experiments/configs/*.json``, section ``"smoke"``) and checks the outputs the real run
+writes: the results files, the plots and finite numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from seqnorm_jax import experiment
+from seqnorm_jax.experiment import Experiment, load_experiment, mock_sources, run_experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
+CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(
+    CONFIG_DIR) else []
+KIND_PLOTS = {"landscape": "landscape.png", "fluctuation": "fluctuation.png",
+              "example_weight": "example_weight.png", "output_range": "output_range.png"}
+
+
+def test_the_papers_tables_and_figures_all_have_a_config():
+    names = {os.path.splitext(f)[0] for f in CONFIGS}
+    papers = {n[:3] for n in names}
+    assert {"000", "002", "003", "004"} <= papers
+    kinds = {load_experiment(os.path.join(CONFIG_DIR, f)).kind for f in CONFIGS}
+    assert set(experiment.KINDS) <= kinds
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_at_every_scale(name):
+    exp = load_experiment(os.path.join(CONFIG_DIR, name))
+    assert exp.cpu is not None and exp.smoke is not None, "every config has cpu and smoke scales"
+    assert exp.claim and exp.compute, "say what the paper claims and what a full run costs"
+    for scale in experiment.SCALES:
+        resolved = exp.resolve(scale)
+        assert resolved.scale == scale
+        if exp.kind != "tune":
+            assert len(resolved.configs()) == len(resolved.runs) >= 1
+    cpu = exp.resolve("cpu")
+    if exp.kind != "tune":
+        # the CPU scale trains on data that exists offline on this kind of machine
+        assert {c.dataset for _, c in cpu.configs()} <= {"fashion_mnist", "digits"}
+    smoke = exp.resolve("smoke")
+    assert len(smoke.seeds) == 1 and smoke.base["epochs"] == 1
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_smoke_run(name, tmp_path):
+    exp = load_experiment(os.path.join(CONFIG_DIR, name))
+    out = tmp_path / exp.name
+    payload = run_experiment(exp, "smoke", out, progress=False, command=f"smoke {name}")
+    assert (out / "results.json").exists()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["experiment"]["scale"] == "smoke"
+    if exp.kind == "tune":
+        tune = saved["tune"]
+        assert tune["batch_groups"] in exp.resolve("smoke").analysis["batch_groups"]
+        assert tune["num_runs"] < tune["grid_runs"] or len(tune["stage2"]) <= 1
+        return
+    labels = [r["label"] for r in exp.resolve("smoke").runs]
+    assert [r["label"] for r in payload["summary"]] == labels
+    for row in payload["summary"]:
+        assert 0.0 <= row["test_accuracy_mean"] <= 1.0
+        assert math.isfinite(row["train_loss_mean"]), row
+    for f in ("results.csv", "results.md", "curves.png", KIND_PLOTS.get(exp.kind, "curves.png")):
+        assert (out / f).stat().st_size > 0, f
+    if any(r.get("x") is not None for r in exp.resolve("smoke").runs):
+        assert (out / "sweep.png").stat().st_size > 0
+
+
+# ------------------------------------------------------------------ the runner itself
+
+
+def _write(tmp_path, **changes):
+    data = {
+        "name": "t", "paper": "002", "ref": "Figure 0", "title": "test", "kind": "compare",
+        "claim": "c", "compute": "none",
+        "base": {"model": "mlp", "model_kwargs": {"features": [16]}, "dataset": "digits",
+                 "epochs": 3, "batch_size": 32, "lr": 0.1},
+        "runs": [{"label": "bn", "norm": "bn"},
+                 {"label": "ghost 2", "norm": "ghost:batch_groups=2", "series": "ghost", "x": 2}],
+        "seeds": [0, 1, 2],
+        "cpu": {"base": {"epochs": 2}, "seeds": [5]},
+        "smoke": {"base": {"batch_size": 8}, "image_shape": [4, 4, 1],
+                  "runs": [{"label": "bn", "norm": "bn"}]},
+    }
+    data.update(changes)
+    path = tmp_path / f"{data['name']}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_scales_merge_base_runs_seeds(tmp_path):
+    exp = load_experiment(_write(tmp_path))
+    full, cpu, smoke = (exp.resolve(s) for s in ("full", "cpu", "smoke"))
+    assert full.base["epochs"] == 3 and full.seeds == [0, 1, 2] and len(full.runs) == 2
+    assert cpu.base["epochs"] == 2 and cpu.seeds == [5] and len(cpu.runs) == 2
+    assert cpu.base["model_kwargs"] == {"features": [16]}
+    assert smoke.base["epochs"] == 1 and smoke.seeds == [0] and len(smoke.runs) == 1
+    assert smoke.image_shape == [4, 4, 1]
+    (run, config), = smoke.configs()
+    assert config.batch_size == 8 and config.norm == "bn" and run["label"] == "bn"
+    assert exp.base["epochs"] == 3, "resolving must not change the loaded config"
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"kind": "grid"}, r"kind='grid'; choose one of \['compare'"),
+    ({"name": "other"}, "name='other' must equal the file name 't'"),
+    ({"epochs": 3}, r"unknown key\(s\) \['epochs'\]"),
+    ({"runs": [{"label": "a", "norm": "bn"}, {"label": "a", "norm": "gn"}]},
+     r"duplicate run labels \['a'\]"),
+    ({"runs": [{"label": "a", "norm": "ghostly"}]}, "run 'a'.*unknown norm layer"),
+    ({"runs": [{"label": "a", "batch_size": 0}]}, "run 'a'.*batch_size=0"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"cpu": {"bases": {}}}, r"unknown key\(s\) \['bases'\] in 'cpu'"),
+])
+def test_bad_configs_name_the_problem(tmp_path, changes, match):
+    if "name" in changes:
+        path = _write(tmp_path)
+        data = json.loads(path.read_text())
+        data.update(changes)
+        path.write_text(json.dumps(data))
+    else:
+        path = _write(tmp_path, **changes)
+    with pytest.raises(ValueError, match=match):
+        load_experiment(path)
+
+
+def test_missing_scale_and_bad_scale(tmp_path):
+    exp = load_experiment(_write(tmp_path, cpu=None))
+    with pytest.raises(ValueError, match="has no 'cpu' section"):
+        exp.resolve("cpu")
+    with pytest.raises(ValueError, match=r"scale='huge'"):
+        exp.resolve("huge")
+
+
+def test_mock_sources_shapes_and_every_class():
+    train, test = mock_sources("cifar100", num_train=200, num_eval=100, image_shape=(8, 8, 3))
+    assert len(train) == 200 and len(test) == 100
+    item = train[0]
+    assert item["image"].shape == (8, 8, 3) and item["image"].dtype == np.uint8
+    assert train.info.num_classes == 100 and train.info.image_shape == (8, 8, 3)
+    labels = np.array([train[i]["label"] for i in range(200)])
+    np.testing.assert_array_equal(np.bincount(labels, minlength=100), np.full(100, 2))
+
+
+def test_cpu_run_on_real_digits_writes_tables_and_sweep(tmp_path):
+    exp = load_experiment(_write(tmp_path, cpu={"base": {"epochs": 2}, "seeds": [0, 1]}))
+    payload = run_experiment(exp, "cpu", tmp_path / "out", progress=False, command="cmd")
+    rows = {r["label"]: r for r in payload["summary"]}
+    assert set(rows) == {"bn", "ghost 2"} and rows["bn"]["seeds"] == 2
+    # an MLP on digits learns something in 2 epochs with either layer
+    assert rows["bn"]["test_accuracy_mean"] > 0.5 and rows["ghost 2"]["test_accuracy_mean"] > 0.5
+    assert rows["ghost 2"]["x"] == 2 and rows["ghost 2"]["series"] == "ghost"
+    runs = [r for r in payload["runs"] if r["label"] == "bn"]
+    acc = [r["eval_accuracy"][-1] for r in runs]
+    np.testing.assert_allclose(rows["bn"]["test_accuracy_mean"], np.mean(acc), rtol=1e-12)
+    np.testing.assert_allclose(rows["bn"]["test_accuracy_std"], np.std(acc, ddof=1), rtol=1e-9)
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "Command: `cmd`" in md and "| ghost 2 |" in md
+    assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
+    assert isinstance(exp, Experiment)
