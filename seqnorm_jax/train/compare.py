@@ -157,9 +157,14 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def format_table(summary: Sequence[dict[str, Any]]) -> str:
-    """The summary as a markdown table (also readable as plain text)."""
-    lines = ["| layer | spec | test accuracy (mean +- std) | final train loss | s/epoch | seeds |",
+def format_table(summary: Sequence[dict[str, Any]], evaluated_on: str = "test") -> str:
+    """The summary as a markdown table (also readable as plain text).
+
+    ``evaluated_on`` names the split the accuracy is from (``"validation"`` when the runs
+    held out a validation set; the ``test_accuracy_*`` columns then hold that accuracy).
+    """
+    lines = [f"| layer | spec | {evaluated_on} accuracy (mean +- std) | final train loss | "
+             "s/epoch | seeds |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in summary:
         lines.append(
@@ -222,7 +227,9 @@ def write_outputs(result: CompareResult, out_dir: str | os.PathLike) -> dict[str
     title = (f"{s['model']} on {s['dataset']} ({s['train_size'] or 'all'} train examples), "
              f"batch {s['batch_size']}, {s['epochs']} epochs, seeds {s['seeds']}")
     with open(paths["markdown"], "w") as f:
-        f.write(f"# Normalization layers compared\n\n{title}.\n\n{format_table(result.summary)}\n")
+        split = "validation" if (s.get("config") or {}).get("validation_size") else "test"
+        f.write(f"# Normalization layers compared\n\n{title}.\n\n"
+                f"{format_table(result.summary, split)}\n")
     _plot(result.runs, paths["plot"], title)
     return paths
 
