@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from seqnorm_jax.train.compare import _mean_std, _safe
 from seqnorm_jax.train.config import TrainConfig
 
 __all__ = [
@@ -280,10 +281,6 @@ class _Sources:
 # ---------------------------------------------------------------------------- running
 
 
-def _safe(label: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in label.replace("+", "plus"))
-
-
 def _hooks(exp: Experiment, trainer) -> list[Any]:
     from seqnorm_jax import analysis
 
@@ -463,11 +460,6 @@ def _summary(exp: Experiment, records: list[dict[str, Any]]) -> list[dict[str, A
     return rows
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    a = np.asarray(values, np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
-
-
 def _kind_summary(exp: Experiment, rs: list[dict[str, Any]]) -> dict[str, Any]:
     from seqnorm_jax import analysis
 
@@ -507,17 +499,23 @@ def _fmt(v: Any) -> str:
 
 
 def _table(exp: Experiment, summary: list[dict[str, Any]]) -> str:
-    extra = [k for k in summary[0] if k not in (
-        "label", "spec", "seeds", "test_accuracy_mean", "test_accuracy_std",
-        "best_test_accuracy_mean", "train_loss_mean", "train_loss_std", "epoch_time_mean",
-        "series", "x") and not k.startswith("layer")]
-    head = ["run", "spec", "eval accuracy (mean +- std)", "final train loss", *extra, "s/epoch",
-            "seeds"]
+    skip = {"label", "spec", "seeds", "test_accuracy_mean", "test_accuracy_std",
+            "best_test_accuracy_mean", "train_loss_mean", "train_loss_std", "epoch_time_mean",
+            "series", "x", "runs", "steps"}
+    extra = [k for k in summary[0] if k not in skip and not k.endswith("_std")
+             and not k.startswith(("layer", "acc_at_"))]
+    head = ["run", "spec", "eval accuracy (mean +- std)", "final train loss",
+            *(k.removesuffix("_mean") for k in extra), "s/epoch", "seeds"]
+
+    def cell(r, k):
+        std = r.get(k.removesuffix("_mean") + "_std", r.get(k + "_std"))
+        return _fmt(r[k]) + ("" if std is None or r["seeds"] < 2 else f" +- {_fmt(std)}")
+
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in summary:
         cells = [r["label"], f"`{r['spec']}`",
                  f"{100 * r['test_accuracy_mean']:.2f} +- {100 * r['test_accuracy_std']:.2f} %",
-                 f"{r['train_loss_mean']:.4f}", *(_fmt(r[k]) for k in extra),
+                 f"{r['train_loss_mean']:.4f}", *(cell(r, k) for k in extra),
                  f"{r['epoch_time_mean']:.1f}", str(r["seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

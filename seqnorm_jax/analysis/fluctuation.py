@@ -30,6 +30,7 @@ import numpy as np
 from flax import linen as nn
 
 from seqnorm_jax import stats
+from seqnorm_jax.analysis._recorder import DeviceRecorder
 from seqnorm_jax.analysis.output_range import (
     _apply_paths,
     _Interceptor,
@@ -106,7 +107,7 @@ def input_statistics(state, batch: Mapping[str, jax.Array], layers: Sequence[str
     return _statistics_jit(state, {"image": batch["image"]}, paths, neurons)
 
 
-class StatisticsRecorder:
+class StatisticsRecorder(DeviceRecorder):
     """Records the BN/EN statistics of the norm layers' inputs over the last training steps.
 
     A Trainer step hook (``hook(state, batch, step)``, before each optimizer step). With
@@ -143,12 +144,11 @@ class StatisticsRecorder:
         self.last_steps = last_steps
         self.total_steps = total_steps
         self.neurons = neurons
-        self.fetch_every = fetch_every
+        super().__init__(fetch_every)
         self._requested = None if layers is None else list(layers)
         self.layers: list[str] | None = None
         self._steps: list[int] = []
         self._host: dict[str, dict[str, list]] = {}
-        self._pending: list[tuple[int, Any]] = []
 
     # ------------------------------------------------------------------ recording
     def records(self, step: int) -> bool:
@@ -180,25 +180,16 @@ class StatisticsRecorder:
         if self.layers is None:
             self._resolve_layers(state, batch)
         out = input_statistics(state, batch, self.layers, neurons=self.neurons)
-        self._pending.append((step, out))
-        if len(self._pending) >= self.fetch_every:
-            self.flush()
+        self._push(step, out)
 
-    def on_epoch_end(self, state, epoch: int) -> None:
-        """Fetch the pending results (the Trainer calls this after each epoch)."""
-        del state, epoch
-        self.flush()
+    def _store(self, step: int, out) -> None:
+        self._steps.append(step)
+        for path in self.layers:
+            for k in STAT_NAMES:
+                self._host[path][k].append(np.asarray(out[path][k], np.float64))
 
-    def flush(self) -> None:
-        """Fetch every pending result to the host (and drop steps outside the window)."""
-        if self._pending:
-            pending, self._pending = self._pending, []
-            fetched = jax.device_get([out for _, out in pending])
-            for (step, _), out in zip(pending, fetched):
-                self._steps.append(step)
-                for path in self.layers:
-                    for k in STAT_NAMES:
-                        self._host[path][k].append(np.asarray(out[path][k], np.float64))
+    def _after_flush(self) -> None:
+        """Drop steps outside the window (when ``total_steps`` is unknown)."""
         if self.total_steps is None and self.last_steps is not None:
             extra = len(self._steps) - self.last_steps
             if extra > 0:

@@ -33,7 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from seqnorm_jax.analysis.plots import label_colors, mean_std, moving_average, pyplot, save_figure
+from seqnorm_jax.analysis._recorder import DeviceRecorder
+from seqnorm_jax.analysis.plots import (
+    label_colors,
+    mean_std,
+    moving_average,
+    pyplot,
+    save_figure,
+)
 
 __all__ = [
     "PAPER_STEP_SIZES",
@@ -135,7 +142,7 @@ def _row(step: int, out: Mapping[str, Any]) -> dict[str, Any]:
             "grad_distance_min": min(dist), "grad_distance_max": max(dist)}
 
 
-class LandscapeRecorder:
+class LandscapeRecorder(DeviceRecorder):
     """A :class:`~seqnorm_jax.train.Trainer` step hook that probes the landscape.
 
     Called as ``hook(state, batch, step)`` before each optimizer step, it runs
@@ -167,11 +174,10 @@ class LandscapeRecorder:
             raise ValueError("LandscapeRecorder: step_sizes is empty; give at least one, e.g. "
                              "(0.1, 0.2, 0.4).")
         self.every = every
-        self.fetch_every = fetch_every
+        super().__init__(fetch_every)
         self.map_batch_size = map_batch_size
         self._eta = None
         self._rows: list[dict[str, Any]] = []
-        self._pending: list[tuple[int, dict[str, jax.Array]]] = []
 
     def __call__(self, state, batch: Mapping[str, jax.Array], step: int) -> None:
         """Probe at ``step`` if it is a multiple of ``every`` (the Trainer hook protocol)."""
@@ -181,22 +187,10 @@ class LandscapeRecorder:
         if self._eta is None:
             self._eta = jnp.asarray(self.step_sizes, jnp.float32)
         out = landscape_probe(state, batch, self._eta, map_batch_size=self.map_batch_size)
-        self._pending.append((step, out))
-        if len(self._pending) >= self.fetch_every:
-            self.flush()
+        self._push(step, out)
 
-    def on_epoch_end(self, state, epoch: int) -> None:
-        """Fetch the pending results (the Trainer calls this after each epoch)."""
-        del state, epoch
-        self.flush()
-
-    def flush(self) -> None:
-        """Fetch every pending probe result to the host and append its row."""
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        fetched = jax.device_get([out for _, out in pending])
-        self._rows.extend(_row(step, out) for (step, _), out in zip(pending, fetched))
+    def _store(self, step: int, out) -> None:
+        self._rows.append(_row(step, out))
 
     @property
     def rows(self) -> list[dict[str, Any]]:
