@@ -63,7 +63,7 @@ _HELP = {
     "non_iid_classes": "non-i.i.d. batches drawn from this many classes (paper 002)",
     "data_workers": "Grain worker processes for the training batches (0: none)",
     "grad_accum_steps": "accumulate gradients over this many micro-batches per step",
-    "optimizer": "sgd, nesterov or adamw",
+    "optimizer": "sgd, nesterov, adam (coupled L2) or adamw (decoupled)",
     "lr": "peak (cosine, one-cycle) or initial (step, constant) learning rate",
     "schedule": "constant, cosine, one_cycle, cosine_one_cycle or step",
     "decay_epochs": "epochs at which the step schedule multiplies lr by --decay-factor",

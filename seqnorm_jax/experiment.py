@@ -287,6 +287,8 @@ def _hooks(exp: Experiment, trainer) -> list[Any]:
     a = exp.analysis
     if exp.kind == "landscape":
         kwargs = {k: a[k] for k in ("step_sizes", "every") if k in a}
+        if a.get("relative_to_lr"):
+            kwargs["lr_schedule"] = trainer.schedule
         return [analysis.LandscapeRecorder(**kwargs)]
     if exp.kind == "fluctuation":
         return [analysis.StatisticsRecorder(last_steps=int(a.get("last_steps", 200)),
@@ -410,6 +412,11 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
                       train_loss=[r["loss"] for r in rows],
                       train_accuracy=[r["accuracy"] for r in rows],
                       epoch_time=[r["epoch_time"] for r in rows])
+        if config.validation_size and exp.kind != "example_weight":
+            # tuned on the hold-out; the test split is scored once, at the end
+            test = trainer.evaluate(result.state, sources.test_split(config))
+            record.update(final_test_accuracy=test["eval_accuracy"],
+                          final_test_loss=test["eval_loss"])
         record.update(_after(exp, trainer, result.state, hooks, sources, config, run_dir))
         records.append(record)
         if progress:
@@ -464,6 +471,9 @@ def _kind_summary(exp: Experiment, rs: list[dict[str, Any]]) -> dict[str, Any]:
     from seqnorm_jax import analysis
 
     out: dict[str, Any] = {}
+    if all("final_test_accuracy" in r for r in rs):
+        m, s = _mean_std([r["final_test_accuracy"] for r in rs])
+        out["final_test_accuracy_mean"], out["final_test_accuracy_std"] = m, s
     if exp.kind == "landscape":
         s = analysis.summarize_landscape([r["landscape"] for r in rs])
         out.update({k: v for k, v in s.items() if isinstance(v, (int, float))})
@@ -504,11 +514,14 @@ def _table(exp: Experiment, summary: list[dict[str, Any]]) -> str:
             "series", "x", "runs", "steps"}
     extra = [k for k in summary[0] if k not in skip and not k.endswith("_std")
              and not k.startswith(("layer", "acc_at_"))]
-    head = ["run", "spec", "eval accuracy (mean +- std)", "final train loss",
+    split = "validation" if exp.base.get("validation_size") else "eval"
+    head = ["run", "spec", f"{split} accuracy (mean +- std)", "final train loss",
             *(k.removesuffix("_mean") for k in extra), "s/epoch", "seeds"]
 
     def cell(r, k):
         std = r.get(k.removesuffix("_mean") + "_std", r.get(k + "_std"))
+        if "accuracy" in k:
+            return f"{100 * r[k]:.2f}" + ("" if std is None else f" +- {100 * std:.2f}") + " %"
         return _fmt(r[k]) + ("" if std is None or r["seeds"] < 2 else f" +- {_fmt(std)}")
 
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]

@@ -173,7 +173,7 @@ def test_weight_decay_towards_with_a_schedule():
         tx.update(zeros, state)
 
 
-def test_sgd_and_adamw_weight_decay_against_optax():
+def test_sgd_adam_and_adamw_weight_decay_against_references():
     grads = jax.tree_util.tree_map(lambda p: 0.3 * p + 0.1, PARAMS)
 
     def run(tx, steps=3):
@@ -194,6 +194,22 @@ def test_sgd_and_adamw_weight_decay_against_optax():
     chex.assert_trees_all_close(ours, ref, atol=1e-6)
     ours = run(make_optimizer("adamw", 0.01, weight_decay=0.1, norm_decay="zero"))
     chex.assert_trees_all_close(ours, run(optax.adamw(0.01, weight_decay=0.1)), atol=1e-6)
+    # "adam": PyTorch's Adam(weight_decay) -- L2 added to the gradient before the
+    # moments -- against a float64 NumPy transcription of its update rule
+    ours = run(make_optimizer("adam", 0.01, weight_decay=0.1, norm_decay="zero"))
+
+    def torch_adam(p, g_fn, lr=0.01, wd=0.1, b1=0.9, b2=0.999, eps=1e-8, steps=3):
+        p = np.asarray(p, np.float64)
+        m = v = np.zeros_like(p)
+        for t in range(1, steps + 1):
+            g = np.asarray(g_fn(p), np.float64) + wd * p
+            m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+            p = p - lr * (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + eps)
+        return p
+
+    fixed = jax.tree_util.tree_map(np.asarray, grads)  # the gradient does not follow p here
+    ref = jax.tree_util.tree_map(lambda p, g: torch_adam(p, lambda _: g), PARAMS, fixed)
+    chex.assert_trees_all_close(ours, jax.tree_util.tree_map(np.float32, ref), atol=1e-6)
     # nesterov == optax's nesterov sgd
     ours = run(make_optimizer("nesterov", 0.1, momentum=0.9))
     chex.assert_trees_all_close(ours, run(optax.sgd(0.1, momentum=0.9, nesterov=True)),

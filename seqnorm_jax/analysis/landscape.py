@@ -136,10 +136,13 @@ def landscape_probe(state, batch: Mapping[str, jax.Array], step_sizes: Sequence[
 def _row(step: int, out: Mapping[str, Any]) -> dict[str, Any]:
     loss = [float(v) for v in np.asarray(out["loss"]).ravel()]
     dist = [float(v) for v in np.asarray(out["grad_distance"]).ravel()]
-    return {"step": int(step), "loss0": float(out["loss0"]), "grad_norm": float(out["grad_norm"]),
-            "loss": loss, "grad_distance": dist,
-            "loss_min": min(loss), "loss_max": max(loss),
-            "grad_distance_min": min(dist), "grad_distance_max": max(dist)}
+    row = {"step": int(step), "loss0": float(out["loss0"]), "grad_norm": float(out["grad_norm"]),
+           "loss": loss, "grad_distance": dist,
+           "loss_min": min(loss), "loss_max": max(loss),
+           "grad_distance_min": min(dist), "grad_distance_max": max(dist)}
+    if "step_sizes" in out:
+        row["step_sizes"] = [float(v) for v in np.asarray(out["step_sizes"]).ravel()]
+    return row
 
 
 class LandscapeRecorder(DeviceRecorder):
@@ -156,6 +159,10 @@ class LandscapeRecorder(DeviceRecorder):
       every: probe every this many steps.
       fetch_every: fetch pending results to the host after this many probes.
       map_batch_size: see :func:`landscape_probe`.
+      lr_schedule: if given (a function of the step, e.g. an optax schedule), the step
+        sizes are relative to the learning rate of the step: ``eta * lr_schedule(step)``
+        (paper 000's ResNet-56 study probes 0.5x ... 2x the one-cycle rate). The rows then
+        hold the absolute step sizes in ``step_sizes``.
 
     Attributes:
       rows: one dict per probed step: ``step``, ``loss0``, ``grad_norm``, ``loss`` and
@@ -164,7 +171,8 @@ class LandscapeRecorder(DeviceRecorder):
     """
 
     def __init__(self, step_sizes: Sequence[float] = PAPER_STEP_SIZES, every: int = 1, *,
-                 fetch_every: int = 32, map_batch_size: int | None = None):
+                 fetch_every: int = 32, map_batch_size: int | None = None,
+                 lr_schedule: Any = None):
         for name, value in (("every", every), ("fetch_every", fetch_every)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LandscapeRecorder: {name} must be a positive int, got "
@@ -176,6 +184,7 @@ class LandscapeRecorder(DeviceRecorder):
         self.every = every
         super().__init__(fetch_every)
         self.map_batch_size = map_batch_size
+        self.lr_schedule = lr_schedule
         self._eta = None
         self._rows: list[dict[str, Any]] = []
 
@@ -186,8 +195,11 @@ class LandscapeRecorder(DeviceRecorder):
             return
         if self._eta is None:
             self._eta = jnp.asarray(self.step_sizes, jnp.float32)
-        out = landscape_probe(state, batch, self._eta, map_batch_size=self.map_batch_size)
-        self._push(step, out)
+        eta = self._eta
+        if self.lr_schedule is not None:
+            eta = eta * jnp.asarray(self.lr_schedule(step), jnp.float32)
+        out = landscape_probe(state, batch, eta, map_batch_size=self.map_batch_size)
+        self._push(step, {**out, "step_sizes": eta})
 
     def _store(self, step: int, out) -> None:
         self._rows.append(_row(step, out))

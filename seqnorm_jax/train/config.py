@@ -43,13 +43,14 @@ class TrainConfig:
       grad_accum_steps: run each batch as this many accumulated micro-batches (one
         optimizer step per batch; through BatchNorm this is GhostNorm with
         ``batch_groups=grad_accum_steps``, papers 000/001).
-      optimizer: ``"sgd"``, ``"nesterov"`` or ``"adamw"``; momentum; b1, b2 (AdamW).
+      optimizer: ``"sgd"``, ``"nesterov"``, ``"adam"`` (coupled L2, as PyTorch's Adam) or
+        ``"adamw"``; momentum; b1, b2 (Adam/AdamW).
       lr: the peak (``cosine``, ``one_cycle``) or initial (``step``, ``constant``) rate.
       schedule: ``"constant"``, ``"cosine"`` (after ``warmup_epochs`` of linear warm-up
         from ``warmup_init_lr``), ``"one_cycle"`` (paper 000's linear cycle,
         ``one_cycle_*``), ``"cosine_one_cycle"`` or ``"step"`` (times ``decay_factor`` at
         each of ``decay_epochs``).
-      weight_decay: coupled L2 for SGD, decoupled for AdamW.
+      weight_decay: coupled L2 for SGD and Adam, decoupled for AdamW.
       norm_weight_decay: gamma/beta decay, ``"zero"`` (standard), ``"one"`` or ``"off"``
         (paper 002, 3.3).
       grad_clip_norm: clip gradients to this global norm (``None``: off).

@@ -48,7 +48,7 @@ __all__ = [
 Schedule = Callable[[Any], Any]
 
 NORM_DECAY_MODES = ("zero", "one", "off")
-OPTIMIZERS = ("sgd", "nesterov", "adamw")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "one_cycle", "cosine_one_cycle", "step")
 
 # Parameter names of a normalization layer (flax's and seqnorm-jax's): a module whose
@@ -291,12 +291,14 @@ def make_optimizer(name: str, learning_rate: float | Schedule, *, momentum: floa
 
     Args:
       name: ``"sgd"`` (heavy-ball momentum; ``momentum=0`` for plain SGD, as paper 000's
-        one-cycle runs), ``"nesterov"`` or ``"adamw"``.
+        one-cycle runs), ``"nesterov"``, ``"adam"`` (L2 coupled as PyTorch's
+        ``Adam(weight_decay=...)``: the decay is added to the gradient before Adam's
+        moments) or ``"adamw"`` (decoupled).
       learning_rate: a float or a schedule.
       momentum: SGD momentum.
-      weight_decay: coupled L2 for SGD (added to the gradient before momentum, as
-        PyTorch's ``weight_decay``); decoupled for AdamW (added to Adam's direction,
-        scaled by the learning rate).
+      weight_decay: coupled L2 for SGD and Adam (added to the gradient before momentum /
+        Adam's moments, as PyTorch's ``weight_decay``); decoupled for AdamW (added to
+        Adam's direction, scaled by the learning rate).
       norm_decay: the switch for gamma/beta, see :func:`weight_decay_towards`.
       grad_clip_norm: clip the gradients to this global norm first (``None``: no clipping).
       b1, b2, eps: Adam's parameters.
@@ -314,7 +316,10 @@ def make_optimizer(name: str, learning_rate: float | Schedule, *, momentum: floa
     if grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
     decay = [weight_decay_towards(weight_decay, norm_decay=norm_decay)] if weight_decay else []
-    if name == "adamw":
+    if name == "adam":
+        parts += [*decay, optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                  optax.scale_by_learning_rate(learning_rate)]
+    elif name == "adamw":
         parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps), *decay,
                   optax.scale_by_learning_rate(learning_rate)]
     else:
