@@ -107,15 +107,23 @@ def test_landscape_recorder_every_and_rows():
     direct = A.landscape_probe(state, batch, [0.1, 0.3])
     for row in rec.rows:
         assert set(row) == {"step", "loss0", "grad_norm", "loss", "grad_distance", "loss_min",
-                            "loss_max", "grad_distance_min", "grad_distance_max"}
+                            "loss_max", "grad_distance_min", "grad_distance_max", "step_sizes"}
         assert all(type(v) is float for v in row["loss"] + row["grad_distance"])
         assert all(type(row[k]) is float for k in row if k not in ("step", "loss",
-                                                                   "grad_distance"))
+                                                                   "grad_distance", "step_sizes"))
+        np.testing.assert_allclose(row["step_sizes"], [0.1, 0.3], rtol=1e-6)
         np.testing.assert_allclose(row["loss"], np.asarray(direct["loss"]), rtol=1e-6)
         assert row["loss_min"] == min(row["loss"]) and row["loss_max"] == max(row["loss"])
         assert row["grad_distance_max"] == max(row["grad_distance"])
     json.dumps(rec.to_dict())
     assert A.LandscapeRecorder().step_sizes == pytest.approx([0.1 * k for k in range(1, 9)])
+    # step sizes relative to the learning rate of the step (paper 000's ResNet-56 probe)
+    rel = A.LandscapeRecorder(step_sizes=(0.5, 2.0), lr_schedule=lambda step: 0.2 / (1 + step))
+    rel(state, batch, 1)
+    (row,) = rel.rows
+    np.testing.assert_allclose(row["step_sizes"], [0.05, 0.2], rtol=1e-6)
+    direct = A.landscape_probe(state, batch, [0.05, 0.2])
+    np.testing.assert_allclose(row["loss"], np.asarray(direct["loss"]), rtol=1e-6)
 
 
 def _rows(widths, gwidths, base=1.0):
