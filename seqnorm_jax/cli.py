@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (default runs/experiments/NAME/SCALE)")
     exp.add_argument("--seeds", default=None,
                      help="override the seeds: a count N (0..N-1) or a comma-separated list")
+    exp.add_argument("--replot", action="store_true",
+                     help="train nothing: rewrite the tables and plots from --out's results.json")
     exp.add_argument("--list", action="store_true", dest="list_configs",
                      help="list the configs of --configs-dir and exit")
     exp.add_argument("--configs-dir", default=os.path.join("experiments", "configs"),
@@ -439,7 +441,8 @@ def _cmd_experiment(args) -> int:
     seeds = None if args.seeds is None else _parse_seeds(args.seeds)
     command = "seqnorm-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] \
         else None
-    payload = run_experiment(args.config, args.scale, args.out, seeds=seeds, command=command)
+    payload = run_experiment(args.config, args.scale, args.out, seeds=seeds, command=command,
+                             replot=args.replot)
     out = args.out or os.path.join("runs", "experiments", payload["experiment"]["name"],
                                    args.scale)
     print(f"wrote {os.path.join(out, 'results.md')} ({payload['seconds'] / 60:.1f} min)")

@@ -356,7 +356,7 @@ def _jsonable(value: Any) -> Any:
 def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
                    out_dir: str | os.PathLike | None = None, *,
                    seeds: Sequence[int] | None = None, progress: bool = True,
-                   command: str | None = None) -> dict[str, Any]:
+                   command: str | None = None, replot: bool = False) -> dict[str, Any]:
     """Run ``exp`` at ``scale`` and write its results into ``out_dir``.
 
     Args:
@@ -368,6 +368,8 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
       seeds: override the seeds of the scale.
       progress: show progress bars.
       command: the command line to record in ``results.md``.
+      replot: train nothing; rewrite the tables and plots from the runs saved in
+        ``out_dir/results.json`` (after a change to a plot, say).
 
     Returns:
       The content of ``results.json``: ``experiment`` (the resolved config),
@@ -380,6 +382,8 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
         exp.seeds = [int(s) for s in seeds]
         exp.validate()
     out_dir = os.fspath(out_dir or os.path.join("runs", "experiments", exp.name, scale))
+    if replot:
+        return _replot(exp, out_dir, command)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     if exp.kind == "tune":
@@ -424,6 +428,19 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
                         f"train loss {rows[-1]['loss']:.4f}")
     outer.close()
     return _write(exp, out_dir, records, time.perf_counter() - t0, command)
+
+
+def _replot(exp: Experiment, out_dir: str, replot_command: str | None) -> dict[str, Any]:
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        raise ValueError(f"replot: no {path}; run the experiment first (without --replot).")
+    with open(path) as f:
+        saved = json.load(f)
+    if exp.kind == "tune" or saved["experiment"]["name"] != exp.name:
+        raise ValueError(f"replot: {path} holds no runs of experiment {exp.name!r}.")
+    exp.seeds = saved["experiment"]["seeds"]
+    return _write(exp, out_dir, saved["runs"], saved["seconds"], saved.get("command"),
+                  env=saved["environment"], replot_command=replot_command or "--replot")
 
 
 def _run_tune(exp, out_dir, progress, command, t0):
@@ -545,12 +562,14 @@ def _fluctuation_table(summary_runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _write(exp, out_dir, records, seconds, command) -> dict[str, Any]:
+def _write(exp, out_dir, records, seconds, command, env=None,
+           replot_command=None) -> dict[str, Any]:
     from seqnorm_jax import analysis
     from seqnorm_jax.train.compare import _plot
 
     summary = _summary(exp, records)
-    payload = {"experiment": _describe(exp), "environment": environment(), "summary": summary,
+    env = env or environment()
+    payload = {"experiment": _describe(exp), "environment": env, "summary": summary,
                "runs": _jsonable(records), "seconds": round(seconds, 1), "command": command}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(payload, f, indent=2)
@@ -614,12 +633,13 @@ def _write(exp, out_dir, records, seconds, command) -> dict[str, Any]:
         analysis.plot_output_range({k: v[0]["output_range"] for k, v in by_label.items()},
                                    os.path.join(out_dir, "output_range.png"), title=title)
         plots.append("output_range.png")
-    env = payload["environment"]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(f"# {exp.name}: {exp.title}\n\n")
         f.write(f"Paper {exp.paper}, {exp.ref}; scale `{exp.scale}`; {title}.\n\n")
         if command:
             f.write(f"Command: `{command}`\n\n")
+        if replot_command:
+            f.write(f"Tables and plots redrawn from `results.json` by `{replot_command}`.\n\n")
         f.write(f"Machine: {env['cpu']} ({env['cpu_count']} cores), {env['backend']} backend, "
                 f"Python {env['python']}, jax {env['jax']}, flax {env['flax']}; "
                 f"{seconds / 60:.1f} min.\n\n")

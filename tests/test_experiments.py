@@ -167,3 +167,11 @@ def test_cpu_run_on_real_digits_writes_tables_and_sweep(tmp_path):
     assert "Command: `cmd`" in md and "| ghost 2 |" in md
     assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
     assert isinstance(exp, Experiment)
+    # --replot: the same tables from results.json, no training
+    (tmp_path / "out" / "results.md").unlink()
+    again = run_experiment(exp, "cpu", tmp_path / "out", progress=False, command="re",
+                           replot=True)
+    assert again["summary"] == payload["summary"]
+    assert "redrawn from `results.json` by `re`" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="replot: no .*results.json; run the experiment first"):
+        run_experiment(exp, "cpu", tmp_path / "empty", replot=True)

@@ -274,7 +274,8 @@ def plot_fluctuation(recorders: Mapping[str, Any], path: str | os.PathLike, *, n
     """Trajectories of one neuron's BN vs the EN statistics per layer, and the fluctuations.
 
     One row per layer (paper 003, Fig. 7): the mean (left) and the std (right) over the
-    recorded steps, the neuron's ``BN`` statistic solid and the layer's pooled ``EN`` one
+    recorded steps (counted from the first recorded step of each run, so runs of different
+    lengths overlay), the neuron's ``BN`` statistic solid and the layer's pooled ``EN`` one
     dashed, one colour per label. The last row has bar charts of the fluctuation
     summary (std over steps) per layer and label: BN solid, EN hatched (Fig. 6).
 
@@ -308,14 +309,16 @@ def plot_fluctuation(recorders: Mapping[str, Any], path: str | os.PathLike, *, n
                 if neuron >= bn.shape[1]:
                     raise ValueError(f"plot_fluctuation: neuron={neuron} but {label!r} recorded "
                                      f"{bn.shape[1]} neurons of {layer!r}; use a smaller neuron.")
-                ax.plot(steps, bn[:, neuron], color=colors[label], lw=1,
+                # runs of different lengths share the axis: steps into the recorded window
+                x = np.asarray(steps) - steps[0]
+                ax.plot(x, bn[:, neuron], color=colors[label], lw=1,
                         label=f"{label} BN (neuron {neuron})")
-                ax.plot(steps, data[layer][f"en_{stat}"], color=colors[label], lw=1, ls="--",
+                ax.plot(x, data[layer][f"en_{stat}"], color=colors[label], lw=1, ls="--",
                         label=f"{label} EN")
             ax.set_title(f"{layer}: {stat}", fontsize=9)
             ax.grid(alpha=0.3)
             if row == len(layers) - 1:
-                ax.set_xlabel("training step")
+                ax.set_xlabel("step into the recorded window (its last steps)")
         if row == 0:
             axes[0, 0].legend(fontsize=7)
     width = 0.8 / max(2 * len(runs), 1)
