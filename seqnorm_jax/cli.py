@@ -251,6 +251,8 @@ def _add_tune_parser(sub) -> None:
                       help="candidates whose mean metric is within this of the best perform "
                            "'similarly' (e.g. 0.005 = half a point of accuracy; default: the "
                            "best candidate's standard error over the seeds)")
+    tune.add_argument("--norm-fields", default="", dest="tune_norm_fields",
+                      help="fields added to every candidate's spec, e.g. momentum=0.9")
     tune.add_argument("--metric", default="eval_accuracy",
                       help="the validation metric to select by: eval_accuracy (last epoch, "
                            "default), best_eval_accuracy (best epoch) or eval_loss (last "
@@ -409,7 +411,8 @@ def _cmd_tune(args) -> int:
         raise ValueError(f"--tolerance {args.tolerance}: must be >= 0 (in the metric's units).")
     result = sequential_tune(config, batch_groups=batch_groups, channel_groups=channel_groups,
                              seeds=seeds, tolerance=args.tolerance, metric=args.metric,
-                             out_dir=args.out, progress=config.progress)
+                             out_dir=args.out, progress=config.progress,
+                             norm_fields=args.tune_norm_fields)
     print(f"stage 1: G_M (batch_groups) with GhostNorm\n"
           f"{format_stage(result.stage1, args.metric)}\n{result.reasons['batch_groups']}\n")
     print(f"stage 2: G_C (channel_groups) with SeqNorm at G_M = {result.batch_groups}\n"

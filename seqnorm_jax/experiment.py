@@ -449,7 +449,7 @@ def _run_tune(exp, out_dir, progress, command, t0):
     base = TrainConfig.from_dict({**exp.base, "progress": progress and exp.scale != "smoke"})
     kwargs = {k: tuple(exp.analysis[k]) for k in ("batch_groups", "channel_groups")
               if k in exp.analysis}
-    for key in ("tolerance", "metric"):
+    for key in ("tolerance", "metric", "norm_fields"):
         if key in exp.analysis:
             kwargs[key] = exp.analysis[key]
     result = analysis.sequential_tune(base, seeds=tuple(exp.seeds), out_dir=out_dir,

@@ -140,6 +140,9 @@ def test_nothing_left_raises_before_training(tmp_path):
                         out_dir=out, progress=False)
     with pytest.raises(ValueError, match="metric"):
         sequential_tune(base, metric="test_accuracy", out_dir=out, progress=False)
+    with pytest.raises(ValueError, match="norm_fields='speed=2'.*GhostNorm has no field"):
+        sequential_tune(base, batch_groups=(1,), channel_groups=(1,), seeds=(0,),
+                        out_dir=out, progress=False, norm_fields="speed=2")
     assert not out.exists()
 
 
@@ -149,7 +152,7 @@ def test_sequential_tune_end_to_end_digits(tmp_path):
     out = tmp_path / "tune"
     seeds = (0, 1)
     result = sequential_tune(base, batch_groups=(1, 2, 3, 32), channel_groups=(1, 2, 32),
-                             seeds=seeds, out_dir=out, progress=False)
+                             seeds=seeds, out_dir=out, progress=False, norm_fields="momentum=0.9")
     assert isinstance(result, TuneResult)
     # len(G_M) + len(G_C) usable settings, not their product
     assert result.num_runs == (2 + 2) * len(seeds) and result.grid_runs == 2 * 2 * len(seeds)
@@ -159,9 +162,11 @@ def test_sequential_tune_end_to_end_digits(tmp_path):
         (1, "ok"), (2, "ok"), (32, "skipped")]
     assert "does not divide" in result.stage1[2]["reason"]
     g = result.batch_groups
-    assert all(r["spec"] == f"seqnorm:channel_groups={r['value']},batch_groups={g}"
+    assert all(r["spec"] == f"seqnorm:channel_groups={r['value']},batch_groups={g},momentum=0.9"
                for r in result.stage2)
-    assert result.spec == f"seqnorm:channel_groups={result.channel_groups},batch_groups={g}"
+    assert result.stage1[0]["spec"] == "ghost:batch_groups=1,momentum=0.9"
+    assert result.spec == (f"seqnorm:channel_groups={result.channel_groups},batch_groups={g},"
+                           "momentum=0.9")
     assert result.config.norm == result.spec and result.config.validation_size is None
 
     # the stage rows against the per-run metrics that compare wrote, and the choice

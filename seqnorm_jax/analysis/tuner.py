@@ -447,7 +447,7 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
                     channel_groups: Sequence[int] = (1, 2, 4, 8, 16, 32),
                     seeds: Sequence[int] = (0, 1, 2), tolerance: float | None = None,
                     metric: str = "eval_accuracy", out_dir: str | os.PathLike = "runs/tune",
-                    progress: bool = True) -> TuneResult:
+                    progress: bool = True, norm_fields: str = "") -> TuneResult:
     """Tune SeqNorm's ``G_M`` then ``G_C`` as paper 000 does (section 3.2.1).
 
     Stage 1 trains GhostNorm (``"ghost:batch_groups=g"``) for each usable ``G_M``
@@ -458,6 +458,10 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
     tables, curves and per-run metrics land in ``out_dir/stage1_batch_groups`` and
     ``out_dir/stage2_channel_groups``; the result is written to ``out_dir`` with
     :meth:`TuneResult.write`.
+
+    ``norm_fields`` adds the same fields to every candidate's spec, e.g.
+    ``"momentum=0.9"`` for short runs whose running statistics would not settle at the
+    default 0.99.
 
     Candidates that cannot run are skipped with the reason recorded in their row:
     ``G_M`` values that do not divide the batch (the micro-batch under gradient
@@ -480,6 +484,7 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
         ``"eval_loss"``).
       out_dir: the output directory.
       progress: show progress bars and the stage headers.
+      norm_fields: fields added to every candidate's spec (``"momentum=0.9"``).
 
     Returns:
       A :class:`TuneResult` (also written to ``out_dir``).
@@ -528,6 +533,15 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
     # ---- the validation hold-out
     tune_base, val_size, val_reason = _validation(base, len(train_split), seeds[0])
 
+    extra = f",{norm_fields.strip().strip(',')}" if norm_fields.strip() else ""
+    if extra:
+        from seqnorm_jax.factory import norm_factory
+
+        for probe in (f"ghost:batch_groups=1{extra}", f"seqnorm:channel_groups=1{extra}"):
+            try:
+                norm_factory(probe)
+            except ValueError as e:
+                raise ValueError(f"sequential_tune: norm_fields={norm_fields!r}: {e}") from None
     t0 = time.perf_counter()
 
     def stage(index: int, values: list[int], spec_of) -> Any:
@@ -539,14 +553,14 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
                        out_dir=os.path.join(out_dir, sub), progress=progress)
 
     # ---- stage 1: G_M with GhostNorm
-    ghost = lambda g: f"ghost:batch_groups={g}"
+    ghost = lambda g: f"ghost:batch_groups={g}{extra}"
     stage1 = _rows(1, "batch_groups", g_kept, g_skipped, ghost, stage(0, g_kept, ghost), metric)
     chosen1, reason1 = select(stage1, tolerance, maximize=maximize)
     chosen1["chosen"] = True
     g_star = chosen1["value"]
 
     # ---- stage 2: G_C with SeqNorm at g*
-    seq = lambda c: f"seqnorm:channel_groups={c},batch_groups={g_star}"
+    seq = lambda c: f"seqnorm:channel_groups={c},batch_groups={g_star}{extra}"
     stage2 = _rows(2, "channel_groups", c_kept, c_skipped, seq, stage(1, c_kept, seq), metric)
     chosen2, reason2 = select(stage2, tolerance, maximize=maximize)
     chosen2["chosen"] = True
