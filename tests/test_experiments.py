@@ -175,3 +175,23 @@ def test_cpu_run_on_real_digits_writes_tables_and_sweep(tmp_path):
     assert "redrawn from `results.json` by `re`" in (tmp_path / "out" / "results.md").read_text()
     with pytest.raises(ValueError, match="replot: no .*results.json; run the experiment first"):
         run_experiment(exp, "cpu", tmp_path / "empty", replot=True)
+
+
+def test_cli_experiment_list_run_and_errors(tmp_path, capsys):
+    from seqnorm_jax.cli import main
+
+    assert main(["experiment", "--list", "--configs-dir", CONFIG_DIR]) == 0
+    out = capsys.readouterr().out
+    assert all(f"| {os.path.splitext(f)[0]} |" in out for f in CONFIGS)
+    path = _write(tmp_path)
+    assert main(["experiment", str(path), "--scale", "smoke", "--out",
+                 str(tmp_path / "s")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "results.json").read_text())["summary"][0]["label"] \
+        == "bn"
+    assert main(["experiment", str(tmp_path / "missing.json")]) == 2
+    assert "no such experiment config" in capsys.readouterr().err
+    assert main(["experiment"]) == 2
+    assert "give an experiment config" in capsys.readouterr().err
+    assert main(["experiment", str(path), "--seeds", "x"]) == 2
+    assert "--seeds 'x'" in capsys.readouterr().err
