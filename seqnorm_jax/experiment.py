@@ -30,7 +30,8 @@ table ``results.md``/``results.csv``, ``results.json`` and ``curves.png``):
 Scales: ``full`` is the config as written; ``cpu`` and ``smoke`` update ``base`` with their
 own ``base`` (``model_kwargs`` replaced whole), replace ``runs``/``seeds`` when given and
 update ``analysis``. ``smoke`` also forces one epoch of two steps, one seed and mock data
-(random images of the dataset's shape, or ``smoke.image_shape``).
+(random images of the dataset's shape, or ``smoke.image_shape``, which also turns the
+augmentation off: its crops are defined for the real image size).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import copy
 import csv
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -128,6 +130,9 @@ class Experiment:
                 out.base.update(epochs=1, progress=False)
                 out.seeds = out.seeds[:1]
                 out.image_shape = section.get("image_shape")
+                if out.image_shape is not None:
+                    # the augmentation presets crop to the dataset's real size
+                    out.base["augment"] = "none"
         out.cpu = out.smoke = None
         out._scale = scale
         out.validate()
@@ -281,6 +286,23 @@ class _Sources:
 # ---------------------------------------------------------------------------- running
 
 
+def _mesh_for(batch_size: int):
+    """All devices, or (one process) the most that divide a batch smaller than their count.
+
+    A batch-size sweep down to 2 examples must also run on 4 or 8 devices; its small
+    batches then use a sub-mesh of ``gcd(batch_size, devices)`` devices.
+    """
+    import jax
+
+    from seqnorm_jax.distributed import data_mesh
+
+    n = jax.device_count()
+    k = math.gcd(batch_size, n)
+    if k == n or jax.process_count() > 1:
+        return None
+    return data_mesh(jax.devices()[:k])
+
+
 def _hooks(exp: Experiment, trainer) -> list[Any]:
     from seqnorm_jax import analysis
 
@@ -405,7 +427,7 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
         train_src, eval_src = sources(config)
         trainer = Trainer(config, out_dir=run_dir, train_source=train_src,
                           eval_source=eval_src, save_checkpoints=False,
-                          desc=f"{label} seed {seed}")
+                          desc=f"{label} seed {seed}", mesh=_mesh_for(config.batch_size))
         hooks = _hooks(exp, trainer)
         trainer.step_hooks.extend(hooks)
         result = trainer.fit()
