@@ -15,6 +15,11 @@ Kinds (what is run for every run and seed, and what is written besides the accur
 table ``results.md``/``results.csv``, ``results.json`` and ``curves.png``):
 
 * ``compare``: training only; ``sweep.png`` when the runs carry ``x`` (and ``series``).
+
+Every kind: with ``analysis.baseline`` (a run label) the table adds each run's accuracy
+minus the baseline's, paired by seed, and on how many seeds it is higher. When the runs
+validate on a hold-out (``validation_size``), the test split is scored once at the end
+(``final_test_accuracy``) and the paired differences use it.
 * ``landscape``: :class:`~seqnorm_jax.analysis.LandscapeRecorder` during training
   (``analysis``: ``step_sizes``, ``every``); ``landscape.png``.
 * ``fluctuation``: :class:`~seqnorm_jax.analysis.StatisticsRecorder` over the last
@@ -499,11 +504,37 @@ def _summary(exp: Experiment, records: list[dict[str, Any]]) -> list[dict[str, A
     from seqnorm_jax.train.compare import summarize
 
     rows = summarize(records)
+    baseline = exp.analysis.get("baseline")
+    if baseline is not None and baseline not in {r["label"] for r in records}:
+        raise ValueError(f"experiment {exp.name!r}: analysis.baseline={baseline!r} is not a run "
+                         f"label; choose one of {sorted({r['label'] for r in records})}.")
     for row in rows:
         rs = [r for r in records if r["label"] == row["label"]]
         row["series"], row["x"] = rs[0].get("series"), rs[0].get("x")
         row.update(_kind_summary(exp, rs))
+        if baseline is not None:
+            row.update(_paired(rs, [r for r in records if r["label"] == baseline]))
     return rows
+
+
+def _final_accuracy(record: dict[str, Any]) -> float:
+    """The test accuracy when the run validated on a hold-out, else the final eval one."""
+    return record.get("final_test_accuracy", record["eval_accuracy"][-1])
+
+
+def _paired(rs: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy minus the baseline's, seed by seed (same seed: same init and data order).
+
+    Seeds share the initialisation and the data order across runs, so the per-seed
+    difference cancels much of the seed-to-seed spread that the plain means carry.
+    """
+    by_seed = {r["seed"]: _final_accuracy(r) for r in base}
+    diffs = [_final_accuracy(r) - by_seed[r["seed"]] for r in rs if r["seed"] in by_seed]
+    if not diffs:
+        return {}
+    m, s = _mean_std(diffs)
+    return {"delta_vs_baseline_accuracy_mean": m, "delta_vs_baseline_accuracy_std": s,
+            "seeds_better_than_baseline": f"{sum(d > 0 for d in diffs)}/{len(diffs)}"}
 
 
 def _kind_summary(exp: Experiment, rs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -554,8 +585,13 @@ def _table(exp: Experiment, summary: list[dict[str, Any]]) -> str:
     extra = [k for k in summary[0] if k not in skip and not k.endswith("_std")
              and not k.startswith(("layer", "acc_at_"))]
     split = "validation" if exp.base.get("validation_size") else "eval"
+    names = {"final_test_accuracy_mean": "test accuracy (scored once, at the end)",
+             "delta_vs_baseline_accuracy_mean": f"minus {exp.analysis.get('baseline')!r}, "
+                                                "paired by seed",
+             "seeds_better_than_baseline": "seeds above it"}
     head = ["run", "spec", f"{split} accuracy (mean +- std)", "final train loss",
-            *(k.removesuffix("_mean") for k in extra), "s/epoch", "seeds"]
+            *(names.get(k, k.removesuffix("_mean").replace("_", " ")) for k in extra),
+            "s/epoch", "seeds"]
 
     def cell(r, k):
         std = r.get(k.removesuffix("_mean") + "_std", r.get(k + "_std"))

@@ -153,7 +153,8 @@ def test_mock_sources_shapes_and_every_class():
 
 
 def test_cpu_run_on_real_digits_writes_tables_and_sweep(tmp_path):
-    exp = load_experiment(_write(tmp_path, cpu={"base": {"epochs": 2}, "seeds": [0, 1]}))
+    exp = load_experiment(_write(tmp_path, cpu={"base": {"epochs": 2}, "seeds": [0, 1],
+                                                 "analysis": {"baseline": "bn"}}))
     payload = run_experiment(exp, "cpu", tmp_path / "out", progress=False, command="cmd")
     rows = {r["label"]: r for r in payload["summary"]}
     assert set(rows) == {"bn", "ghost 2"} and rows["bn"]["seeds"] == 2
@@ -164,6 +165,13 @@ def test_cpu_run_on_real_digits_writes_tables_and_sweep(tmp_path):
     acc = [r["eval_accuracy"][-1] for r in runs]
     np.testing.assert_allclose(rows["bn"]["test_accuracy_mean"], np.mean(acc), rtol=1e-12)
     np.testing.assert_allclose(rows["bn"]["test_accuracy_std"], np.std(acc, ddof=1), rtol=1e-9)
+    # paired by seed against the baseline run
+    ghost = {r["seed"]: r["eval_accuracy"][-1] for r in payload["runs"] if r["label"] == "ghost 2"}
+    diffs = [ghost[r["seed"]] - r["eval_accuracy"][-1] for r in runs]
+    np.testing.assert_allclose(rows["ghost 2"]["delta_vs_baseline_accuracy_mean"], np.mean(diffs),
+                               rtol=1e-12, atol=1e-15)
+    assert rows["bn"]["delta_vs_baseline_accuracy_mean"] == 0.0
+    assert rows["ghost 2"]["seeds_better_than_baseline"] == f"{sum(d > 0 for d in diffs)}/2"
     md = (tmp_path / "out" / "results.md").read_text()
     assert "Command: `cmd`" in md and "| ghost 2 |" in md
     assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
@@ -176,6 +184,9 @@ def test_cpu_run_on_real_digits_writes_tables_and_sweep(tmp_path):
     assert "redrawn from `results.json` by `re`" in (tmp_path / "out" / "results.md").read_text()
     with pytest.raises(ValueError, match="replot: no .*results.json; run the experiment first"):
         run_experiment(exp, "cpu", tmp_path / "empty", replot=True)
+    exp.cpu["analysis"]["baseline"] = "BN"
+    with pytest.raises(ValueError, match="analysis.baseline='BN' is not a run label"):
+        run_experiment(exp, "cpu", tmp_path / "out", replot=True)
 
 
 def test_cli_experiment_list_run_and_errors(tmp_path, capsys):
