@@ -715,16 +715,24 @@ def _example_weight_table(by_label) -> str:
             loss = _mean_std([r["example_weight"][j]["eval_loss"] for r in rs])
             lines.append(f"| {lab} | {row['example_weight']:g} | {100 * acc[0]:.2f} +- "
                          f"{100 * acc[1]:.2f} % | {loss[0]:.4f} |")
-    tests = [(lab, r["example_weight_test"]) for lab, rs in by_label.items() for r in rs
-             if "example_weight_test" in r]
+    tests = [(lab, r["seed"], r["example_weight_test"]) for lab, rs in by_label.items()
+             for r in rs if "example_weight_test" in r]
     if tests:
         lines += ["", "Alpha chosen on the validation set, applied to the test split:", "",
-                  "| run | chosen alpha | test accuracy at 0 | test accuracy at chosen |",
-                  "| --- | --- | --- | --- |"]
-        for lab, t in tests:
+                  "| run | seed | chosen alpha | test accuracy at 0 | at the chosen alpha | gain |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        gains: dict[str, list[float]] = {}
+        for lab, seed, t in tests:
             rows = {row["example_weight"]: row["eval_accuracy"] for row in t["rows"]}
             a = t["chosen_on_validation"]
-            lines.append(f"| {lab} | {a:g} | {100 * rows[0.0]:.2f} % | {100 * rows[a]:.2f} % |")
+            gains.setdefault(lab, []).append(rows[a] - rows[0.0])
+            lines.append(f"| {lab} | {seed} | {a:g} | {100 * rows[0.0]:.2f} % | "
+                         f"{100 * rows[a]:.2f} % | {100 * (rows[a] - rows[0.0]):+.2f} |")
+        lines += ["", "| run | test gain from the chosen alpha (mean +- std over seeds) |",
+                  "| --- | --- |"]
+        for lab, g in gains.items():
+            m, sd = _mean_std(g)
+            lines.append(f"| {lab} | {100 * m:+.2f} +- {100 * sd:.2f} points |")
     return "\n".join(lines)
 
 
