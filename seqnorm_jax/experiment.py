@@ -74,6 +74,15 @@ _TOP_KEYS = {"name", "paper", "ref", "title", "claim", "kind", "base", "runs", "
              "analysis", "x_label", "x_log", "compute", "gaps", "notes", "cpu", "smoke"}
 _SCALE_KEYS = {"base", "runs", "seeds", "analysis", "image_shape", "notes"}
 _RUN_META = ("label", "series", "x")
+# The ``analysis`` options each kind reads (``baseline``: every kind but ``tune``).
+ANALYSIS_KEYS = {
+    "compare": (),
+    "landscape": ("step_sizes", "every", "relative_to_lr", "smooth"),
+    "fluctuation": ("last_steps",),
+    "example_weight": ("example_weights",),
+    "output_range": ("layer", "example_weight", "num_examples"),
+    "tune": ("batch_groups", "channel_groups", "tolerance", "metric", "norm_fields"),
+}
 SMOKE_STEPS = 2
 
 
@@ -166,6 +175,11 @@ class Experiment:
             raise ValueError(f"{where}: kind={self.kind!r}; choose one of {list(KINDS)}.")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise ValueError(f"{where}: seeds must be a non-empty list of integers.")
+        known = set(ANALYSIS_KEYS[self.kind]) | ({"baseline"} if self.kind != "tune" else set())
+        unknown = sorted(set(self.analysis) - known)
+        if unknown:
+            raise ValueError(f"{where}: analysis option(s) {unknown} are not read by kind "
+                             f"{self.kind!r}; its options are {sorted(known)}.")
         if self.kind == "tune":
             TrainConfig.from_dict(self.base)
             return
@@ -284,8 +298,11 @@ class _Sources:
 
         if self.exp.scale == "smoke":
             return self(config)[1]
-        return data.load(config.dataset, config.eval_split, data_dir=config.data_dir,
-                         source=config.data_source)
+        key = ("test", config.dataset, config.data_dir, config.data_source, config.eval_split)
+        if key not in self.cache:
+            self.cache[key] = data.load(config.dataset, config.eval_split,
+                                        data_dir=config.data_dir, source=config.data_source)
+        return self.cache[key]
 
 
 # ---------------------------------------------------------------------------- running
