@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from jax.sharding import Mesh
 
-from seqnorm_jax.analysis.plots import label_colors, mean_std, pyplot, save_figure
+from seqnorm_jax.analysis.plots import mean_std, save_figure, two_panel_figure
 
 __all__ = ["best_example_weight", "example_weight_sweep", "plot_example_weight", "sweep_run"]
 
@@ -181,11 +181,7 @@ def plot_example_weight(curves: Mapping[str, Any], path: str | os.PathLike,
     Returns:
       ``path``. The best alpha of each label's mean curve is marked.
     """
-    if not curves:
-        raise ValueError("plot_example_weight: curves is empty; pass {label: [rows, ...]}.")
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = label_colors(list(curves))
+    fig, axes, colors = two_panel_figure(curves, "plot_example_weight")
     for label, runs in curves.items():
         runs = _as_runs(runs)
         alphas = [float(r["example_weight"]) for r in runs[0]]

@@ -35,11 +35,10 @@ import numpy as np
 
 from seqnorm_jax.analysis._recorder import DeviceRecorder
 from seqnorm_jax.analysis.plots import (
-    label_colors,
     mean_std,
     moving_average,
-    pyplot,
     save_figure,
+    two_panel_figure,
 )
 
 __all__ = [
@@ -318,11 +317,7 @@ def plot_landscape(curves: Mapping[str, Any], path: str | os.PathLike, *,
     Returns:
       ``path``.
     """
-    if not curves:
-        raise ValueError("plot_landscape: curves is empty; pass {label: [rows, ...]}.")
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    colors = label_colors(list(curves))
+    fig, axes, colors = two_panel_figure(curves, "plot_landscape")
     for label, runs in curves.items():
         runs = _as_runs(runs)
         if not runs or any(not r for r in runs):

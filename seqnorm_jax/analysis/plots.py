@@ -92,3 +92,14 @@ def label_colors(labels: Sequence[str]) -> dict[str, Any]:
         cmap = plt.get_cmap("tab20")
         cycle = [cmap(i % 20) for i in range(len(labels))]
     return {label: cycle[i] for i, label in enumerate(labels)}
+
+
+def two_panel_figure(curves: Any, who: str) -> tuple[Any, Any, dict[str, Any]]:
+    """``(fig, axes, colors)`` for a two-panel plot of ``{label: runs}`` curves.
+
+    Raises ``ValueError`` naming ``who`` when ``curves`` is empty.
+    """
+    if not curves:
+        raise ValueError(f"{who}: curves is empty; pass {{label: [rows, ...]}}.")
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
+    return fig, axes, label_colors(list(curves))
