@@ -761,16 +761,20 @@ def _sweep_plot(exp, summary, path, title) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     points = [r for r in summary if r.get("x") is not None]
+    # the test split when the runs validated on a hold-out, else the evaluation split
+    key = ("final_test_accuracy" if all("final_test_accuracy_mean" in r for r in points)
+           else "test_accuracy")
     for series in dict.fromkeys(r.get("series") or r["label"] for r in points):
         rs = sorted((r for r in points if (r.get("series") or r["label"]) == series),
                     key=lambda r: r["x"])
         x = np.asarray([r["x"] for r in rs], np.float64)
-        m = 100 * np.asarray([r["test_accuracy_mean"] for r in rs])
-        s = 100 * np.asarray([r["test_accuracy_std"] for r in rs])
+        m = 100 * np.asarray([r[f"{key}_mean"] for r in rs])
+        s = 100 * np.asarray([r[f"{key}_std"] for r in rs])
         ax.errorbar(x, m, yerr=s, marker="o", ms=4, capsize=3, label=series)
     if exp.x_log:
         ax.set_xscale("log", base=2)
-    ax.set(xlabel=exp.x_label or "x", ylabel="eval accuracy (%)")
+    ax.set(xlabel=exp.x_label or "x", ylabel=("test accuracy (%)" if key == "final_test_accuracy"
+                                              else "eval accuracy (%)"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=8)
