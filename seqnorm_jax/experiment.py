@@ -78,7 +78,7 @@ _RUN_META = ("label", "series", "x")
 ANALYSIS_KEYS = {
     "compare": (),
     "landscape": ("step_sizes", "every", "relative_to_lr", "smooth"),
-    "fluctuation": ("last_steps",),
+    "fluctuation": ("last_steps", "trajectory_neurons"),
     "example_weight": ("example_weights",),
     "output_range": ("layer", "example_weight", "num_examples"),
     "tune": ("batch_groups", "channel_groups", "tolerance", "metric", "norm_fields"),
@@ -340,8 +340,8 @@ def _hooks(exp: Experiment, trainer) -> list[Any]:
     return []
 
 
-def _after(exp: Experiment, trainer, state, hooks, sources, config, run_dir) -> dict[str, Any]:
-    """The kind's per-run analysis, as JSON-ready values (also written into ``run_dir``)."""
+def _after(exp: Experiment, trainer, state, hooks, sources, config) -> dict[str, Any]:
+    """The kind's per-run analysis, as JSON-ready values."""
     from seqnorm_jax import analysis
 
     a = exp.analysis
@@ -349,7 +349,7 @@ def _after(exp: Experiment, trainer, state, hooks, sources, config, run_dir) -> 
     if exp.kind == "landscape":
         out["landscape"] = hooks[0].rows
     elif exp.kind == "fluctuation":
-        out["fluctuation"] = hooks[0].to_dict()
+        out["fluctuation"] = hooks[0].to_dict(neurons=_trajectory_neurons(exp))
     elif exp.kind == "example_weight":
         alphas = [float(v) for v in a.get("example_weights", [0.0, 0.25, 0.5, 0.75, 1.0])]
         out["example_weight"] = analysis.example_weight_sweep(
@@ -376,10 +376,24 @@ def _after(exp: Experiment, trainer, state, hooks, sources, config, run_dir) -> 
                                        a.get("layer", -1),
                                        example_weight=float(a.get("example_weight", 0.0)))
         out["output_range"] = _jsonable(result)
-    if out and run_dir:
-        with open(os.path.join(run_dir, f"{exp.kind}.json"), "w") as f:
-            json.dump(_jsonable(out), f)
     return out
+
+
+def _trajectory_neurons(exp: Experiment) -> int:
+    """How many neurons' trajectories a fluctuation result keeps (the summary covers all)."""
+    return int(exp.analysis.get("trajectory_neurons", 2))
+
+
+def _write_run_files(exp: Experiment, out_dir: str, records: list[dict[str, Any]]) -> None:
+    """Each run's analysis result as ``runs/<label>_seed<k>/<kind>.json``."""
+    keys = [k for k in (exp.kind, "example_weight_test") if k != "compare"]
+    for r in records:
+        out = {k: r[k] for k in keys if k in r}
+        if out:
+            run_dir = os.path.join(out_dir, "runs", f"{_safe(r['label'])}_seed{r['seed']}")
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, f"{exp.kind}.json"), "w") as f:
+                json.dump(_jsonable(out), f)
 
 
 def _jsonable(value: Any) -> Any:
@@ -465,7 +479,7 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
             test = trainer.evaluate(result.state, sources.test_split(config))
             record.update(final_test_accuracy=test["eval_accuracy"],
                           final_test_loss=test["eval_loss"])
-        record.update(_after(exp, trainer, result.state, hooks, sources, config, run_dir))
+        record.update(_after(exp, trainer, result.state, hooks, sources, config))
         records.append(record)
         if progress:
             outer.write(f"{label} seed {seed}: eval accuracy {rows[-1]['eval_accuracy']:.4f}, "
@@ -502,7 +516,7 @@ def _run_tune(exp, out_dir, progress, command, t0):
                "tune": _jsonable(result.to_dict()),
                "seconds": round(time.perf_counter() - t0, 1), "command": command}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, separators=(",", ":"))  # compact: runs hold long lists
         f.write("\n")
     return payload
 
@@ -642,12 +656,18 @@ def _write(exp, out_dir, records, seconds, command, env=None,
     from seqnorm_jax import analysis
     from seqnorm_jax.train.compare import _plot
 
+    if exp.kind == "fluctuation":
+        from seqnorm_jax.analysis.fluctuation import keep_neurons
+
+        records = [{**r, "fluctuation": keep_neurons(r["fluctuation"], _trajectory_neurons(exp))}
+                   for r in records]
+    _write_run_files(exp, out_dir, records)
     summary = _summary(exp, records)
     env = env or environment()
     payload = {"experiment": _describe(exp), "environment": env, "summary": summary,
                "runs": _jsonable(records), "seconds": round(seconds, 1), "command": command}
     with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(payload, f, indent=2)
+        json.dump(payload, f, separators=(",", ":"))  # compact: runs hold long lists
         f.write("\n")
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))

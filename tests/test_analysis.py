@@ -333,7 +333,17 @@ def test_statistics_recorder_matches_numpy(name, fields, shape):
         np.testing.assert_allclose(row["en_mean_rel_fluct"],
                                    r["en_mean"].std() / np.abs(r["en_mean"]).mean(), rtol=1e-4)
         assert row["bn_mean_fluct"] > 0  # the batches differ
-    json.dumps(rec.to_dict())
+    full = json.loads(json.dumps(rec.to_dict()))
+    # a slim copy for files: trajectories of the first neuron, every summary number kept
+    slim = rec.to_dict(neurons=1)
+    assert slim["summary"] == full["summary"]
+    for layer, per in slim["stats"].items():
+        assert np.shape(per["bn_mean"]) == (3, 1) and np.shape(per["bn_std"]) == (3, 1)
+        np.testing.assert_array_equal(np.asarray(per["bn_std"])[:, 0],
+                                      np.asarray(full["stats"][layer]["bn_std"])[:, 0])
+        assert per["en_mean"] == full["stats"][layer]["en_mean"]
+    with pytest.raises(ValueError, match="neurons must be a positive int"):
+        rec.to_dict(neurons=0)
 
 
 def test_statistics_recorder_window_layers_neurons():

@@ -225,14 +225,31 @@ class StatisticsRecorder(DeviceRecorder):
         """
         return _summary(self.steps, self.data)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, neurons: int | None = None) -> dict[str, Any]:
         """JSON-ready: ``{"layers", "steps", "last_steps", "total_steps", "stats" (lists),
-        "summary"}``; :func:`plot_fluctuation` takes it as it takes the recorder."""
+        "summary"}``; :func:`plot_fluctuation` takes it as it takes the recorder.
+
+        Args:
+          neurons: keep the per-neuron trajectories of only the first ``neurons`` neurons
+            of each layer (the summary still covers all of them): 200 steps of a
+            128-wide layer are otherwise ~1 MB of JSON per layer.
+        """
         data = self.data
-        return {"layers": list(self.layers or []), "steps": list(self.steps),
-                "last_steps": self.last_steps, "total_steps": self.total_steps,
-                "stats": {p: {k: v.tolist() for k, v in per.items()} for p, per in data.items()},
-                "summary": _summary(self.steps, data)}
+        out = {"layers": list(self.layers or []), "steps": list(self.steps),
+               "last_steps": self.last_steps, "total_steps": self.total_steps,
+               "stats": {p: {k: v.tolist() for k, v in per.items()} for p, per in data.items()},
+               "summary": _summary(self.steps, data)}
+        return out if neurons is None else keep_neurons(out, neurons)
+
+
+def keep_neurons(recorded: Mapping[str, Any], neurons: int) -> dict[str, Any]:
+    """A :meth:`StatisticsRecorder.to_dict` with the trajectories of the first ``neurons``
+    neurons per layer only (the per-layer EN statistics and the summary are kept whole)."""
+    if isinstance(neurons, bool) or not isinstance(neurons, int) or neurons < 1:
+        raise ValueError(f"keep_neurons: neurons must be a positive int, got {neurons!r}.")
+    stats = {p: {k: ([row[:neurons] for row in v] if k.startswith("bn_") else v)
+                 for k, v in per.items()} for p, per in recorded["stats"].items()}
+    return {**recorded, "stats": stats}
 
 
 def _summary(steps: Sequence[int], data: Mapping[str, Mapping[str, np.ndarray]]
