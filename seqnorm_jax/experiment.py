@@ -191,6 +191,10 @@ class Experiment:
         dup = sorted({lab for lab in labels if labels.count(lab) > 1})
         if dup:
             raise ValueError(f"{where}: duplicate run labels {dup}; labels must be unique.")
+        baseline = self.analysis.get("baseline")
+        if baseline is not None and baseline not in labels:
+            raise ValueError(f"{where}: analysis.baseline={baseline!r} is not a run label; "
+                             f"choose one of {sorted(labels)}.")
         from seqnorm_jax.factory import norm_factory
 
         for run, config in self.configs():

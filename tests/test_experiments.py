@@ -120,6 +120,7 @@ def test_scales_merge_base_runs_seeds(tmp_path):
     ({"runs": [{"label": "a", "norm": "ghostly"}]}, "run 'a'.*unknown norm layer"),
     ({"runs": [{"label": "a", "batch_size": 0}]}, "run 'a'.*batch_size=0"),
     ({"seeds": []}, "seeds must be a non-empty list"),
+    ({"analysis": {"baseline": "BN"}}, "analysis.baseline='BN' is not a run label"),
     ({"analysis": {"step_sizes": [0.1]}},
      r"analysis option\(s\) \['step_sizes'\] are not read by kind 'compare'"),
     ({"cpu": {"bases": {}}}, r"unknown key\(s\) \['bases'\] in 'cpu'"),
