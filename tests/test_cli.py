@@ -124,7 +124,7 @@ def test_compare_default_specs_fit_the_model():
 
 @pytest.mark.parametrize("argv, needle", [
     (["train", "--out", "x", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
-    (["train", "--out", "x", "--optimizer", "adam"], "argument --optimizer: invalid choice"),
+    (["train", "--out", "x", "--optimizer", "adagrad"], "argument --optimizer: invalid choice"),
     (["train", "--epochs", "1"], "the following arguments are required: --out"),
     (["compare", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["fit"], "invalid choice: 'fit'"),

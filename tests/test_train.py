@@ -243,8 +243,8 @@ def test_gradient_clipping_by_global_norm():
 
 
 def test_make_optimizer_errors():
-    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
-        make_optimizer("adam", 0.1)
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
+        make_optimizer("adagrad", 0.1)
     with pytest.raises(ValueError, match="grad_clip_norm must be positive"):
         make_optimizer("sgd", 0.1, grad_clip_norm=0.0)
     with pytest.raises(ValueError, match="norm_decay must be one of"):
