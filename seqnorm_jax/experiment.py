@@ -84,6 +84,7 @@ ANALYSIS_KEYS = {
     "tune": ("batch_groups", "channel_groups", "tolerance", "metric", "norm_fields"),
 }
 SMOKE_STEPS = 2
+_FLUCT_KEYS = ("bn_mean_fluct", "bn_std_fluct", "en_mean_fluct", "en_std_fluct")
 
 
 def environment() -> dict[str, Any]:
@@ -585,7 +586,7 @@ def _kind_summary(exp: Experiment, rs: list[dict[str, Any]]) -> dict[str, Any]:
     elif exp.kind == "fluctuation":
         per_layer = [r["fluctuation"]["summary"] for r in rs]
         for i, layer in enumerate(per_layer[0]):
-            for key in ("bn_mean_fluct", "bn_std_fluct", "en_mean_fluct", "en_std_fluct"):
+            for key in _FLUCT_KEYS:
                 m, s = _mean_std([p[i][key] for p in per_layer])
                 out[f"layer{i}_{key}_mean"], out[f"layer{i}_{key}_std"] = m, s
     elif exp.kind == "example_weight":
@@ -650,8 +651,8 @@ def _fluctuation_table(summary_runs: list[dict[str, Any]]) -> str:
     for label, rows in summary_runs:
         for i, layer in enumerate(rows):
             lines.append(f"| {label} | {layer['layer']} | " + " | ".join(
-                f"{layer[k + '_mean']:.4g} +- {layer[k + '_std']:.2g}" for k in (
-                    "bn_mean_fluct", "bn_std_fluct", "en_mean_fluct", "en_std_fluct")) + " |")
+                f"{layer[k + '_mean']:.4g} +- {layer[k + '_std']:.2g}" for k in _FLUCT_KEYS)
+                + " |")
     return "\n".join(lines)
 
 
@@ -694,17 +695,13 @@ def _write(exp, out_dir, records, seconds, command, env=None,
                                 smooth=int(exp.analysis.get("smooth", 1)))
         plots.append("landscape.png")
     elif exp.kind == "fluctuation":
-        rows = []
-        for lab, rs in by_label.items():
-            layers = rs[0]["fluctuation"]["summary"]
-            merged = []
-            for i, layer in enumerate(layers):
-                item = {"layer": layer["layer"]}
-                for key in ("bn_mean_fluct", "bn_std_fluct", "en_mean_fluct", "en_std_fluct"):
-                    item[key + "_mean"], item[key + "_std"] = _mean_std(
-                        [r["fluctuation"]["summary"][i][key] for r in rs])
-                merged.append(item)
-            rows.append((lab, merged))
+        # the per-layer means and stds over seeds that _kind_summary put in the summary
+        rows = [(row["label"],
+                 [{"layer": layer["layer"],
+                   **{f"{key}_{stat}": row[f"layer{i}_{key}_{stat}"]
+                      for key in _FLUCT_KEYS for stat in ("mean", "std")}}
+                  for i, layer in enumerate(by_label[row["label"]][0]["fluctuation"]["summary"])])
+                for row in summary]
         extra_md = "\n\n## Statistics fluctuation (std over steps; mean +- std over seeds)\n\n" \
             + _fluctuation_table(rows)
         with open(os.path.join(out_dir, "fluctuation.csv"), "w", newline="") as f:
