@@ -33,6 +33,7 @@ from jax import lax
 
 from seqnorm_jax import stats
 from seqnorm_jax.stats import Moments
+from jax.sharding import AxisType, PartitionSpec
 
 Array = jax.Array
 # (a, b): the per-(n, c) map x -> (x - k) * a + b, where k is a per-(n, c) (or
@@ -72,6 +73,55 @@ NORM_SETS = {
 GN_PLUS_VARIANTS = ("gn_first", "bn_first", "parallel")
 SEQ_NORM_ORDERS = ("group_first", "ghost_first")
 STD_CENTERS = ("mean_set", "pooled")
+
+
+# ----------------------------------------------------------------------------
+# meshes with Explicit axes
+# ----------------------------------------------------------------------------
+
+
+def _explicit_spec(x) -> PartitionSpec | None:
+    """The ``PartitionSpec`` of ``x`` when it is sharded over ``Explicit`` mesh axes, else None.
+
+    ``jax.make_mesh`` makes ``Explicit`` axes by default: there the sharding is part of
+    the array's type, and a reshape that splits a sharded batch axis into groups does
+    not type-check without an explicit output sharding.
+    """
+    try:
+        sharding = jax.typeof(x).sharding
+    except (AttributeError, TypeError):
+        return None
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True):
+        return None
+    explicit = {name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                if kind == AxisType.Explicit}
+    used = set()
+    for entry in sharding.spec:
+        used.update(entry if isinstance(entry, tuple) else (entry,))
+    return sharding.spec if explicit & used else None
+
+
+def _any_mesh(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``fn`` on ``Auto`` axes when its input is sharded over ``Explicit`` ones.
+
+    Inside, XLA partitions the group reshapes and reductions exactly as on an ``Auto``
+    mesh (the same collectives: ``tests/test_hlo_collectives.py``); the output keeps
+    the input's sharding and the running-statistics targets come back replicated.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        spec = _explicit_spec(x)
+        if spec is None:
+            return fn(x, *args, **kwargs)
+        arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+        rest = {k: v for k, v in kwargs.items() if k not in arrays}
+        out = (spec, PartitionSpec()) if kwargs.get("return_stats") else spec
+        run = lambda x, args, arrays: fn(x, *args, **rest, **arrays)
+        return jax.sharding.auto_axes(run, out_sharding=out)(x, args, arrays)
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------
@@ -313,6 +363,7 @@ def _output(y, update, return_stats):
 # ----------------------------------------------------------------------------
 
 
+@_any_mesh
 def batch_group_norm(
     x: Array,
     scale: Array | None = None,
@@ -370,6 +421,7 @@ def batch_group_norm(
     return _output(y, update, return_stats)
 
 
+@_any_mesh
 def batch_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *, epsilon: float = 1e-5,
     axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
@@ -387,6 +439,7 @@ def batch_norm(
     )
 
 
+@_any_mesh
 def ghost_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     batch_groups: int | None = None, ghost_size: int | None = None,
@@ -411,6 +464,7 @@ def ghost_norm(
     )
 
 
+@_any_mesh
 def bgn(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     num_groups: int | None = None, group_size: int | None = None, epsilon: float = 1e-5,
@@ -435,6 +489,7 @@ def bgn(
     )
 
 
+@_any_mesh
 def group_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     num_groups: int | None = 32, group_size: int | None = None, epsilon: float = 1e-6,
@@ -455,6 +510,7 @@ def group_norm(
     return _finish(x, _normalizer(_sample_set(m, g), epsilon, k), k, scale, bias, axis, dtype)
 
 
+@_any_mesh
 def seq_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     channel_groups: int | None = None, channel_group_size: int | None = None,
@@ -507,6 +563,7 @@ def seq_norm(
     return _output(y, update, return_stats)
 
 
+@_any_mesh
 def heterologous_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     mean_set: str = "batch", std_set: str = "extended", mean_groups: int = 1,
@@ -590,6 +647,7 @@ def heterologous_norm(
     return _output(y, update, return_stats)
 
 
+@_any_mesh
 def gn_plus(
     x: Array, scale: Array | None = None, bias: Array | None = None,
     mixing: Array | float = 1.0, *, num_groups: int | None = 32, group_size: int | None = None,
@@ -647,6 +705,7 @@ def gn_plus(
     return _output(y, update, return_stats)
 
 
+@_any_mesh
 def noisy_batch_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     noise_std: float = 3e-4, rng: Array | None = None, epsilon: float = 1e-5, axis: int = -1,

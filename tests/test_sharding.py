@@ -5,7 +5,12 @@ fake CPU devices (tests/conftest.py) must give, for every layer, the outputs, in
 parameter gradients and ``batch_stats`` of the same layer on one device, with ghost
 groups equal to, a multiple of and a divisor of the device count, and one group
 (SyncBN). No ``axis_name`` is involved: XLA partitions the statistics itself.
+
+Every test runs on the three meshes users meet: ``distributed.data_mesh`` (``AxisType.Auto``),
+``jax.make_mesh`` with its default ``Explicit`` axes, and the same under ``jax.set_mesh``.
 """
+
+import contextlib
 
 import functools
 
@@ -16,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AxisType
 
 import seqnorm_jax as snj
 from seqnorm_jax import distributed
@@ -25,10 +31,21 @@ TOL = dict(atol=2e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=5e-5, rtol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def mesh():
+MESHES = ["auto", "explicit", "explicit_set_mesh"]
+
+
+@pytest.fixture(scope="module", params=MESHES)
+def mesh(request):
+    """The mesh, with ``jax.set_mesh`` active for the test in the ``explicit_set_mesh`` case."""
     assert jax.device_count() >= N_DEV, "tests/conftest.py sets 4 CPU devices"
-    return distributed.data_mesh(jax.devices()[:N_DEV])
+    devices = jax.devices()[:N_DEV]
+    if request.param == "auto":
+        m = distributed.data_mesh(devices)
+    else:
+        m = jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Explicit,), devices=devices)
+    ctx = jax.set_mesh(m) if request.param == "explicit_set_mesh" else contextlib.nullcontext()
+    with ctx:
+        yield m
 
 
 def batch(shape=(16, 3, 3, 8), seed=0):
