@@ -41,6 +41,7 @@ __all__ = [
     "PRESETS",
     "Preprocess",
     "center_crop",
+    "center_crop_geometry",
     "cutout",
     "normalize",
     "pad_and_crop",
@@ -251,18 +252,33 @@ def center_crop(image: np.ndarray, size: int = 224, resize_size: int = 256) -> n
     torchvision's ``Resize``); the crop's offset is ``round((side - size) / 2)``.
     """
     image = _check_image(image, "center_crop")
+    new_h, new_w, top, left = center_crop_geometry(image.shape[0], image.shape[1], size,
+                                                   resize_size)
+    image = resize(image, new_h, new_w)
+    return image[top:top + size, left:left + size]
+
+
+def center_crop_geometry(height: int, width: int, size: int = 224,
+                         resize_size: int = 256) -> tuple[int, int, int, int]:
+    """Where :func:`center_crop` resizes to and crops: ``(new_h, new_w, top, left)``.
+
+    The shorter side becomes ``resize_size``, the longer one is scaled by the
+    same factor and truncated to an int (torchvision's ``Resize``); the crop's
+    offsets in the resized image are ``round((new_side - size) / 2)``.
+
+    Raises:
+      ValueError: unless ``0 < size <= resize_size``.
+    """
     if not 0 < size <= resize_size:
         raise ValueError(f"center_crop: need 0 < `size` <= `resize_size`, got size={size}, "
                          f"resize_size={resize_size}.")
-    h, w = image.shape[:2]
-    if h <= w:
-        new_h, new_w = resize_size, int(resize_size * w / h)
+    if height <= width:
+        new_h, new_w = resize_size, int(resize_size * width / height)
     else:
-        new_h, new_w = int(resize_size * h / w), resize_size
-    image = resize(image, new_h, new_w)
+        new_h, new_w = int(resize_size * height / width), resize_size
     top = int(round((new_h - size) / 2.0))
     left = int(round((new_w - size) / 2.0))
-    return image[top:top + size, left:left + size]
+    return new_h, new_w, top, left
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
@@ -273,12 +289,18 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
       mean, std: per-channel constants in the ``[0, 1]`` scale (``DatasetInfo``'s).
     """
     image = _check_image(image, "normalize")
+    shapes = np.shape(mean), np.shape(std)
+    if shapes != ((image.shape[-1],),) * 2:
+        raise ValueError(f"normalize: `mean` and `std` need one value per channel "
+                         f"({image.shape[-1]}), got {shapes[0]} and {shapes[1]}.")
+    return _normalize(image, mean, std)
+
+
+def _normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """:func:`normalize` of any ``(..., C)`` array, unchecked (also whole batches)."""
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
-    if mean.shape != (image.shape[-1],) or std.shape != (image.shape[-1],):
-        raise ValueError(f"normalize: `mean` and `std` need one value per channel "
-                         f"({image.shape[-1]}), got {mean.shape} and {std.shape}.")
-    return (image.astype(np.float32) * np.float32(1 / 255) - mean) / std
+    return (images.astype(np.float32) * np.float32(1 / 255) - mean) / std
 
 
 class Preprocess:
@@ -286,8 +308,18 @@ class Preprocess:
 
     A picklable callable (so Grain worker processes can run it):
     ``fn(example, rng)`` in training (random augmentation), ``fn(example)`` in
-    evaluation. ``example`` is ``{"image": uint8 HWC, "label": int}``; the result
-    is ``{"image": float32 HWC, "label": np.int32}``.
+    evaluation. ``example`` is ``{"image": ..., "label": int}`` where the image
+    is a uint8 ``(H, W, C)`` (or ``(H, W)``) array or the encoded bytes of one
+    (JPEG, PNG, ...); the result is ``{"image": float32 HWC, "label": np.int32}``,
+    or a uint8 image with ``normalize=False``.
+
+    The ``"imagenet"`` preset runs :func:`~seqnorm_jax.data.imagenet.random_resized_crop_flip`
+    (training) or :func:`~seqnorm_jax.data.imagenet.resize_center_crop`
+    (evaluation): Pillow decoding (reduced-size for JPEG bytes when the crop
+    allows), crop and resize in one step. Their crop boxes are those of
+    :func:`random_resized_crop` / :func:`center_crop`; the pixels differ from
+    those NumPy references by Pillow's resampling (see
+    :mod:`seqnorm_jax.data.imagenet`). Other presets decode bytes in full first.
 
     Args:
       preset: one of :data:`PRESETS`.
@@ -300,39 +332,69 @@ class Preprocess:
       pad_mode: ``"zero"`` or ``"reflect"``.
       cutout_size: Cutout square side (``"flip_crop_cutout"``).
       crop_size, resize_size: ImageNet crop and evaluation resize sizes.
+      normalize: normalise on the host (float32 out), or hand over uint8 images
+        to normalise on the device with :func:`~seqnorm_jax.data.normalize_on_device`.
+        Cutout then fills its square with the mean colour rounded to uint8
+        (``round(255 * mean)``), which normalises to within ``0.5 / (255 * std)``
+        of the exact 0 (under 0.01 for the supported datasets).
     """
 
     def __init__(self, preset: str, mean: Sequence[float], std: Sequence[float],
                  image_shape: Sequence[int], *, train: bool, pad: int = 4,
                  pad_mode: str = "zero", cutout_size: int = 16, crop_size: int = 224,
-                 resize_size: int = 256):
+                 resize_size: int = 256, normalize: bool = True):
         if preset not in PRESETS:
             raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}.")
         self.preset = preset
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.image_shape = tuple(int(d) for d in image_shape)
+        if len(self.image_shape) != 3 or len(self.mean) != self.image_shape[-1] \
+                or len(self.std) != self.image_shape[-1]:
+            raise ValueError(f"Preprocess: `image_shape` must be (H, W, C) and `mean`/`std` "
+                             f"need C values each, got image_shape={self.image_shape}, "
+                             f"{len(self.mean)} means and {len(self.std)} stds.")
         self.train = bool(train)
         self.pad = pad
         self.pad_mode = pad_mode
         self.cutout_size = cutout_size
         self.crop_size = crop_size
         self.resize_size = resize_size
+        self.normalize = bool(normalize)
 
     def __repr__(self) -> str:
-        return f"Preprocess(preset={self.preset!r}, train={self.train})"
+        return (f"Preprocess(preset={self.preset!r}, train={self.train}, "
+                f"normalize={self.normalize})")
+
+    @property
+    def per_example(self) -> bool:
+        """Whether examples need individual work (random augmentation, decoding, cropping).
+
+        When False, :meth:`batch` transforms a whole stacked batch at once.
+        """
+        return self.preset == "imagenet" or (self.train and self.preset != "none")
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        image = np.asarray(example["image"])
-        if image.ndim == 2:
-            image = image[..., None]
+        from seqnorm_jax.data import imagenet
+
+        image = example["image"]
+        channels = self.image_shape[-1]
+        if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
+            if self.preset != "imagenet":
+                image = imagenet.decode_image(image, channels)
+        else:
+            image = np.asarray(image)
+            if image.ndim == 2:
+                image = image[..., None]
         if self.train and self.preset != "none" and rng is None:
             raise ValueError(f"Preprocess(preset={self.preset!r}, train=True) needs an `rng`.")
         if self.preset == "imagenet":
             if self.train:
-                image = random_flip(random_resized_crop(image, rng, self.crop_size), rng)
+                image = imagenet.random_resized_crop_flip(image, rng, self.crop_size,
+                                                          channels=channels)
             else:
-                image = center_crop(image, self.crop_size, self.resize_size)
+                image = imagenet.resize_center_crop(image, self.crop_size, self.resize_size,
+                                                    channels=channels)
         elif self.train and self.preset in ("flip_crop", "flip_crop_cutout"):
             image = random_flip(pad_and_crop(image, rng, self.pad, self.pad_mode), rng)
         if image.shape != self.image_shape:
@@ -340,7 +402,38 @@ class Preprocess:
                 f"an image of shape {image.shape} reached batching, expected "
                 f"{self.image_shape}; variable-size images (ImageNet) need augment='imagenet', "
                 f"which crops them to {self.image_shape[:2]}.")
-        image = normalize(image, self.mean, self.std)
+        if self.normalize:
+            image = normalize(image, self.mean, self.std)
+            fill = 0.0
+        else:
+            fill = np.rint(np.asarray(self.mean) * 255).astype(np.uint8)
         if self.train and self.preset == "flip_crop_cutout":
-            image = cutout(image, rng, self.cutout_size, fill=0.0)
+            image = cutout(image, rng, self.cutout_size, fill=fill)
         return {"image": image, "label": np.int32(example["label"])}
+
+    def batch(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        """The evaluation transform of a whole batch (presets without per-example work).
+
+        Args:
+          images: uint8 ``(B, H, W, C)``.
+          labels: integer ``(B,)``.
+
+        Returns:
+          ``{"image", "label"}`` equal to stacking :meth:`__call__`'s results.
+
+        Raises:
+          ValueError: this preset needs per-example work (:attr:`per_example`), or
+            the images do not have ``image_shape``.
+        """
+        if self.per_example:
+            raise ValueError(f"Preprocess(preset={self.preset!r}, train={self.train}) works "
+                             f"example by example; call it on each example instead of "
+                             f"Preprocess.batch.")
+        if images.shape[1:] != self.image_shape:
+            raise ValueError(
+                f"images of shape {images.shape[1:]} reached batching, expected "
+                f"{self.image_shape}; variable-size images (ImageNet) need augment='imagenet', "
+                f"which crops them to {self.image_shape[:2]}.")
+        if self.normalize:
+            images = _normalize(images, self.mean, self.std)
+        return {"image": images, "label": np.asarray(labels, dtype=np.int32)}

@@ -3,20 +3,41 @@
 :func:`make_loader` builds one epoch of one process's batches as a
 ``grain.MapDataset`` pipeline::
 
-    MapDataset.source(src)                 # or the non-i.i.d. order, see below
-      .shuffle(seed=f(seed, epoch))        # training only
-      .random_map(Preprocess, seed=g(seed, epoch))   # .map(...) in evaluation
+    MapDataset.source(SubsetSource(src, order))     # the epoch's order, see below
+      .random_map(Preprocess, seed=g(seed, epoch))   # .map(...) without random ops
       .batch(batch_size, drop_remainder)
       [: steps * shard_count]              # equal step counts on every process
       [shard_index::shard_count]           # this process's batches
       [start_step:]                        # resume mid-epoch
 
+The order is the source's in evaluation and, in training, the permutation
+``np.random.default_rng(np.random.SeedSequence([seed, epoch, 0])).permutation(len(src))``
+(or the non-i.i.d. order, see below).
+
+Whole-array batches: when no example needs work of its own (no random
+augmentation: the ``"none"`` preset, or evaluation of the CIFAR presets) and
+the source is held in memory (an :class:`~seqnorm_jax.data.ArraySource`, or
+subsets and paddings of one), the pipeline is instead
+``MapDataset.range(chunks).map(gather)``: each batch is one fancy-index gather
+of the epoch's order from the image array, normalised as a whole
+(:meth:`Preprocess.batch`). The batches are the same values as the
+per-example pipeline's, without per-example Python.
+
 Determinism: the batches are a function of ``(src, seed, epoch)`` and the
-arguments only: the shuffle and each example's augmentation generator are
+arguments only: the order and each example's augmentation generator are
 derived from ``np.random.SeedSequence([seed, epoch, stream])`` and the
 example's position in the epoch, so rebuilding the loader with
 ``start_step=k`` gives exactly the batches ``k, k + 1, ...`` of the epoch,
-without producing the first ``k`` (a ``MapDataset`` slice is lazy).
+without producing the first ``k`` (a ``MapDataset`` slice is lazy), with or
+without worker processes.
+
+Workers: ``num_workers=None`` (the default) starts Grain worker processes, one
+per CPU core available to this process, for the presets that decode and crop
+every image (``"imagenet"``: about 2-4 ms of Pillow work per image), and none
+otherwise (the CIFAR/MNIST presets run at tens of thousands of images per
+second per core, faster than a worker could hand them over). Each worker
+produces whole batches. Device transfer ahead of the step is
+:func:`~seqnorm_jax.data.prefetch_to_device`'s job.
 
 Sharding (multi-host data parallelism): ``batch_size`` is the per-process
 batch. The epoch is one sequence of ``batch_size`` chunks; process ``p`` of
@@ -48,13 +69,14 @@ loader with ``drop_remainder=True``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import grain
 import numpy as np
 
 from seqnorm_jax.data.augment import PRESETS, Preprocess
-from seqnorm_jax.data.sources import Source, SubsetSource
+from seqnorm_jax.data.sources import Source, SubsetSource, in_memory_view, pad_images
 
 __all__ = ["Loader", "make_loader", "non_iid_indices", "steps_per_epoch"]
 
@@ -166,6 +188,34 @@ def non_iid_indices(labels: np.ndarray, *, batch_size: int, classes_per_batch: i
     return out.reshape(-1)
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class _ArrayBatches:
+    """Batch ``b`` of an in-memory epoch: one gather of its rows, preprocessed as a whole.
+
+    Picklable (module-level class), so Grain worker processes can run it.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, pad: int,
+                 batch_size: int, preprocess: Preprocess):
+        self.images = images
+        self.labels = labels
+        self.rows = rows
+        self.pad = pad
+        self.batch_size = batch_size
+        self.preprocess = preprocess
+
+    def __call__(self, b) -> dict:
+        rows = self.rows[int(b) * self.batch_size:(int(b) + 1) * self.batch_size]
+        return self.preprocess.batch(pad_images(self.images[rows], self.pad), self.labels[rows])
+
+
 class Loader:
     """One epoch of one process's batches; iterate it, or index :attr:`dataset`.
 
@@ -180,14 +230,17 @@ class Loader:
       num_workers: Grain worker processes used by iteration (0: in this thread).
         With workers, Grain 0.2.x reads absl flags, so iteration marks them as
         parsed (with their defaults) when the program has not parsed them.
+      whole_batches: whether batches are gathered as whole arrays (see the
+        module docstring) rather than assembled example by example.
     """
 
     def __init__(self, dataset: grain.MapDataset, steps_per_epoch: int, start_step: int,
-                 num_workers: int):
+                 num_workers: int, whole_batches: bool = False):
         self.dataset = dataset
         self.steps_per_epoch = steps_per_epoch
         self.start_step = start_step
         self.num_workers = num_workers
+        self.whole_batches = whole_batches
 
     def __len__(self) -> int:
         """Batches left in the epoch: ``steps_per_epoch - start_step``."""
@@ -209,14 +262,14 @@ class Loader:
 
     def __repr__(self) -> str:
         return (f"Loader(steps_per_epoch={self.steps_per_epoch}, start_step={self.start_step}, "
-                f"num_workers={self.num_workers})")
+                f"num_workers={self.num_workers}, whole_batches={self.whole_batches})")
 
 
 def make_loader(src: Source, *, batch_size: int, train: bool, seed: int = 0, epoch: int = 0,
                 augment: str = "none", drop_remainder: bool | None = None,
                 shard_index: int | None = None, shard_count: int | None = None,
-                non_iid_classes: int | None = None, num_workers: int = 0,
-                start_step: int = 0) -> Loader:
+                non_iid_classes: int | None = None, num_workers: int | None = None,
+                start_step: int = 0, normalize: bool = True) -> Loader:
     """One epoch of batches of ``src`` for this process (see the module docstring).
 
     Args:
@@ -236,9 +289,13 @@ def make_loader(src: Source, *, batch_size: int, train: bool, seed: int = 0, epo
       non_iid_classes: ``k`` to draw each global batch from ``k`` random classes
         (training only; always drops the remainder).
       num_workers: Grain worker processes (0: produce batches in the iterating
-        thread).
+        thread); ``None``: one per available CPU core for the ``"imagenet"``
+        preset, 0 for the others (see the module docstring).
       start_step: the first batch to produce (``0 <= start_step <=
         steps_per_epoch``), for an exact resume mid-epoch.
+      normalize: float32 images normalised with ``src.info.mean``/``std`` (True),
+        or uint8 images (a quarter of the bytes to move to the device) for
+        :func:`~seqnorm_jax.data.normalize_on_device` inside the jitted step.
 
     Returns:
       A :class:`Loader`.
@@ -254,7 +311,8 @@ def make_loader(src: Source, *, batch_size: int, train: bool, seed: int = 0, epo
         raise ValueError("batch_size must be a positive int, got 0.")
     seed = _check_nonneg_int(seed, "seed")
     epoch = _check_nonneg_int(epoch, "epoch")
-    num_workers = _check_nonneg_int(num_workers, "num_workers")
+    if num_workers is not None:
+        num_workers = _check_nonneg_int(num_workers, "num_workers")
     start_step = _check_nonneg_int(start_step, "start_step")
     shard_index, shard_count = _resolve_shards(shard_index, shard_count)
     preset = src.info.default_augment if augment == "default" else augment
@@ -276,27 +334,43 @@ def make_loader(src: Source, *, batch_size: int, train: bool, seed: int = 0, epo
         rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, _NON_IID]))
         order = non_iid_indices(src.labels, batch_size=global_batch,
                                 classes_per_batch=non_iid_classes, num_batches=steps, rng=rng)
-        ds = grain.MapDataset.source(SubsetSource(src, order))
     else:
         steps = steps_per_epoch(src, batch_size, drop_remainder, shard_count,
                                 shard_index=shard_index)
-        ds = grain.MapDataset.source(src)
+        order = None
         if train:
-            ds = ds.shuffle(seed=_derived_seed(seed, epoch, _SHUFFLE))
+            rng = np.random.default_rng(np.random.SeedSequence([seed, epoch, _SHUFFLE]))
+            order = rng.permutation(len(src))
     if start_step > steps:
         raise ValueError(f"start_step={start_step} is past the end of the epoch "
                          f"({steps} steps).")
 
     info = src.info
-    preprocess = Preprocess(preset, info.mean, info.std, info.image_shape, train=train)
-    if train and preset != "none":
-        ds = ds.random_map(preprocess, seed=_derived_seed(seed, epoch, _AUGMENT))
+    preprocess = Preprocess(preset, info.mean, info.std, info.image_shape, train=train,
+                            normalize=normalize)
+    view = None if preprocess.per_example else in_memory_view(src)
+    if view is not None:
+        root, rows, pad = view
+        if order is not None:
+            rows = order if rows is None else rows[order]
+        elif rows is None:
+            rows = np.arange(len(src))
+        examples = len(rows)
+        chunks = examples // batch_size if drop_remainder else -(-examples // batch_size)
+        ds = grain.MapDataset.range(chunks).map(
+            _ArrayBatches(root.images, root.labels, rows, pad, batch_size, preprocess))
     else:
-        ds = ds.map(preprocess)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+        ds = grain.MapDataset.source(src if order is None else SubsetSource(src, order))
+        if preprocess.per_example and train:
+            ds = ds.random_map(preprocess, seed=_derived_seed(seed, epoch, _AUGMENT))
+        else:
+            ds = ds.map(preprocess)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if drop_remainder:
         ds = ds[: steps * shard_count]
     if shard_count > 1:
         ds = ds[shard_index::shard_count]
     ds = ds[start_step:]
-    return Loader(ds, steps, start_step, num_workers)
+    if num_workers is None:
+        num_workers = available_cpus() if preset == "imagenet" else 0
+    return Loader(ds, steps, start_step, num_workers, whole_batches=view is not None)

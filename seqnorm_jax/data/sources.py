@@ -59,6 +59,8 @@ from seqnorm_jax.data.info import DatasetInfo, dataset_info
 __all__ = [
     "ArraySource",
     "DatasetNotFoundError",
+    "IMAGE_EXTENSIONS",
+    "ImageFolderSource",
     "Source",
     "SubsetSource",
     "TfdsSource",
@@ -67,6 +69,8 @@ __all__ = [
     "parse_split",
     "stratified_holdout",
     "DEFAULT_IDX_DIRS",
+    "in_memory_view",
+    "pad_images",
 ]
 
 SPLITS = ("train", "test", "validation", "train_minus_val")
@@ -172,9 +176,11 @@ class TfdsSource(Source):
 
     def _get(self, index: int) -> dict:
         record = self.data_source[index]
-        image = np.asarray(record["image"], dtype=np.uint8)
-        if image.ndim == 2:
-            image = image[..., None]
+        image = record["image"]
+        if not isinstance(image, (bytes, np.bytes_)):  # decoded, not tfds.decode.SkipDecoding
+            image = np.asarray(image, dtype=np.uint8)
+            if image.ndim == 2:
+                image = image[..., None]
         return {"image": image, "label": int(record["label"])}
 
     def _all_labels(self) -> np.ndarray:
@@ -195,6 +201,64 @@ class TfdsSource(Source):
                 records = [self.data_source[i] for i in range(start, stop)]
             out[start:stop] = [int(r["label"]) for r in records]
         return out
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class ImageFolderSource(Source):
+    """Encoded image files in one sub-directory per class (``root/<class>/<file>``).
+
+    The layout of ImageNet's extracted training archive. Classes are the
+    sub-directory names in sorted order (label ``k`` is the ``k``-th); files
+    (extensions in :data:`IMAGE_EXTENSIONS`, any case) are listed in sorted
+    order within each class. ``src[i]["image"]`` is the file's bytes, decoded by
+    :class:`~seqnorm_jax.data.Preprocess` (the ``"imagenet"`` preset decodes
+    JPEGs at reduced size when the crop allows).
+
+    Args:
+      root: the directory of class sub-directories.
+      info: the dataset's :class:`DatasetInfo` (default ImageNet's); its
+        ``num_classes`` must be at least the number of sub-directories.
+
+    Raises:
+      ValueError: ``root`` has no class sub-directory with image files, or more
+        classes than ``info.num_classes``.
+    """
+
+    def __init__(self, root: str | os.PathLike, info: DatasetInfo | None = None):
+        self.root = os.fspath(root)
+        self.info = dataset_info("imagenet2012") if info is None else info
+        if not os.path.isdir(self.root):
+            raise ValueError(f"ImageFolderSource: `root` {self.root!r} is not a directory.")
+        self.classes = sorted(e.name for e in os.scandir(self.root) if e.is_dir())
+        if len(self.classes) > self.info.num_classes:
+            raise ValueError(f"ImageFolderSource: {self.root!r} has {len(self.classes)} class "
+                             f"directories but {self.info.name} has {self.info.num_classes} "
+                             f"classes; pass the `info` of a dataset with enough classes.")
+        paths, labels = [], []
+        for label, name in enumerate(self.classes):
+            folder = os.path.join(self.root, name)
+            files = sorted(f for f in os.listdir(folder)
+                           if f.lower().endswith(IMAGE_EXTENSIONS))
+            paths += [os.path.join(folder, f) for f in files]
+            labels += [label] * len(files)
+        if not paths:
+            raise ValueError(f"ImageFolderSource: no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                             f"in class sub-directories of {self.root!r}; expected "
+                             f"root/<class>/<image>.")
+        self.paths = paths
+        self._labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _get(self, index: int) -> dict:
+        with open(self.paths[index], "rb") as f:
+            return {"image": f.read(), "label": int(self._labels[index])}
+
+    def _all_labels(self) -> np.ndarray:
+        return self._labels
 
 
 class SubsetSource(Source):
@@ -234,8 +298,7 @@ class _PaddedSource(Source):
 
     def _get(self, index: int) -> dict:
         ex = self.parent[index]
-        p = self.pad
-        return {"image": np.pad(ex["image"], ((p, p), (p, p), (0, 0))), "label": ex["label"]}
+        return {"image": pad_images(ex["image"], self.pad), "label": ex["label"]}
 
     def _all_labels(self) -> np.ndarray:
         return self.parent.labels
@@ -306,15 +369,18 @@ def stratified_holdout(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- readers
 
 
-def _tfds_source(info: DatasetInfo, base: str, data_dir) -> tuple[Source | None, str]:
+def _tfds_source(info: DatasetInfo, base: str, data_dir,
+                 decode: bool = True) -> tuple[Source | None, str]:
     """(source, "") or (None, why not)."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
         return None, f"tensorflow-datasets is not importable ({e})"
     split = info.tfds_test_split if base == "test" else "train"
+    decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
     try:
-        ds = tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False)
+        ds = tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False,
+                              decoders=decoders)
     except Exception as e:  # noqa: BLE001 -- TFDS raises many types for "not prepared"
         where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -403,14 +469,15 @@ def _how_to_get(info: DatasetInfo) -> list[str]:
     return ways
 
 
-def _open(info: DatasetInfo, base: str, data_dir, source: str) -> Source:
+def _open(info: DatasetInfo, base: str, data_dir, source: str, decode: bool = True) -> Source:
     if source != "auto" and source not in info.sources:
         raise ValueError(f"source {source!r} cannot read {info.name}; its sources are "
                          f"{info.sources} (or 'auto').")
     tried = info.sources if source == "auto" else (source,)
     reasons = []
     for s in tried:
-        src, why = _READERS[s](info, base, data_dir)
+        src, why = (_tfds_source(info, base, data_dir, decode) if s == "tfds"
+                    else _READERS[s](info, base, data_dir))
         if src is not None:
             return src
         reasons.append(f"  - {s}: {why}")
@@ -422,7 +489,7 @@ def _open(info: DatasetInfo, base: str, data_dir, source: str) -> Source:
 
 def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
          source: str = "auto", validation_size: int | None = None, seed: int = 0,
-         pad: int = 0) -> Source:
+         pad: int = 0, decode: bool = True) -> Source:
     """Open a split of a dataset as a random-access :class:`Source`.
 
     Args:
@@ -438,6 +505,10 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
       seed: seed of the validation hold-out (nothing else).
       pad: zero pixels added on every side of every image (e.g. ``pad=4`` turns
         digits' 8x8 into 16x16); ``src.info.image_shape`` includes it.
+      decode: ``False`` leaves TFDS images encoded (``tfds.decode.SkipDecoding``):
+        ``src[i]["image"]`` is then the stored JPEG/PNG bytes, which the
+        ``"imagenet"`` preset decodes at reduced size when its crop allows (the
+        fast way to read ImageNet). Sources other than TFDS always decode.
 
     Returns:
       A :class:`Source`; ``src[i]`` is ``{"image": uint8 (H, W, C), "label": int}``.
@@ -458,7 +529,9 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
     if validation_size is not None and base not in ("validation", "train_minus_val"):
         raise ValueError(f"validation_size applies to the 'validation' and 'train_minus_val' "
                          f"splits, not {base!r}; drop it or pick one of those splits.")
-    src = _open(info, base, data_dir, source)
+    if pad and not decode:
+        raise ValueError("pad needs decoded images; drop pad or leave decode=True.")
+    src = _open(info, base, data_dir, source, bool(decode))
     if base in ("validation", "train_minus_val"):
         size = info.validation_size if validation_size is None else validation_size
         held = stratified_holdout(src.labels, size, seed)
@@ -501,15 +574,40 @@ def load_arrays(name: str, split: str, **kwargs) -> tuple[np.ndarray, np.ndarray
     return images, labels
 
 
+def in_memory_view(src: Source) -> tuple[ArraySource, np.ndarray | None, int] | None:
+    """How a source built on an :class:`ArraySource` maps onto its arrays, or ``None``.
+
+    Returns:
+      ``(root, rows, pad)``: ``src[i]`` is example ``rows[i]`` of ``root``
+      (``rows`` is ``None`` for all of them in order), zero-padded by ``pad``
+      pixels on every side. Lets whole batches be gathered with one fancy index.
+    """
+    if isinstance(src, ArraySource):
+        return src, None, 0
+    if isinstance(src, SubsetSource):
+        parent = in_memory_view(src.parent)
+        if parent is None:
+            return None
+        root, rows, pad = parent  # padding commutes with picking examples
+        return root, src.indices if rows is None else rows[src.indices], pad
+    if isinstance(src, _PaddedSource):
+        parent = in_memory_view(src.parent)
+        return None if parent is None else (parent[0], parent[1], parent[2] + src.pad)
+    return None
+
+
+def pad_images(images: np.ndarray, pad: int) -> np.ndarray:
+    """Zero-pad ``(..., H, W, C)`` images by ``pad`` pixels on each side of H and W."""
+    if not pad:
+        return images
+    widths = [(0, 0)] * (images.ndim - 3) + [(pad, pad), (pad, pad), (0, 0)]
+    return np.pad(images, widths)
+
+
 def _in_memory_images(src: Source) -> np.ndarray | None:
     """The images of a source built on an :class:`ArraySource`, without a per-example loop."""
-    if isinstance(src, ArraySource):
-        return src.images
-    if isinstance(src, SubsetSource):
-        parent = _in_memory_images(src.parent)
-        return None if parent is None else parent[src.indices]
-    if isinstance(src, _PaddedSource):
-        parent = _in_memory_images(src.parent)
-        p = src.pad
-        return None if parent is None else np.pad(parent, ((0, 0), (p, p), (p, p), (0, 0)))
-    return None
+    view = in_memory_view(src)
+    if view is None:
+        return None
+    root, rows, pad = view
+    return pad_images(root.images if rows is None else root.images[rows], pad)
