@@ -3,11 +3,12 @@
 GhostNorm, SeqNorm, the "Four Things" batch/group normalization and example
 weighing, Heterologous Normalization, GN+ and Batch Group Normalization, as pure
 functions (:mod:`seqnorm_jax.functional`, on the statistics core
-:mod:`seqnorm_jax.stats`) and as drop-in replacements for
-``flax.linen.BatchNorm`` (:mod:`seqnorm_jax.linen`).
+:mod:`seqnorm_jax.stats`), as drop-in replacements for ``flax.linen.BatchNorm``
+and ``GroupNorm`` (:mod:`seqnorm_jax.linen`, exported here) and as Flax NNX layers
+(:mod:`seqnorm_jax.nnx`).
 """
 
-from seqnorm_jax import functional, stats
+from seqnorm_jax import functional, nnx, stats
 from seqnorm_jax.factory import norm_factory
 from seqnorm_jax.linen import (
     BGN,
@@ -36,6 +37,7 @@ __all__ = [
     "NoisyBatchNorm",
     "SeqNorm",
     "functional",
+    "nnx",
     "norm_factory",
     "stats",
 ]

@@ -1,22 +1,28 @@
-"""Flax linen modules: drop-in replacements for ``flax.linen.BatchNorm``.
+"""Flax linen modules: drop-in replacements for ``flax.linen.BatchNorm`` and ``GroupNorm``.
 
 Each module owns its parameters (``params/scale``, ``params/bias``, shape ``(C,)``)
 and, for layers with running statistics, ``batch_stats/mean`` and
 ``batch_stats/var`` (shape ``(C,)``, float32), exactly as ``flax.linen.BatchNorm``
-names them; the computation is the pure function of :mod:`seqnorm_jax.functional`.
+names them; the computation is the pure function of :mod:`seqnorm_jax.functional`,
+run by :func:`seqnorm_jax.layers_common.normalize` (shared with :mod:`seqnorm_jax.nnx`).
 
-They share flax's fields and defaults (``use_running_average`` given once, through
-the field or the call; ``axis=-1``; ``momentum=0.99``; ``epsilon=1e-5``;
-``dtype``; ``param_dtype``; ``use_bias``; ``use_scale``; ``bias_init``;
-``scale_init``; ``axis_name``; ``axis_index_groups``; ``use_fast_variance``;
-``force_float32_reductions``) and its behaviour: the running statistics are not
-updated during ``init``, and ``axis_name`` is ignored there. Differences from flax:
+The layers with running statistics have ``flax.linen.BatchNorm``'s fields, in its
+order and with its defaults (``use_running_average`` given once, through the field
+or the call; ``axis=-1``; ``momentum=0.99``; ``epsilon=1e-5``; ``dtype``;
+``param_dtype``; ``use_bias``; ``use_scale``; ``bias_init``; ``scale_init``;
+``axis_name``; ``axis_index_groups``; ``use_fast_variance``;
+``force_float32_reductions``), then their own. :class:`GroupNorm` has
+``flax.linen.GroupNorm``'s fields in its order, then ``use_running_average`` (a
+compatibility field that changes nothing). Every ``__call__`` takes
+``(x, use_running_average=None, *, mask=None, example_weight=0.0)``, and behaves as
+flax's: the running statistics are not updated during ``init``, ``axis_name`` is
+ignored there, and ``mask`` (boolean, broadcastable to ``x``) restricts the
+statistics to the entries it marks. Differences from flax:
 
 * the output is in ``dtype`` when given, else in the input's dtype (flax
   promotes a bfloat16 input with float32 parameters to float32);
 * statistics are always computed in float32 or wider, so
-  ``force_float32_reductions`` must stay True;
-* the ``mask`` argument of flax's ``__call__`` is not supported;
+  ``force_float32_reductions`` must stay True; complex inputs are not supported;
 * calls take ``example_weight`` (keyword, inference only): the "Four Things"
   blend of each example's own statistics into the running ones.
 """
@@ -24,8 +30,7 @@ updated during ``init``, and ``axis_name`` is ignored there. Differences from fl
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +38,7 @@ from flax import linen as nn
 from flax.linen import initializers
 
 from seqnorm_jax import functional as F
-from seqnorm_jax import stats
+from seqnorm_jax import layers_common as common
 
 Array = jax.Array
 Dtype = Any
@@ -61,6 +66,15 @@ def _check_float32_reductions(module: nn.Module) -> None:
         )
 
 
+def _params(module: nn.Module, c: int) -> tuple[Array | None, Array | None]:
+    """The layer's ``scale`` and ``bias`` of shape ``(C,)`` (``None`` when switched off)."""
+    scale = (module.param("scale", module.scale_init, (c,), module.param_dtype)
+             if module.use_scale else None)
+    bias = (module.param("bias", module.bias_init, (c,), module.param_dtype)
+            if module.use_bias else None)
+    return scale, bias
+
+
 class _BatchNormFields(nn.Module):
     """``flax.linen.BatchNorm``'s fields and defaults, shared by the layers with running
     statistics and by ``Identity`` (which ignores them)."""
@@ -82,24 +96,12 @@ class _BatchNormFields(nn.Module):
 
 
 class _RunningNorm(_BatchNormFields):
-    """Base of the layers that keep running statistics; see the module docstring."""
+    """Base of the layers that keep running statistics; see the module docstring.
 
-    # The layer's pure function; the fields a subclass adds are passed to it by name.
-    function: ClassVar[Callable[..., Any]]
-
-    def _normalize(self, x: Array, scale, bias, **kwargs):
-        """Call the layer's pure function with its own fields and ``return_stats=True``.
-
-        Must not create variables: it may run twice during ``init``.
-        """
-        base = {f.name for f in dataclasses.fields(_RunningNorm)}
-        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in base}
-        return type(self).function(x, scale, bias, **own, **kwargs)
-
-    def _extra_params(self) -> dict[str, Any]:
-        """Create the layer's own parameters (beyond scale and bias), passed to ``_normalize``."""
-        return {}
+    Each subclass defines ``_norm(training)``: its pure function with its own fields
+    bound (a binder of :mod:`seqnorm_jax.layers_common`); it may create the layer's
+    own parameters.
+    """
 
     @nn.compact
     def __call__(
@@ -107,6 +109,7 @@ class _RunningNorm(_BatchNormFields):
         x: Array,
         use_running_average: bool | None = None,
         *,
+        mask: Array | None = None,
         example_weight: float | Array = 0.0,
     ) -> Array:
         """Normalize ``x`` (shape ``(N, ..., C)`` with the features on ``axis``).
@@ -117,62 +120,32 @@ class _RunningNorm(_BatchNormFields):
             ``batch_stats`` (any batch size works); otherwise with the batch's,
             and move the running statistics towards them (pass
             ``mutable=["batch_stats"]`` to ``apply``).
+          mask: boolean, broadcastable to ``x``: the entries the statistics are
+            computed over (as flax's ``mask``); every entry is normalized.
           example_weight: inference only: alpha in ``[0, 1]`` of "Four Things"
             (paper 002): 0 uses the running statistics, 1 the example's own.
 
         Returns:
           The normalized input, same shape, in ``dtype`` or the input's dtype.
         """
+        who = type(self).__name__
         _check_float32_reductions(self)
+        settings = common.Settings.of(who, self)
         use_ra = nn.merge_param("use_running_average", self.use_running_average,
                                 use_running_average)
-        c = x.shape[stats.feature_axis(x.ndim, self.axis)]
+        c = common.num_features(x, self.axis)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
-        scale = (self.param("scale", self.scale_init, (c,), self.param_dtype)
-                 if self.use_scale else None)
-        bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
-        extra = self._extra_params()
-        if not use_ra and not (isinstance(example_weight, (int, float)) and example_weight == 0):
-            raise ValueError(
-                f"{type(self).__name__}: example_weight={example_weight!r} applies at inference "
-                "only; call with use_running_average=True (or leave example_weight at 0)."
-            )
-        common = dict(
-            epsilon=self.epsilon,
-            axis=self.axis,
-            use_fast_variance=self.use_fast_variance,
-            dtype=self.dtype,
-            axis_index_groups=self.axis_index_groups,
-            return_stats=True,
-            **extra,
+        scale, bias = _params(self, c)
+        norm = self._norm(training=not use_ra)
+        y, new = common.normalize(
+            who, norm, settings, x, scale, bias, common.Running(ra_mean.value, ra_var.value),
+            use_running_average=use_ra, mask=mask, example_weight=example_weight,
+            initializing=self.is_initializing(),
         )
-        inference = dict(running_mean=ra_mean.value, running_var=ra_var.value,
-                         example_weight=example_weight, axis_name=None)
-        if use_ra:
-            y, _ = self._normalize(x, scale, bias, **common, **inference)
-            return y
-        if self.is_initializing():
-            # Like flax: no axis_name and no running-statistics update during init.
-            # A dummy init batch that the grouping cannot split (e.g. batch 1 for
-            # GhostNorm(batch_groups=8)) is normalized with the initial running stats;
-            # any other bad setting raises here.
-            try:
-                y, _ = self._normalize(x, scale, bias, **common, axis_name=None)
-            except F.BatchSizeError:
-                y, _ = self._normalize(x, scale, bias, **common, **inference)
-            return y
-        y, update = self._normalize(x, scale, bias, **common, axis_name=self.axis_name)
-        ra_mean.value = stats.ema(ra_mean.value, update.mean, self.momentum)
-        ra_var.value = stats.ema(ra_var.value, update.var, self.momentum)
+        if new is not None:
+            ra_mean.value, ra_var.value = new
         return y
-
-
-def _groups(layer) -> dict[str, int | None]:
-    """``num_groups``/``group_size`` of a layer where a ``group_size`` overrides the default count."""
-    if layer.group_size is not None:
-        return {"num_groups": None, "group_size": layer.group_size}
-    return {"num_groups": layer.num_groups, "group_size": None}
 
 
 class BatchNorm(_RunningNorm):
@@ -181,7 +154,8 @@ class BatchNorm(_RunningNorm):
     Statistics per channel over the batch and spatial axes.
     """
 
-    function = staticmethod(F.batch_norm)
+    def _norm(self, training):
+        return common.batch_norm(self)
 
 
 class GhostNorm(_RunningNorm):
@@ -205,7 +179,8 @@ class GhostNorm(_RunningNorm):
     ghost_size: int | None = None
     grouping: str = "contiguous"
 
-    function = staticmethod(F.ghost_norm)
+    def _norm(self, training):
+        return common.ghost_norm(self)
 
 
 class BatchGroupNorm(_RunningNorm):
@@ -227,7 +202,8 @@ class BatchGroupNorm(_RunningNorm):
     channel_group_size: int | None = None
     grouping: str = "contiguous"
 
-    function = staticmethod(F.batch_group_norm)
+    def _norm(self, training):
+        return common.batch_group_norm(self)
 
 
 class SeqNorm(_RunningNorm):
@@ -251,7 +227,8 @@ class SeqNorm(_RunningNorm):
     order: str = "group_first"
     grouping: str = "contiguous"
 
-    function = staticmethod(F.seq_norm)
+    def _norm(self, training):
+        return common.seq_norm(self)
 
 
 class HeterologousNorm(_RunningNorm):
@@ -275,7 +252,8 @@ class HeterologousNorm(_RunningNorm):
     std_groups: int = 1
     std_center: str = "mean_set"
 
-    function = staticmethod(F.heterologous_norm)
+    def _norm(self, training):
+        return common.heterologous_norm(self)
 
 
 class GNPlus(_RunningNorm):
@@ -295,14 +273,9 @@ class GNPlus(_RunningNorm):
     variant: str = "gn_first"
     lambda_init: float = 1.0
 
-    def _extra_params(self):
+    def _norm(self, training):
         lam = self.param("lambda", initializers.constant(self.lambda_init), (), self.param_dtype)
-        return {"mixing": lam}
-
-    function = staticmethod(F.gn_plus)
-
-    def _normalize(self, x, scale, bias, mixing, **kwargs):
-        return F.gn_plus(x, scale, bias, mixing, **_groups(self), variant=self.variant, **kwargs)
+        return common.gn_plus(self, lam)
 
 
 class BGN(_RunningNorm):
@@ -317,10 +290,8 @@ class BGN(_RunningNorm):
     num_groups: int | None = 1
     group_size: int | None = None
 
-    function = staticmethod(F.bgn)
-
-    def _normalize(self, x, scale, bias, **kwargs):
-        return F.bgn(x, scale, bias, **_groups(self), **kwargs)
+    def _norm(self, training):
+        return common.bgn(self)
 
 
 class NoisyBatchNorm(_RunningNorm):
@@ -335,33 +306,32 @@ class NoisyBatchNorm(_RunningNorm):
     noise_std: float = 3e-4
     rng_collection: str = "noise"
 
-    function = staticmethod(F.noisy_batch_norm)
-
-    def _normalize(self, x, scale, bias, **kwargs):
-        training = kwargs.get("running_mean") is None
+    def _norm(self, training):
         rng = None
         if training and self.noise_std and not self.is_initializing():
             if not self.has_rng(self.rng_collection):
-                raise ValueError(
-                    f"NoisyBatchNorm: training with noise_std={self.noise_std} needs an rng: "
-                    f"pass rngs={{'{self.rng_collection}': key}} to apply."
-                )
+                raise common.noise_rng_error(
+                    "NoisyBatchNorm", self.noise_std,
+                    f"pass rngs={{'{self.rng_collection}': key}} to apply")
             rng = self.make_rng(self.rng_collection)
-        noise_std = self.noise_std if rng is not None else 0.0
-        return F.noisy_batch_norm(x, scale, bias, noise_std=noise_std, rng=rng, **kwargs)
+        return common.noisy_batch_norm(self, rng)
 
 
 class GroupNorm(nn.Module):
-    """GroupNorm, equal to ``flax.linen.GroupNorm`` (same fields and defaults).
+    """GroupNorm, equal to ``flax.linen.GroupNorm``: its fields, order, defaults and call.
 
-    Batch-independent, so it keeps no running statistics; ``use_running_average``
-    (as a field, like ``flax.linen.BatchNorm``'s, or a call argument) and
-    ``example_weight`` are accepted, so that a model written for BatchNorm
-    (``partial(norm, use_running_average=not train)``) takes it unchanged, and they
+    ``num_groups`` comes first, as in flax (``GroupNorm(8)`` is 8 groups); pass
+    ``num_groups=None`` with ``group_size``. ``reduction_axes`` (default: every axis
+    but the first), ``axis_name`` and ``axis_index_groups`` mean what they mean in
+    flax; the features are on the last axis.
+
+    Batch-independent, so it keeps no running statistics. The trailing field
+    ``use_running_average`` and the call's ``use_running_average`` and
+    ``example_weight`` are accepted so that a model written for BatchNorm
+    (``partial(norm, use_running_average=not train)``) takes it unchanged; they
     change nothing.
     """
 
-    use_running_average: bool | None = None
     num_groups: int | None = 32
     group_size: int | None = None
     epsilon: float = 1e-6
@@ -371,21 +341,28 @@ class GroupNorm(nn.Module):
     use_scale: bool = True
     bias_init: Initializer = initializers.zeros
     scale_init: Initializer = initializers.ones
-    axis: int = -1
+    reduction_axes: Any = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    use_running_average: bool | None = None
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
-                 example_weight: float | Array = 0.0) -> Array:
+                 mask: Array | None = None, example_weight: float | Array = 0.0) -> Array:
+        """Group-normalize ``x`` (features on the last axis); ``mask`` as in flax."""
+        who = type(self).__name__
         _check_float32_reductions(self)
-        c = x.shape[stats.feature_axis(x.ndim, self.axis)]
-        scale = (self.param("scale", self.scale_init, (c,), self.param_dtype)
-                 if self.use_scale else None)
-        bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else None
-        return F.group_norm(x, scale, bias, num_groups=self.num_groups,
-                            group_size=self.group_size, epsilon=self.epsilon, axis=self.axis,
-                            use_fast_variance=self.use_fast_variance, dtype=self.dtype)
+        common.check_epsilon(who, self.epsilon)
+        common.check_example_weight(who, example_weight, training=False)
+        scale, bias = _params(self, x.shape[-1])
+        return F.group_norm(
+            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+            epsilon=self.epsilon, use_fast_variance=self.use_fast_variance, dtype=self.dtype,
+            **common._given(reduction_axes=self.reduction_axes, axis_name=self.axis_name,
+                            axis_index_groups=self.axis_index_groups, mask=mask),
+        )
 
 
 class Identity(_BatchNormFields):
@@ -398,7 +375,7 @@ class Identity(_BatchNormFields):
 
     @nn.compact
     def __call__(self, x: Array, use_running_average: bool | None = None, *,
-                 example_weight: float | Array = 0.0) -> Array:
+                 mask: Array | None = None, example_weight: float | Array = 0.0) -> Array:
         return x
 
 

@@ -1,0 +1,264 @@
+"""What the linen and NNX layers share, so that both are thin holders of variables.
+
+* :class:`Settings`: the fields every layer with running statistics passes to its
+  pure function unchanged (feature axis, epsilon, dtype, devices), plus its
+  momentum, read from a layer once per call and checked;
+* one binder per layer (:func:`ghost_norm`, :func:`seq_norm`, ...): which pure
+  function of :mod:`seqnorm_jax.functional` the layer calls, with which of its own
+  fields, bound explicitly by name;
+* :func:`normalize`: the training / inference / init rule and the running-statistics
+  update (:func:`seqnorm_jax.stats.ema`);
+* the checks of call arguments (``example_weight``, ``momentum``, ``epsilon``).
+
+A layer here is any object with the named attributes: a ``flax.linen`` module
+(its dataclass fields) or a ``flax.nnx`` module (its attributes) alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from seqnorm_jax import functional as F
+from seqnorm_jax import stats
+from seqnorm_jax.stats import Moments
+
+Array = jax.Array
+# A pure function of ``functional`` with the layer's own fields bound:
+# ``norm(x, scale, bias, **Settings.kwargs(), running_mean=..., ...)``.
+Normalize = Callable[..., Any]
+
+__all__ = [
+    "Settings",
+    "Running",
+    "normalize",
+    "num_features",
+    "check_epsilon",
+    "check_example_weight",
+    "batch_norm",
+    "ghost_norm",
+    "batch_group_norm",
+    "seq_norm",
+    "heterologous_norm",
+    "gn_plus",
+    "bgn",
+    "noisy_batch_norm",
+]
+
+
+# ----------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------
+
+
+def _static_number(value: Any) -> bool:
+    """A Python or NumPy real number (not a traced or device array): checkable now."""
+    return isinstance(value, numbers.Real) and not isinstance(value, jax.Array)
+
+
+def check_epsilon(who: str, epsilon: Any) -> None:
+    """``epsilon`` must be a positive number (it keeps ``1/sqrt(var + epsilon)`` finite)."""
+    if _static_number(epsilon) and not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(
+            f"{who}: epsilon must be a positive finite number, got {epsilon!r}; it is added to "
+            "the variance before 1/sqrt, so use a small positive value such as 1e-5."
+        )
+
+
+def check_momentum(who: str, momentum: Any) -> None:
+    """``momentum`` must lie in [0, 1]: the running statistics' weight in the EMA."""
+    if _static_number(momentum) and not 0 <= momentum <= 1:
+        raise ValueError(
+            f"{who}: momentum must be in [0, 1] (the weight of the old running statistics in "
+            f"the moving average), got {momentum!r}; flax's default is 0.99 (PyTorch's "
+            "momentum m corresponds to 1 - m)."
+        )
+
+
+def check_example_weight(who: str, example_weight: Any, training: bool) -> None:
+    """``example_weight`` (alpha of "Four Things"): in [0, 1], and inference only.
+
+    Checked when it is a static number; a traced weight is the caller's to keep in range.
+    """
+    if _static_number(example_weight) and not 0 <= example_weight <= 1:
+        raise ValueError(
+            f"{who}: example_weight must be in [0, 1] (0: the running statistics, 1: the "
+            f"example's own), got {example_weight!r}; pass a weight in [0, 1]."
+        )
+    if training and not (_static_number(example_weight) and example_weight == 0):
+        raise ValueError(
+            f"{who}: example_weight={example_weight!r} applies at inference only; call with "
+            "use_running_average=True (or leave example_weight at 0)."
+        )
+
+
+def num_features(x: Array, axis: int) -> int:
+    """The number of channels ``C`` of ``x``: the size of its feature axis.
+
+    A rank-1 ``x`` is one sample of ``C`` features, as in ``flax.linen.BatchNorm``
+    (the pure function says what it accepts).
+    """
+    if x.ndim == 1 and axis in (0, -1):
+        return x.shape[0]
+    return x.shape[stats.feature_axis(x.ndim, axis)]
+
+
+def _given(**kwargs: Any) -> dict[str, Any]:
+    """TRANSITIONAL (until functional.py takes mask): the keywords that are not None."""
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------
+# the shared fields, and the training / inference rule
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The fields of a running-statistics layer that its pure function takes as they are.
+
+    ``axis_name`` is used in training only (flax's rule; inference and ``init`` are
+    local), so :func:`normalize` passes it, not :meth:`kwargs`.
+    """
+
+    axis: int
+    momentum: float
+    epsilon: float
+    dtype: Any
+    axis_name: str | None
+    axis_index_groups: Any
+    use_fast_variance: bool
+
+    @classmethod
+    def of(cls, who: str, layer: Any) -> Settings:
+        """Read a layer's settings and check them (``ValueError`` naming the field)."""
+        check_momentum(who, layer.momentum)
+        check_epsilon(who, layer.epsilon)
+        return cls(axis=layer.axis, momentum=layer.momentum, epsilon=layer.epsilon,
+                   dtype=layer.dtype, axis_name=layer.axis_name,
+                   axis_index_groups=layer.axis_index_groups,
+                   use_fast_variance=layer.use_fast_variance)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"axis": self.axis, "epsilon": self.epsilon, "dtype": self.dtype,
+                "axis_index_groups": self.axis_index_groups,
+                "use_fast_variance": self.use_fast_variance}
+
+
+class Running(NamedTuple):
+    """A layer's running statistics, ``(C,)`` float32 each."""
+
+    mean: Array
+    var: Array
+
+
+def normalize(
+    who: str,
+    norm: Normalize,
+    settings: Settings,
+    x: Array,
+    scale: Array | None,
+    bias: Array | None,
+    running: Running,
+    *,
+    use_running_average: bool,
+    mask: Array | None,
+    example_weight: float | Array,
+    initializing: bool = False,
+) -> tuple[Array, Running | None]:
+    """Run a layer: its output and its new running statistics (``None``: unchanged).
+
+    * inference (``use_running_average``): the running statistics, blended with each
+      example's own by ``example_weight``; any batch size;
+    * training: the batch's statistics (across ``axis_name`` devices), and the running
+      statistics move towards them by ``momentum``;
+    * ``initializing`` (linen's ``init``): as flax, no ``axis_name`` and no update; a
+      dummy batch the grouping cannot split (e.g. batch 1 for
+      ``GhostNorm(batch_groups=8)``) is normalized with the running statistics.
+    """
+    check_example_weight(who, example_weight, training=not use_running_average)
+    common = dict(settings.kwargs(), **_given(mask=mask), return_stats=True)
+    inference = dict(running_mean=running.mean, running_var=running.var,
+                     example_weight=example_weight, axis_name=None)
+    if use_running_average:
+        y, _ = norm(x, scale, bias, **common, **inference)
+        return y, None
+    if initializing:
+        try:
+            y, _ = norm(x, scale, bias, **common, axis_name=None)
+        except F.BatchSizeError:
+            y, _ = norm(x, scale, bias, **common, **inference)
+        return y, None
+    y, target = norm(x, scale, bias, **common, axis_name=settings.axis_name)
+    return y, Running(stats.ema(running.mean, target.mean, settings.momentum),
+                      stats.ema(running.var, target.var, settings.momentum))
+
+
+# ----------------------------------------------------------------------------
+# each layer's pure function with its own fields
+# ----------------------------------------------------------------------------
+
+
+def _groups(num_groups: int | None, group_size: int | None) -> dict[str, int | None]:
+    """``num_groups``/``group_size`` where a ``group_size`` overrides the default count."""
+    if group_size is not None:
+        return {"num_groups": None, "group_size": group_size}
+    return {"num_groups": num_groups, "group_size": None}
+
+
+def batch_norm(layer: Any) -> Normalize:
+    return F.batch_norm
+
+
+def ghost_norm(layer: Any) -> Normalize:
+    return functools.partial(F.ghost_norm, batch_groups=layer.batch_groups,
+                             ghost_size=layer.ghost_size, grouping=layer.grouping)
+
+
+def batch_group_norm(layer: Any) -> Normalize:
+    return functools.partial(F.batch_group_norm, batch_groups=layer.batch_groups,
+                             ghost_size=layer.ghost_size, channel_groups=layer.channel_groups,
+                             channel_group_size=layer.channel_group_size,
+                             grouping=layer.grouping)
+
+
+def seq_norm(layer: Any) -> Normalize:
+    return functools.partial(F.seq_norm, channel_groups=layer.channel_groups,
+                             channel_group_size=layer.channel_group_size,
+                             batch_groups=layer.batch_groups, ghost_size=layer.ghost_size,
+                             order=layer.order, grouping=layer.grouping)
+
+
+def heterologous_norm(layer: Any) -> Normalize:
+    return functools.partial(F.heterologous_norm, mean_set=layer.mean_set,
+                             std_set=layer.std_set, mean_groups=layer.mean_groups,
+                             std_groups=layer.std_groups, std_center=layer.std_center)
+
+
+def gn_plus(layer: Any, mixing: Array) -> Normalize:
+    """GN+ with the layer's learnable ``lambda`` (``mixing``)."""
+    def norm(x, scale, bias, **kwargs):
+        return F.gn_plus(x, scale, bias, mixing, variant=layer.variant,
+                         **_groups(layer.num_groups, layer.group_size), **kwargs)
+    return norm
+
+
+def bgn(layer: Any) -> Normalize:
+    return functools.partial(F.bgn, **_groups(layer.num_groups, layer.group_size))
+
+
+def noisy_batch_norm(layer: Any, rng: Array | None) -> Normalize:
+    """NoisyBatchNorm with a noise key; without one (init, inference) it adds no noise."""
+    return functools.partial(F.noisy_batch_norm, rng=rng,
+                             noise_std=layer.noise_std if rng is not None else 0.0)
+
+
+def noise_rng_error(who: str, noise_std: float, how: str) -> ValueError:
+    """The error of a NoisyBatchNorm asked to train without a noise key."""
+    return ValueError(f"{who}: training with noise_std={noise_std} needs an rng: {how}.")
