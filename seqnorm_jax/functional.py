@@ -24,6 +24,7 @@ statistics move towards (``None`` in inference mode). See
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -242,10 +243,14 @@ def _check_choice(value, choices, name, who):
 # ----------------------------------------------------------------------------
 
 
-def _normalizer(m: Moments, epsilon: float, k: Array | float = 0.0) -> Affine:
-    """The map ``x -> (x - mean) / sqrt(var + eps)`` as ``(a, b)`` around center ``k``."""
+def _normalizer(m: Moments, epsilon: float) -> Affine:
+    """The map ``x -> (x - mean) / sqrt(var + eps)`` as ``(a, b)``, for moments of ``x - k``.
+
+    ``m.mean`` is the mean *relative to the layer's center* ``k`` (see :func:`_finish`),
+    or the plain mean where the input of the map is centered at 0 already.
+    """
     a = lax.rsqrt(m.var + epsilon)
-    return a, (k - m.mean) * a
+    return a, -m.mean * a
 
 
 def _center(m: Moments) -> Array:
@@ -286,8 +291,14 @@ def _affine_pass(x: Array, k: Array, a: Array, b: Array, axis: int, dtype) -> Ar
     return y.astype(dtype)
 
 
-def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype) -> Array:
-    """Apply gamma and beta, then the single elementwise pass ``(x - k) * a + b``."""
+def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype,
+            mask: Array | None = None) -> Array:
+    """Apply gamma and beta, then the single elementwise pass ``(x - k) * a + b``.
+
+    With a ``mask``, the entries it drops are normalized like the others (as flax
+    does) but through a copy of the map that carries no gradient to the statistics or
+    the parameters, and the kept entries never read them: a NaN there stays there.
+    """
     a, b = ab
     sdt = a.dtype
     if scale is not None:
@@ -296,7 +307,14 @@ def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype) -> Ar
     if bias is not None:
         b = b + jnp.asarray(bias, sdt)
     k = jnp.asarray(k, sdt)
-    return _affine_pass(x, k, a, b, axis, jnp.dtype(x.dtype if dtype is None else dtype))
+    out = jnp.dtype(x.dtype if dtype is None else dtype)
+    if mask is None:
+        return _affine_pass(x, k, a, b, axis, out)
+    w = jnp.broadcast_to(mask, x.shape)
+    kept = _affine_pass(jnp.where(w, x, stats.expand(k, x.ndim, axis).astype(x.dtype)), k, a,
+                        b, axis, out)
+    dropped = _affine_pass(x, k, lax.stop_gradient(a), lax.stop_gradient(b), axis, out)
+    return jnp.where(w, kept, dropped)
 
 
 def _is_zero(alpha) -> bool:
@@ -318,6 +336,30 @@ def _running(x, axis, running_mean, running_var, who) -> Moments | None:
     return Moments(jnp.asarray(running_mean, dt)[None], jnp.asarray(running_var, dt)[None])
 
 
+def _check_mask(x, mask, who) -> None:
+    """flax's ``mask``: a boolean array that broadcasts to ``x``."""
+    if mask is None:
+        return
+    shape = jnp.shape(mask)
+    try:
+        ok = jnp.broadcast_shapes(shape, x.shape) == tuple(x.shape)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{who}: mask of shape {shape} does not broadcast to x of shape "
+                         f"{tuple(x.shape)}; give a boolean mask of x's shape (or one that "
+                         "broadcasts to it, e.g. (N, 1, 1, 1) to drop whole samples).")
+    if jnp.result_type(mask) != jnp.bool_:
+        raise ValueError(f"{who}: mask must be boolean (True where the statistics are taken), "
+                         f"got dtype {jnp.result_type(mask)}; pass mask.astype(bool).")
+
+
+def _check_example_weight(example_weight, who) -> None:
+    if isinstance(example_weight, (int, float)) and not 0 <= example_weight <= 1:
+        raise ValueError(f"{who}: example_weight must be in [0, 1] (0: the running "
+                         f"statistics, 1: the example's own), got {example_weight!r}.")
+
+
 def _batch_set(
     m: Moments,
     *,
@@ -328,30 +370,36 @@ def _batch_set(
     example_weight,
     axis_name,
     axis_index_groups,
+    weight: Array | None = None,
+    k: Array | None = None,
 ) -> tuple[Moments, Moments | None]:
     """Statistics of a normalization set pooled over sample groups and channel groups.
 
-    Training: pool the batch moments, and return the values for the running
-    statistics (the average over sample groups; across devices too). Inference:
-    the running statistics, blended with the example's own moments by
-    ``example_weight``, pooled over the channel groups.
+    Training: pool the batch moments (count-weighted by ``weight``), and return the
+    values for the running statistics (the average over sample groups; across devices
+    too). Inference: the running statistics, blended with the example's own moments
+    by ``example_weight``, pooled over the channel groups. The mean is relative to
+    ``k`` when given (see :func:`_normalizer`).
     """
     if running is None:
         return stats.pool_with_target(
             m, batch_groups=batch_groups, channel_groups=channel_groups, grouping=grouping,
-            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            axis_name=axis_name, axis_index_groups=axis_index_groups, weight=weight,
+            relative_to=k,
         )
     src = running
     if not _is_zero(example_weight):
         src = stats.mix(src, m, example_weight)
     if channel_groups is not None and channel_groups != src.mean.shape[1]:
-        src = stats.pool(src, batch_groups=None, channel_groups=channel_groups)
-    return src, None
+        return stats.pool(src, batch_groups=None, channel_groups=channel_groups,
+                          relative_to=k), None
+    return (src if k is None else _centered(src, k)), None
 
 
-def _sample_set(m: Moments, channel_groups: int | None) -> Moments:
+def _sample_set(m: Moments, channel_groups: int | None, weight=None, k=None) -> Moments:
     """Statistics of a per-sample normalization set (group / layer / instance norm)."""
-    return stats.pool(m, batch_groups=None, channel_groups=channel_groups)
+    return stats.pool(m, batch_groups=None, channel_groups=channel_groups, weight=weight,
+                      relative_to=k)
 
 
 def _output(y, update, return_stats):
@@ -384,6 +432,7 @@ def batch_group_norm(
     use_fast_variance: bool = True,
     dtype: Any = None,
     return_stats: bool = False,
+    mask: Array | None = None,
     _who: str = "batch_group_norm",
 ):
     """Batch/group normalization of "Four Things" (paper 002, section 4).
@@ -397,27 +446,31 @@ def batch_group_norm(
     """
     _check_input(x, _who)
     _check_choice(grouping, stats.GROUPINGS, "grouping", _who)
+    _check_mask(x, mask, _who)
+    _check_example_weight(example_weight, _who)
     running = _running(x, axis, running_mean, running_var, _who)
     g_c = _channel_groups(x, axis, channel_groups, channel_group_size, _who)
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     if running is None:
         g_m = _batch_groups(x, batch_groups, ghost_size, axis_name, _who)
-        if axis_name is None:
+        if axis_name is None and not (_who == "batch_norm" and g_c == c):
+            # (flax's BatchNorm takes a single-element set and returns the bias there)
             _check_set_size(x, axis, x.shape[0] // g_m, c // g_c, _who, "group's",
                             BatchSizeError, _GHOST_FIX if g_c == c else _GROUP_FIX)
     else:
         g_m = 1  # unused in inference: any batch size works
     if running is None or not _is_zero(example_weight):
-        m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+        m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
         k = _center(m)
     else:  # plain inference: one multiply-add pass, no reduction over x
         m, k = None, lax.stop_gradient(running.mean)
     st, update = _batch_set(
         m, batch_groups=g_m, channel_groups=g_c, grouping=grouping, running=running,
         example_weight=example_weight, axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
+        axis_index_groups=axis_index_groups, weight=stats.sample_counts(mask, x.shape, axis),
+        k=k,
     )
-    y = _finish(x, _normalizer(st, epsilon, k), k, scale, bias, axis, dtype)
+    y = _finish(x, _normalizer(st, epsilon), k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
 
 
@@ -426,16 +479,27 @@ def batch_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *, epsilon: float = 1e-5,
     axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
     axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
 ):
     """BatchNorm: statistics per channel over the batch and spatial axes (Ioffe & Szegedy).
 
-    Equal to ``flax.linen.BatchNorm`` to float32 rounding.
+    Equal to ``flax.linen.BatchNorm`` to float32 rounding, including its inputs: a
+    rank-1 ``(C,)`` input is one sample (flax reduces over no axis: the output is
+    ``bias``), and ``mask`` takes the statistics over the entries where it is True.
     """
+    if jnp.ndim(x) == 1:
+        out = batch_norm(
+            x[None], scale, bias, epsilon=epsilon, axis=-1, running_mean=running_mean,
+            running_var=running_var, example_weight=example_weight, axis_name=axis_name,
+            axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
+            dtype=dtype, return_stats=return_stats,
+            mask=None if mask is None else jnp.broadcast_to(mask, jnp.shape(x))[None])
+        return (out[0][0], out[1]) if return_stats else out[0]
     return batch_group_norm(
         x, scale, bias, batch_groups=1, epsilon=epsilon, axis=axis, running_mean=running_mean,
         running_var=running_var, example_weight=example_weight, axis_name=axis_name,
         axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
-        return_stats=return_stats, _who="batch_norm",
+        return_stats=return_stats, mask=mask, _who="batch_norm",
     )
 
 
@@ -446,6 +510,7 @@ def ghost_norm(
     grouping: str = "contiguous", epsilon: float = 1e-5, axis: int = -1,
     running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
     axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
 ):
     """GhostNorm (Hoffer et al. 2017; papers 000/001): BatchNorm per ghost batch.
 
@@ -460,7 +525,7 @@ def ghost_norm(
         epsilon=epsilon, axis=axis, running_mean=running_mean, running_var=running_var,
         example_weight=example_weight, axis_name=axis_name,
         axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance,
-        dtype=dtype, return_stats=return_stats, _who="ghost_norm",
+        dtype=dtype, return_stats=return_stats, mask=mask, _who="ghost_norm",
     )
 
 
@@ -470,6 +535,7 @@ def bgn(
     num_groups: int | None = None, group_size: int | None = None, epsilon: float = 1e-5,
     axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
     axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
 ):
     """Batch Group Normalization (Zhou et al. 2020): channel groups over the whole batch.
 
@@ -485,7 +551,8 @@ def bgn(
         x, scale, bias, batch_groups=1, channel_groups=g, epsilon=epsilon, axis=axis,
         running_mean=running_mean, running_var=running_var, example_weight=example_weight,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
-        use_fast_variance=use_fast_variance, dtype=dtype, return_stats=return_stats, _who=who,
+        use_fast_variance=use_fast_variance, dtype=dtype, return_stats=return_stats, mask=mask,
+        _who=who,
     )
 
 
@@ -493,21 +560,78 @@ def bgn(
 def group_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     num_groups: int | None = 32, group_size: int | None = None, epsilon: float = 1e-6,
-    axis: int = -1, use_fast_variance: bool = True, dtype=None,
+    axis: int = -1, use_fast_variance: bool = True, dtype=None, reduction_axes=None,
+    axis_name: str | None = None, axis_index_groups: Any = None, mask: Array | None = None,
 ):
     """GroupNorm (Wu & He 2018): per sample, over the spatial axes and a channel group.
 
-    Defaults as ``flax.linen.GroupNorm`` (``num_groups=32``, ``epsilon=1e-6``); pass
-    ``num_groups=None`` with ``group_size``. Batch-independent: no running statistics.
+    Defaults and arguments as ``flax.linen.GroupNorm`` (``num_groups=32``,
+    ``epsilon=1e-6``; pass ``num_groups=None`` with ``group_size``). With
+    ``reduction_axes`` (which must include the last, feature, axis) the axes outside
+    it index independent samples, as in flax; a rank-1 ``(C,)`` input is one sample.
+    ``axis_name`` merges each sample's statistics across the devices of that axis
+    (inputs whose reduced axes are sharded, e.g. a sequence split over devices), and
+    ``mask`` takes them over the entries where it is True. Batch-independent: no
+    running statistics.
     """
     who = "group_norm"
     _check_input(x, who)
+    _check_mask(x, mask, who)
+    if reduction_axes is not None or x.ndim == 1:
+        return _over_samples(
+            lambda xs, ms: group_norm(
+                xs, scale, bias, num_groups=num_groups, group_size=group_size, epsilon=epsilon,
+                use_fast_variance=use_fast_variance, dtype=dtype, axis_name=axis_name,
+                axis_index_groups=axis_index_groups, mask=ms),
+            x, mask, reduction_axes, axis, who)
     g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size")
     c = x.shape[stats.feature_axis(x.ndim, axis)]
-    _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    if axis_name is None:
+        _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
     k = _center(m)
-    return _finish(x, _normalizer(_sample_set(m, g), epsilon, k), k, scale, bias, axis, dtype)
+    w = stats.sample_counts(mask, x.shape, axis)
+    if axis_name is None:
+        st = _sample_set(m, g, w, k)
+    else:
+        spatial = math.prod(x.shape[i] for i in stats.spatial_axes(x.ndim, axis))
+        count = jnp.full(m.mean.shape, float(spatial), m.mean.dtype) if w is None else w
+        local = _sample_set(m, g, count)
+        group_count = stats.pool(Moments(count, count), batch_groups=None, channel_groups=g).mean
+        st = _centered(stats.cross_device_merge(local, group_count, axis_name,
+                                                axis_index_groups), k)
+    return _finish(x, _normalizer(st, epsilon), k, scale, bias, axis, dtype, mask)
+
+
+def _over_samples(fn, x, mask, reduction_axes, axis, who):
+    """Run ``fn(xs, mask)`` on ``x`` laid out as ``(samples, *reduced axes)`` (flax's
+    ``reduction_axes``), and lay its output out as ``x``."""
+    nd = x.ndim
+    if stats.feature_axis(max(nd, 2), axis) != max(nd, 2) - 1:
+        raise ValueError(f"{who}: reduction_axes needs the features on the last axis "
+                         f"(axis=-1), got axis={axis}.")
+    red = (-1,) if reduction_axes is None else (
+        (reduction_axes,) if isinstance(reduction_axes, int) else tuple(reduction_axes))
+    try:
+        ok = all(-nd <= int(r) < nd for r in red)
+    except TypeError:
+        ok = False
+    red = sorted({int(r) % nd for r in red}) if ok else []
+    if not red or red[-1] != nd - 1:
+        raise ValueError(f"{who}: reduction_axes={reduction_axes!r} must be axes of x (rank "
+                         f"{nd}) and include the last (feature) axis, e.g. "
+                         f"reduction_axes={tuple(range(1, nd)) if nd > 1 else (0,)}.")
+    samples = [i for i in range(nd) if i not in red]
+    perm = samples + red
+    xt = jnp.transpose(x, perm)
+    lead = math.prod(xt.shape[:len(samples)])
+    xs = xt.reshape((lead,) + xt.shape[len(samples):])
+    ms = None
+    if mask is not None:
+        mt = jnp.transpose(jnp.broadcast_to(mask, x.shape), perm)
+        ms = mt.reshape(xs.shape)
+    y = fn(xs, ms).reshape(xt.shape)
+    return jnp.transpose(y, [perm.index(i) for i in range(nd)])
 
 
 @_any_mesh
@@ -518,6 +642,7 @@ def seq_norm(
     order: str = "group_first", grouping: str = "contiguous", epsilon: float = 1e-5,
     axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
     axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
 ):
     """SeqNorm (papers 000/001): GroupNorm without affine, then GhostNorm, one gamma/beta.
 
@@ -530,6 +655,8 @@ def seq_norm(
     """
     who = "seq_norm"
     _check_input(x, who)
+    _check_mask(x, mask, who)
+    _check_example_weight(example_weight, who)
     _check_choice(order, SEQ_NORM_ORDERS, "order", who)
     _check_choice(grouping, stats.GROUPINGS, "grouping", who)
     running = _running(x, axis, running_mean, running_var, who)
@@ -543,23 +670,25 @@ def seq_norm(
         if axis_name is None:
             _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's",
                             BatchSizeError, _GHOST_FIX)
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
-    ghost = lambda mm: _batch_set(
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
+    w = stats.sample_counts(mask, x.shape, axis)
+    k = _center(m)
+    ghost = lambda mm, center=None: _batch_set(
         mm, batch_groups=g_m, channel_groups=None, grouping=grouping, running=running,
         example_weight=example_weight, axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
+        axis_index_groups=axis_index_groups, weight=w, k=center,
     )
-    group = lambda mm: _sample_set(mm, g_c)
-    k = _center(m)
+    group = lambda mm, center=None: _sample_set(mm, g_c, w, center)
+    # The first step's statistics are relative to k; the second's input is centered.
     if order == "group_first":
-        f1 = _normalizer(group(m), epsilon, k)
+        f1 = _normalizer(group(m, k), epsilon)
         st2, update = ghost(stats.affine(_centered(m, k), *f1))
         f2 = _normalizer(st2, epsilon)
     else:
-        st1, update = ghost(m)
-        f1 = _normalizer(st1, epsilon, k)
+        st1, update = ghost(m, k)
+        f1 = _normalizer(st1, epsilon)
         f2 = _normalizer(group(stats.affine(_centered(m, k), *f1)), epsilon)
-    y = _finish(x, _compose(f1, f2), k, scale, bias, axis, dtype)
+    y = _finish(x, _compose(f1, f2), k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
 
 
@@ -570,6 +699,7 @@ def heterologous_norm(
     std_groups: int = 1, std_center: str = "mean_set", epsilon: float = 1e-5, axis: int = -1,
     running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
     axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
 ):
     """Heterologous Normalization (paper 003): mean and std from different pixel sets.
 
@@ -589,6 +719,8 @@ def heterologous_norm(
     """
     who = "heterologous_norm"
     _check_input(x, who)
+    _check_mask(x, mask, who)
+    _check_example_weight(example_weight, who)
     _check_choice(mean_set, NORM_SETS, "mean_set", who)
     _check_choice(std_set, NORM_SETS, "std_set", who)
     _check_choice(std_center, STD_CENTERS, "std_center", who)
@@ -614,24 +746,34 @@ def heterologous_norm(
                 BatchSizeError if NORM_SETS[kind][0] else ValueError,
                 f"Use a larger batch, or a set with more elements than {kind!r} (fewer "
                 "mean_groups/std_groups, or a set that pools channels or the batch).")
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
+    w = stats.sample_counts(mask, x.shape, axis)
     n = m.mean.shape[0]
+    k = _center(m)
 
-    # Per-channel batch moments in training, running ones (blended) in inference.
-    per_channel, update = _batch_set(
+    # Per-channel batch moments in training, running ones (blended) in inference; the
+    # mean relative to k, so that a batch mean set loses no digits.
+    per_channel_rel, update = _batch_set(
         m, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
         example_weight=example_weight, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        weight=w, k=k,
     )
-    per_channel = Moments(*(jnp.broadcast_to(a, (n, c)) for a in per_channel))
+    per_channel_rel = Moments(*(jnp.broadcast_to(a, (n, c)) for a in per_channel_rel))
+    per_channel = Moments(per_channel_rel.mean + k, per_channel_rel.var)
 
     def source(kind):
         # Sets over the batch start from the per-channel batch (or running) moments;
-        # per-sample sets from the sample's own.
-        return per_channel if NORM_SETS[kind][0] else m
+        # per-sample sets from the sample's own (count-weighted under a mask).
+        return (per_channel, None) if NORM_SETS[kind][0] else (m, w)
 
-    mean = stats.pool(source(mean_set), batch_groups=None, channel_groups=mg).mean
-    center = mean if std_center == "mean_set" else None
-    src = source(std_set)
+    if NORM_SETS[mean_set][0] and mg is None:
+        mean = per_channel_rel.mean
+    else:
+        src, weight = source(mean_set)
+        mean = stats.pool(src, batch_groups=None, channel_groups=mg, weight=weight,
+                          relative_to=k).mean
+    center = mean + k if std_center == "mean_set" else None
+    src, weight = source(std_set)
     if (NORM_SETS[std_set][0] and running is None and center is not None
             and not NORM_SETS[mean_set][0]):
         # A center that differs per sample: pool (v + (m - center)^2) over the batch.
@@ -639,11 +781,12 @@ def heterologous_norm(
         # batch moments below already hold the whole set, with no second cross-device
         # reduction.)
         var = stats.pool(m, batch_groups=1, channel_groups=sg, center=center,
-                         axis_name=axis_name, axis_index_groups=axis_index_groups).var
+                         axis_name=axis_name, axis_index_groups=axis_index_groups,
+                         weight=w).var
     else:
-        var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center).var
-    k = _center(m)
-    y = _finish(x, _normalizer(Moments(mean, var), epsilon, k), k, scale, bias, axis, dtype)
+        var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center,
+                         weight=weight).var
+    y = _finish(x, _normalizer(Moments(mean, var), epsilon), k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
 
 
@@ -653,7 +796,7 @@ def gn_plus(
     mixing: Array | float = 1.0, *, num_groups: int | None = 32, group_size: int | None = None,
     variant: str = "gn_first", epsilon: float = 1e-5, axis: int = -1, running_mean=None,
     running_var=None, example_weight=0.0, axis_name=None, axis_index_groups=None,
-    use_fast_variance: bool = True, dtype=None, return_stats=False,
+    use_fast_variance: bool = True, dtype=None, return_stats=False, mask=None,
 ):
     """GN+ (paper 004): GroupNorm and BatchNorm outputs mixed by ``S = sigmoid(mixing)``.
 
@@ -669,6 +812,8 @@ def gn_plus(
     """
     who = "gn_plus"
     _check_input(x, who)
+    _check_mask(x, mask, who)
+    _check_example_weight(example_weight, who)
     _check_choice(variant, GN_PLUS_VARIANTS, "variant", who)
     running = _running(x, axis, running_mean, running_var, who)
     g = _channel_groups(x, axis, num_groups, group_size, who, "num_groups", "group_size")
@@ -676,21 +821,23 @@ def gn_plus(
     _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
     if running is None and axis_name is None:
         _check_set_size(x, axis, x.shape[0], 1, who, "batch", BatchSizeError)
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance)
+    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
+    w = stats.sample_counts(mask, x.shape, axis)
     s = jax.nn.sigmoid(jnp.asarray(mixing, m.mean.dtype))
 
     k = _center(m)
     mc = _centered(m, k)
 
-    def bn(mm, center=0.0):
+    # Statistics of x are taken relative to k; those of a normalized x around 0.
+    def bn(mm, center=None):
         st, update = _batch_set(
             mm, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
             example_weight=example_weight, axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
+            axis_index_groups=axis_index_groups, weight=w, k=center,
         )
-        return _normalizer(st, epsilon, center), update
+        return _normalizer(st, epsilon), update
 
-    gn = lambda mm, center=0.0: _normalizer(_sample_set(mm, g), epsilon, center)
+    gn = lambda mm, center=None: _normalizer(_sample_set(mm, g, w, center), epsilon)
     if variant == "gn_first":
         f_gn = gn(m, k)
         f_bn, update = bn(stats.affine(mc, *f_gn))
@@ -701,7 +848,7 @@ def gn_plus(
     else:
         f_bn, update = bn(m, k)
         ab = _blend(s, gn(m, k), f_bn)
-    y = _finish(x, ab, k, scale, bias, axis, dtype)
+    y = _finish(x, ab, k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
 
 
@@ -711,6 +858,7 @@ def noisy_batch_norm(
     noise_std: float = 3e-4, rng: Array | None = None, epsilon: float = 1e-5, axis: int = -1,
     running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
     axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
 ):
     """BatchNorm with Gaussian noise ``N(0, noise_std^2)`` added to its input in training.
 
@@ -731,7 +879,7 @@ def noisy_batch_norm(
         x, scale, bias, batch_groups=1, epsilon=epsilon, axis=axis, running_mean=running_mean,
         running_var=running_var, example_weight=example_weight, axis_name=axis_name,
         axis_index_groups=axis_index_groups, use_fast_variance=use_fast_variance, dtype=dtype,
-        return_stats=return_stats, _who=who,
+        return_stats=return_stats, mask=mask, _who=who,
     )
 
 

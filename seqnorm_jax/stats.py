@@ -45,6 +45,8 @@ __all__ = [
     "running_target",
     "pool_with_target",
     "cross_device_mean",
+    "cross_device_merge",
+    "sample_counts",
 ]
 
 GROUPINGS = ("contiguous", "strided")
@@ -140,7 +142,8 @@ def _spatial_moments_jvp(axis, use_fast_variance, primals, tangents):
     return (mean, var), (dmean, dvar)
 
 
-def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) -> Moments:
+def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True,
+                   mask: Array | None = None) -> Moments:
     """Per-sample, per-channel moments over the spatial axes of ``x``.
 
     Args:
@@ -151,17 +154,59 @@ def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True) 
         first spatial value of each ``(n, c)`` map (fast and stable unless that
         value is an outlier far from the map's mean); if False, two passes
         (exact mean first, then squared deviations), stable for any data.
+      mask: optional boolean array broadcastable to ``x`` (flax's ``mask``): the
+        moments are taken over the entries where it is True only; the others
+        may hold anything, NaN included. A map with no entry has mean and
+        variance 0 and weight 0 (:func:`sample_counts`).
 
     Returns:
       ``Moments`` of shape ``(N, C)`` in :func:`stat_dtype` of ``x``. With no
       spatial axes (dense input) the mean is ``x`` and the variance is zero.
     """
     red = spatial_axes(x.ndim, axis)
+    if mask is not None:
+        w = jnp.broadcast_to(mask, x.shape)
+        if not red:
+            xf = jnp.where(w, x, 0).astype(stat_dtype(x.dtype))
+            return Moments(xf, jnp.zeros_like(xf))
+        mean, var = _masked_spatial_moments(x, w, axis, use_fast_variance)
+        return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
     if not red:
         xf = x.astype(stat_dtype(x.dtype))
         return Moments(xf, jnp.zeros_like(xf))
     mean, var = _spatial_moments(x, axis, use_fast_variance)
     return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
+
+
+def sample_counts(mask: Array | None, shape: tuple[int, ...], axis: int = -1) -> Array | None:
+    """How many entries of each ``(n, c)`` map a ``mask`` keeps: ``(N, C)``, or None without a mask.
+
+    These are the weights of a count-weighted :func:`merge` of masked moments.
+    """
+    if mask is None:
+        return None
+    red = spatial_axes(len(shape), axis)
+    w = jnp.broadcast_to(mask, shape).astype(jnp.float32)
+    return _to_nc(jnp.sum(w, axis=red, keepdims=True), len(shape), axis)
+
+
+def _masked_spatial_moments(x: Array, w: Array, axis: int, use_fast_variance: bool):
+    """:func:`_spatial_moments` over the entries where ``w`` is True (NaN-safe elsewhere)."""
+    red = spatial_axes(x.ndim, axis)
+    sdt = stat_dtype(x.dtype)
+    count = jnp.sum(w, axis=red, keepdims=True, dtype=sdt)
+    safe = jnp.maximum(count, 1)
+    xf = jnp.where(w, x, 0).astype(sdt)
+    # Shift: the first kept entry of each map would need a search; the map's masked
+    # mean from a first pass is as good and costs one read.
+    k = lax.stop_gradient(jnp.sum(xf, axis=red, keepdims=True) / safe)
+    d = jnp.where(w, xf - k, 0)
+    s1 = jnp.sum(d, axis=red, keepdims=True) / safe
+    if use_fast_variance:
+        var = jnp.maximum(jnp.sum(d * d, axis=red, keepdims=True) / safe - s1 * s1, 0.0)
+    else:
+        var = jnp.sum(jnp.where(w, jnp.square(d - s1), 0), axis=red, keepdims=True) / safe
+    return k + s1, var
 
 
 def merge(
@@ -188,6 +233,22 @@ def merge(
       center: optional point the variance is taken around.
       keepdims: keep the merged axes with size 1.
     """
+    ref, delta, var = _merge(m, axis, weight=weight, center=center)
+    mean = ref + delta
+    if not keepdims:
+        axis = (axis,) if isinstance(axis, int) else tuple(axis)
+        mean, var = jnp.squeeze(mean, axis), jnp.squeeze(var, axis)
+    return Moments(mean, var)
+
+
+def _merge(m: Moments, axis, *, weight=None, center=None) -> tuple[Array, Array, Array]:
+    """:func:`merge` with the pooled mean kept as ``ref + delta`` (dims kept).
+
+    ``ref`` is the first entry's mean along ``axis``, so ``delta`` and the deviations
+    ``m.mean - ref`` are small and exact where the means are large and close
+    (float32 means of 1e6 with a spread of 1): a caller that needs ``k - mean`` for
+    a nearby ``k`` computes ``(k - ref) - delta`` without losing the low digits.
+    """
     axis = (axis,) if isinstance(axis, int) else tuple(axis)
     if weight is None:
         avg = lambda a: jnp.mean(a, axis=axis, keepdims=True)
@@ -195,12 +256,13 @@ def merge(
         weight = jnp.broadcast_to(weight.astype(m.mean.dtype), m.mean.shape)
         total = jnp.sum(weight, axis=axis, keepdims=True)
         avg = lambda a: jnp.sum(weight * a, axis=axis, keepdims=True) / total
-    mean = avg(m.mean)
-    c = mean if center is None else center
-    var = avg(m.var + jnp.square(m.mean - c))
-    if not keepdims:
-        mean, var = jnp.squeeze(mean, axis), jnp.squeeze(var, axis)
-    return Moments(mean, var)
+    first = tuple(slice(0, 1) if i in axis else slice(None) for i in range(m.mean.ndim))
+    ref = lax.stop_gradient(m.mean[first])
+    dev = m.mean - ref
+    delta = avg(dev)
+    c = delta if center is None else center - ref
+    var = avg(m.var + jnp.square(dev - c))
+    return ref, delta, var
 
 
 def divisors(n: int) -> list[int]:
@@ -241,11 +303,14 @@ def pool(
     center: Array | None = None,
     axis_name: str | None = None,
     axis_index_groups: Any = None,
+    weight: Array | None = None,
+    relative_to: Array | None = None,
 ) -> Moments:
     """Pool ``(N, C)`` moments over groups of samples and of channels.
 
     Args:
-      m: per-sample, per-channel moments, shape ``(N, C)``, each over the same count.
+      m: per-sample, per-channel moments, shape ``(N, C)``, each over the same count
+        unless ``weight`` gives the counts.
       batch_groups: ``G_M``, number of sample groups of the batch (1: the whole
         batch); ``None``: no pooling over samples (each sample alone).
       channel_groups: ``G_C``, number of contiguous channel groups (1: all
@@ -261,35 +326,18 @@ def pool(
         shards: one all-reduce gathering the per-shard moments, count-weighted).
       axis_index_groups: as in :func:`jax.lax.psum`: sub-groups of devices that
         form separate batches.
+      weight: optional ``(N, C)`` counts of the moments (:func:`sample_counts` of a
+        mask): a count-weighted merge.
+      relative_to: optional ``(N, C)`` (or broadcastable) point: the returned mean
+        is ``pooled mean - relative_to``, computed without rounding the pooled
+        mean first (exact where both are large and close).
 
     Returns:
       Pooled moments broadcast back to ``(N, C)``: entry ``(n, c)`` holds the
       statistics of the group that contains sample ``n`` and channel ``c``.
     """
-    _check_grouping(grouping)
-    n, c = m.mean.shape
-    g_c = c if channel_groups is None else channel_groups
-    g_m = n if batch_groups is None else batch_groups
-    if center is not None:
-        center = jnp.broadcast_to(center, (n, c))
-    if axis_name is not None and batch_groups is not None:
-        return _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_groups)
-    view = lambda a: _group_view(a, g_m, g_c, grouping)
-    mv = Moments(view(m.mean), view(m.var))
-    pooled = merge(mv, (1, 3), center=None if center is None else view(center))
-    return Moments(*(_ungroup(a, n, c, grouping) for a in pooled))
-
-
-def _target_of_groups(grouped: Moments) -> Moments:
-    """Average ``(G_M, 1, G_C, 1)`` group statistics over the sample groups, as ``(C,)``-ready
-    ``(G_C, 1)`` arrays (see :func:`_channels`)."""
-    return Moments(*(jnp.mean(a, axis=(0, 1)) for a in grouped))
-
-
-def _channels(a: Array, c: int) -> Array:
-    """``(G_C, 1)`` per-channel-group values broadcast to ``(C,)``."""
-    g_c = a.shape[0]
-    return jnp.broadcast_to(a, (g_c, c // g_c)).reshape(c)
+    return _pool(m, batch_groups, channel_groups, grouping, center, axis_name,
+                 axis_index_groups, weight, relative_to, with_target=False)[0]
 
 
 def pool_with_target(
@@ -300,6 +348,8 @@ def pool_with_target(
     grouping: str = "contiguous",
     axis_name: str | None = None,
     axis_index_groups: Any = None,
+    weight: Array | None = None,
+    relative_to: Array | None = None,
 ) -> tuple[Moments, Moments]:
     """:func:`pool` over sample groups, and the running-statistics target, together.
 
@@ -313,28 +363,62 @@ def pool_with_target(
     all-reduce of the stacked ``(2, C)`` target, and groups that span shards none
     beyond the one all-reduce that gathers the per-shard moments.
     """
+    return _pool(m, batch_groups, channel_groups, grouping, None, axis_name,
+                 axis_index_groups, weight, relative_to, with_target=True)
+
+
+def _pool(m, batch_groups, channel_groups, grouping, center, axis_name, axis_index_groups,
+          weight, relative_to, with_target):
+    """:func:`pool` / :func:`pool_with_target`: ``(pooled, target or None)``."""
     _check_grouping(grouping)
     n, c = m.mean.shape
     g_c = c if channel_groups is None else channel_groups
-    if axis_name is None:
-        view = lambda a: _group_view(a, batch_groups, g_c, grouping)
-        grouped = merge(Moments(view(m.mean), view(m.var)), (1, 3))
-        pooled = Moments(*(_ungroup(a, n, c, grouping) for a in grouped))
-        target = _target_of_groups(grouped)
-        return pooled, Moments(*(_channels(a, c) for a in target))
-    n_dev, position, members = _device_group(axis_name, axis_index_groups)
-    if batch_groups % n_dev == 0:
-        local = _local_groups(n, batch_groups, n_dev, grouping, axis_name)
-        pooled, target = pool_with_target(m, batch_groups=local, channel_groups=g_c,
-                                          grouping=grouping)
-        both = cross_device_mean(jnp.stack(target), axis_name, axis_index_groups)
-        return pooled, Moments(both[0], both[1])
-    groups = _gathered_groups(m, batch_groups, g_c, grouping, axis_name, n_dev, members)
-    mine = Moments(*(lax.dynamic_index_in_dim(a, position // (n_dev // batch_groups), axis=0,
-                                              keepdims=False) for a in groups))
-    pooled = Moments(*(_ungroup(a.reshape(1, 1, g_c, 1), n, c, "contiguous") for a in mine))
-    target = Moments(*(jnp.mean(a, axis=0) for a in groups))
-    return pooled, Moments(*(_channels(a[:, None], c) for a in target))
+    g_m = n if batch_groups is None else batch_groups
+    full = lambda a: None if a is None else jnp.broadcast_to(a, (n, c))
+    center, relative_to, weight = full(center), full(relative_to), full(weight)
+    if axis_name is not None and batch_groups is not None:
+        n_dev, position, members = _device_group(axis_name, axis_index_groups)
+        if g_m % n_dev == 0:
+            # Groups lie within shards: pool locally, no communication for the output.
+            local = _local_groups(n, g_m, n_dev, grouping, axis_name)
+            pooled, target = _pool(m, local, g_c, grouping, center, None, None, weight,
+                                   relative_to, with_target)
+            if target is not None:
+                both = cross_device_mean(jnp.stack(target), axis_name, axis_index_groups)
+                target = Moments(both[0], both[1])
+            return pooled, target
+        # Each group spans n_dev // g_m shards: one all-reduce, count-weighted merge.
+        ref, delta, var = _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members,
+                                           center, weight)
+        mine = lambda a: _ungroup(lax.dynamic_index_in_dim(
+            a, position // (n_dev // g_m), axis=0, keepdims=False).reshape(1, 1, g_c, 1),
+            n, c, "contiguous")
+        pooled = Moments(_relative(mine(ref), mine(delta), relative_to), mine(var))
+        target = None
+        if with_target:
+            target = Moments(*(_channels(jnp.mean(a, axis=0)[:, None], c)
+                               for a in (ref + delta, var)))
+        return pooled, target
+    view = lambda a: None if a is None else _group_view(a, g_m, g_c, grouping)
+    ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (1, 3), weight=view(weight),
+                             center=view(center))
+    un = lambda a: _ungroup(a, n, c, grouping)
+    pooled = Moments(_relative(un(ref), un(delta), relative_to), un(var))
+    target = None
+    if with_target:
+        target = Moments(*(_channels(jnp.mean(a, axis=(0, 1)), c) for a in (ref + delta, var)))
+    return pooled, target
+
+
+def _relative(ref: Array, delta: Array, relative_to: Array | None) -> Array:
+    """``ref + delta - relative_to``, exact where ``ref`` and ``relative_to`` are close."""
+    return ref + delta if relative_to is None else (ref - relative_to) + delta
+
+
+def _channels(a: Array, c: int) -> Array:
+    """``(G_C, 1)`` per-channel-group values broadcast to ``(C,)``."""
+    g_c = a.shape[0]
+    return jnp.broadcast_to(a, (g_c, c // g_c)).reshape(c)
 
 
 def _local_groups(n: int, g_m: int, n_dev: int, grouping: str, axis_name: str) -> int:
@@ -369,32 +453,33 @@ def _check_spanning(g_m: int, n_dev: int, grouping: str, axis_name: str) -> None
         )
 
 
-def _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center=None) -> Moments:
+def _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center=None,
+                     weight=None) -> tuple[Array, Array, Array]:
     """Statistics ``(G_M, G_C)`` of every group of the global batch when each group spans
-    ``n_dev // g_m`` shards: one gather (:func:`_gather`) of the per-shard ``(mean, var, count)``,
-    then a count-weighted merge of each group's shards on every device."""
+    ``n_dev // g_m`` shards, as ``(ref, delta, var)`` (see :func:`_merge`): one gather
+    (:func:`_gather`) of the per-shard ``(ref, delta, var, count)``, then a count-weighted
+    merge of each group's shards on every device."""
     _check_spanning(g_m, n_dev, grouping, axis_name)
     n, c = m.mean.shape
-    cview = lambda a: a.reshape(n, g_c, c // g_c)
-    local = merge(
-        Moments(cview(m.mean), cview(m.var)),
-        (0, 2),
-        center=None if center is None else cview(center),
-        keepdims=False,
-    )  # (G_C,)
-    count = jnp.full((g_c,), float(n * (c // g_c)), local.mean.dtype)
-    gathered = _gather(jnp.stack([local.mean, local.var, count]), axis_name,
-                       members)  # (n_dev, 3, G_C)
-    gathered = gathered.reshape(g_m, n_dev // g_m, 3, g_c)
+    cview = lambda a: None if a is None else a.reshape(n, g_c, c // g_c)
+    ref, delta, var = (jnp.squeeze(a, (0, 2)) for a in _merge(
+        Moments(cview(m.mean), cview(m.var)), (0, 2), weight=cview(weight),
+        center=cview(center)))  # (G_C,) each
+    if weight is None:
+        count = jnp.full((g_c,), float(n * (c // g_c)), var.dtype)
+    else:
+        count = jnp.sum(cview(weight), axis=(0, 2)).astype(var.dtype)
+    gathered = _gather(jnp.stack([ref, delta, var, count]), axis_name,
+                       members)  # (n_dev, 4, G_C)
+    gathered = gathered.reshape(g_m, n_dev // g_m, 4, g_c)
+    # Each shard's mean relative to the first shard's reference of its group.
+    ref0 = gathered[:, :1, 0]
+    rel = (gathered[:, :, 0] - ref0) + gathered[:, :, 1]
     # With a center, each shard's variance is already taken around it: average the
     # variances without a between-shard term (center each shard on its own mean).
-    return merge(
-        Moments(gathered[:, :, 0], gathered[:, :, 1]),
-        1,
-        weight=gathered[:, :, 2],
-        center=None if center is None else gathered[:, :, 0],
-        keepdims=False,
-    )
+    r, d, v = _merge(Moments(rel, gathered[:, :, 2]), 1, weight=gathered[:, :, 3],
+                     center=None if center is None else rel)
+    return ref0[:, 0], (r + d)[:, 0], v[:, 0]
 
 
 def _device_group(axis_name: str, axis_index_groups: Any) -> tuple[int, Array, Array | None]:
@@ -437,20 +522,6 @@ def _gather(a: Array, axis_name: str, members: Array | None) -> Array:
     return gathered if members is None else gathered[members]
 
 
-def _pool_across_devices(m, g_m, g_c, grouping, center, axis_name, axis_index_groups):
-    n, c = m.mean.shape
-    n_dev, position, members = _device_group(axis_name, axis_index_groups)
-    if g_m % n_dev == 0:
-        # Groups lie within shards: pool locally, no communication.
-        local = _local_groups(n, g_m, n_dev, grouping, axis_name)
-        return pool(m, batch_groups=local, channel_groups=g_c, grouping=grouping, center=center)
-    # Each group spans n_dev // g_m shards: one all-reduce, count-weighted merge.
-    groups = _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center)
-    mine = Moments(*(lax.dynamic_index_in_dim(a, position // (n_dev // g_m), axis=0,
-                                              keepdims=False) for a in groups))
-    return Moments(*(_ungroup(a.reshape(1, 1, g_c, 1), n, c, "contiguous") for a in mine))
-
-
 def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = None) -> Array:
     """Average ``a`` over the devices of ``axis_name`` (identity when None), or over
     this device's sub-group of them."""
@@ -460,6 +531,18 @@ def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = 
         return lax.pmean(a, axis_name)
     _, _, members = _device_group(axis_name, axis_index_groups)
     return jnp.mean(_gather(a, axis_name, members), axis=0)
+
+
+def cross_device_merge(m: Moments, count: Array, axis_name: str,
+                       axis_index_groups: Any = None) -> Moments:
+    """Chan's merge of each device's moments of the same statistics over ``axis_name``:
+    count-weighted, two all-reduces (the pooled mean, then the deviations around it)."""
+    total = cross_device_mean(count, axis_name, axis_index_groups)
+    safe = jnp.where(total > 0, total, 1)
+    mean = cross_device_mean(count * m.mean, axis_name, axis_index_groups) / safe
+    var = cross_device_mean(count * (m.var + jnp.square(m.mean - mean)), axis_name,
+                            axis_index_groups) / safe
+    return Moments(mean, var)
 
 
 def running_target(pooled: Moments, axis_name: str | None = None,
