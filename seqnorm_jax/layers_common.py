@@ -109,11 +109,6 @@ def num_features(x: Array, axis: int) -> int:
     return x.shape[stats.feature_axis(x.ndim, axis)]
 
 
-def _given(**kwargs: Any) -> dict[str, Any]:
-    """TRANSITIONAL (until functional.py takes mask): the keywords that are not None."""
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
 # ----------------------------------------------------------------------------
 # the shared fields, and the training / inference rule
 # ----------------------------------------------------------------------------
@@ -183,7 +178,7 @@ def normalize(
       ``GhostNorm(batch_groups=8)``) is normalized with the running statistics.
     """
     check_example_weight(who, example_weight, training=not use_running_average)
-    common = dict(settings.kwargs(), **_given(mask=mask), return_stats=True)
+    common = dict(settings.kwargs(), mask=mask, return_stats=True)
     inference = dict(running_mean=running.mean, running_var=running.var,
                      example_weight=example_weight, axis_name=None)
     if use_running_average:

@@ -359,9 +359,9 @@ class GroupNorm(nn.Module):
         scale, bias = _params(self, x.shape[-1])
         return F.group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
-            epsilon=self.epsilon, use_fast_variance=self.use_fast_variance, dtype=self.dtype,
-            **common._given(reduction_axes=self.reduction_axes, axis_name=self.axis_name,
-                            axis_index_groups=self.axis_index_groups, mask=mask),
+            epsilon=self.epsilon, reduction_axes=self.reduction_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance,
+            dtype=self.dtype, mask=mask,
         )
 
 

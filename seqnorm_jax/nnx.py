@@ -475,9 +475,9 @@ class GroupNorm(nnx.Module):
                                      training=False)
         return F.group_norm(
             x, _value(self.scale), _value(self.bias), num_groups=self.num_groups,
-            epsilon=self.epsilon, use_fast_variance=self.use_fast_variance, dtype=self.dtype,
-            **common._given(reduction_axes=self.reduction_axes, axis_name=self.axis_name,
-                            axis_index_groups=self.axis_index_groups, mask=mask),
+            epsilon=self.epsilon, reduction_axes=self.reduction_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance,
+            dtype=self.dtype, mask=mask,
         )
 
     def set_view(self, use_running_average: bool | None = None):
