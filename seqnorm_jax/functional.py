@@ -372,34 +372,38 @@ def _batch_set(
     axis_index_groups,
     weight: Array | None = None,
     k: Array | None = None,
+    offset: Array | None = None,
 ) -> tuple[Moments, Moments | None]:
     """Statistics of a normalization set pooled over sample groups and channel groups.
 
     Training: pool the batch moments (count-weighted by ``weight``), and return the
     values for the running statistics (the average over sample groups; across devices
     too). Inference: the running statistics, blended with the example's own moments
-    by ``example_weight``, pooled over the channel groups. The mean is relative to
-    ``k`` when given (see :func:`_normalizer`).
+    by ``example_weight``, pooled over the channel groups. ``m`` holds the moments of
+    ``x - offset`` when ``offset`` is given (:func:`stats.sample_moments_about`); the
+    returned mean is relative to ``k`` when given (see :func:`_normalizer`).
     """
     if running is None:
         return stats.pool_with_target(
             m, batch_groups=batch_groups, channel_groups=channel_groups, grouping=grouping,
             axis_name=axis_name, axis_index_groups=axis_index_groups, weight=weight,
-            relative_to=k,
+            relative_to=k, offset=offset,
         )
     src = running
     if not _is_zero(example_weight):
-        src = stats.mix(src, m, example_weight)
+        own = m if offset is None else Moments(offset + m.mean, m.var)
+        src = stats.mix(src, own, example_weight)
     if channel_groups is not None and channel_groups != src.mean.shape[1]:
         return stats.pool(src, batch_groups=None, channel_groups=channel_groups,
                           relative_to=k), None
     return (src if k is None else _centered(src, k)), None
 
 
-def _sample_set(m: Moments, channel_groups: int | None, weight=None, k=None) -> Moments:
+def _sample_set(m: Moments, channel_groups: int | None, weight=None, k=None,
+                offset=None) -> Moments:
     """Statistics of a per-sample normalization set (group / layer / instance norm)."""
     return stats.pool(m, batch_groups=None, channel_groups=channel_groups, weight=weight,
-                      relative_to=k)
+                      relative_to=k, offset=offset)
 
 
 def _output(y, update, return_stats):
@@ -460,15 +464,15 @@ def batch_group_norm(
     else:
         g_m = 1  # unused in inference: any batch size works
     if running is None or not _is_zero(example_weight):
-        m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
-        k = _center(m)
+        k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
+                                           mask=mask)
     else:  # plain inference: one multiply-add pass, no reduction over x
         m, k = None, lax.stop_gradient(running.mean)
     st, update = _batch_set(
         m, batch_groups=g_m, channel_groups=g_c, grouping=grouping, running=running,
         example_weight=example_weight, axis_name=axis_name,
         axis_index_groups=axis_index_groups, weight=stats.sample_counts(mask, x.shape, axis),
-        k=k,
+        k=k, offset=None if m is None else k,
     )
     y = _finish(x, _normalizer(st, epsilon), k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
@@ -588,15 +592,15 @@ def group_norm(
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     if axis_name is None:
         _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
-    k = _center(m)
+    k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
+                                       mask=mask)
     w = stats.sample_counts(mask, x.shape, axis)
     if axis_name is None:
-        st = _sample_set(m, g, w, k)
+        st = _sample_set(m, g, w, k, offset=k)
     else:
         spatial = math.prod(x.shape[i] for i in stats.spatial_axes(x.ndim, axis))
         count = jnp.full(m.mean.shape, float(spatial), m.mean.dtype) if w is None else w
-        local = _sample_set(m, g, count)
+        local = _sample_set(m, g, count, offset=k)
         group_count = stats.pool(Moments(count, count), batch_groups=None, channel_groups=g).mean
         st = _centered(stats.cross_device_merge(local, group_count, axis_name,
                                                 axis_index_groups), k)
@@ -670,24 +674,25 @@ def seq_norm(
         if axis_name is None:
             _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's",
                             BatchSizeError, _GHOST_FIX)
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
+    k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
+                                      mask=mask)
     w = stats.sample_counts(mask, x.shape, axis)
-    k = _center(m)
     ghost = lambda mm, center=None: _batch_set(
         mm, batch_groups=g_m, channel_groups=None, grouping=grouping, running=running,
         example_weight=example_weight, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, weight=w, k=center,
+        axis_index_groups=axis_index_groups, weight=w, k=center, offset=center,
     )
-    group = lambda mm, center=None: _sample_set(mm, g_c, w, center)
-    # The first step's statistics are relative to k; the second's input is centered.
+    group = lambda mm, center=None: _sample_set(mm, g_c, w, center, offset=center)
+    # m holds the moments of x - k: the first step's statistics are relative to k, and
+    # the second step's input (the first step's output) is centered already.
     if order == "group_first":
         f1 = _normalizer(group(m, k), epsilon)
-        st2, update = ghost(stats.affine(_centered(m, k), *f1))
+        st2, update = ghost(stats.affine(m, *f1))
         f2 = _normalizer(st2, epsilon)
     else:
         st1, update = ghost(m, k)
         f1 = _normalizer(st1, epsilon)
-        f2 = _normalizer(group(stats.affine(_centered(m, k), *f1)), epsilon)
+        f2 = _normalizer(group(stats.affine(m, *f1)), epsilon)
     y = _finish(x, _compose(f1, f2), k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
 
@@ -746,34 +751,35 @@ def heterologous_norm(
                 BatchSizeError if NORM_SETS[kind][0] else ValueError,
                 f"Use a larger batch, or a set with more elements than {kind!r} (fewer "
                 "mean_groups/std_groups, or a set that pools channels or the batch).")
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
+    k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
+                                      mask=mask)
     w = stats.sample_counts(mask, x.shape, axis)
     n = m.mean.shape[0]
-    k = _center(m)
 
     # Per-channel batch moments in training, running ones (blended) in inference; the
     # mean relative to k, so that a batch mean set loses no digits.
     per_channel_rel, update = _batch_set(
         m, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
         example_weight=example_weight, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        weight=w, k=k,
+        weight=w, k=k, offset=k,
     )
     per_channel_rel = Moments(*(jnp.broadcast_to(a, (n, c)) for a in per_channel_rel))
     per_channel = Moments(per_channel_rel.mean + k, per_channel_rel.var)
 
     def source(kind):
         # Sets over the batch start from the per-channel batch (or running) moments;
-        # per-sample sets from the sample's own (count-weighted under a mask).
-        return (per_channel, None) if NORM_SETS[kind][0] else (m, w)
+        # per-sample sets from the sample's own (moments of x - k, count-weighted under
+        # a mask).
+        return (per_channel, None, None) if NORM_SETS[kind][0] else (m, w, k)
 
     if NORM_SETS[mean_set][0] and mg is None:
         mean = per_channel_rel.mean
     else:
-        src, weight = source(mean_set)
+        src, weight, offset = source(mean_set)
         mean = stats.pool(src, batch_groups=None, channel_groups=mg, weight=weight,
-                          relative_to=k).mean
-    center = mean + k if std_center == "mean_set" else None
-    src, weight = source(std_set)
+                          relative_to=k, offset=offset).mean
+    center = mean if std_center == "mean_set" else None  # relative to k
+    src, weight, offset = source(std_set)
     if (NORM_SETS[std_set][0] and running is None and center is not None
             and not NORM_SETS[mean_set][0]):
         # A center that differs per sample: pool (v + (m - center)^2) over the batch.
@@ -782,10 +788,12 @@ def heterologous_norm(
         # reduction.)
         var = stats.pool(m, batch_groups=1, channel_groups=sg, center=center,
                          axis_name=axis_name, axis_index_groups=axis_index_groups,
-                         weight=w).var
+                         weight=w, offset=k).var
     else:
+        if center is not None and offset is None:
+            center = center + k  # the frame of the per-channel (absolute) moments
         var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center,
-                         weight=weight).var
+                         weight=weight, offset=offset).var
     y = _finish(x, _normalizer(Moments(mean, var), epsilon), k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
 
@@ -821,33 +829,32 @@ def gn_plus(
     _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
     if running is None and axis_name is None:
         _check_set_size(x, axis, x.shape[0], 1, who, "batch", BatchSizeError)
-    m = stats.sample_moments(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
+    k, mc = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
+                                       mask=mask)  # the moments of x - k
     w = stats.sample_counts(mask, x.shape, axis)
-    s = jax.nn.sigmoid(jnp.asarray(mixing, m.mean.dtype))
-
-    k = _center(m)
-    mc = _centered(m, k)
+    s = jax.nn.sigmoid(jnp.asarray(mixing, mc.mean.dtype))
 
     # Statistics of x are taken relative to k; those of a normalized x around 0.
     def bn(mm, center=None):
         st, update = _batch_set(
             mm, batch_groups=1, channel_groups=None, grouping="contiguous", running=running,
             example_weight=example_weight, axis_name=axis_name,
-            axis_index_groups=axis_index_groups, weight=w, k=center,
+            axis_index_groups=axis_index_groups, weight=w, k=center, offset=center,
         )
         return _normalizer(st, epsilon), update
 
-    gn = lambda mm, center=None: _normalizer(_sample_set(mm, g, w, center), epsilon)
+    gn = lambda mm, center=None: _normalizer(_sample_set(mm, g, w, center, offset=center),
+                                             epsilon)
     if variant == "gn_first":
-        f_gn = gn(m, k)
+        f_gn = gn(mc, k)
         f_bn, update = bn(stats.affine(mc, *f_gn))
         ab = _blend(s, f_gn, _compose(f_gn, f_bn))
     elif variant == "bn_first":
-        f_bn, update = bn(m, k)
+        f_bn, update = bn(mc, k)
         ab = _blend(s, _compose(f_bn, gn(stats.affine(mc, *f_bn))), f_bn)
     else:
-        f_bn, update = bn(m, k)
-        ab = _blend(s, gn(m, k), f_bn)
+        f_bn, update = bn(mc, k)
+        ab = _blend(s, gn(mc, k), f_bn)
     y = _finish(x, ab, k, scale, bias, axis, dtype, mask)
     return _output(y, update, return_stats)
 

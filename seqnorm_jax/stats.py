@@ -98,7 +98,7 @@ def _to_nc(a: Array, ndim: int, axis: int) -> Array:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _spatial_moments(x: Array, axis: int, use_fast_variance: bool) -> tuple[Array, Array]:
+def _spatial_moments(x: Array, axis: int, use_fast_variance: bool) -> tuple[Array, Array, Array]:
     """Mean and biased variance over the spatial axes (kept as size 1), in the
     statistics dtype.
 
@@ -119,27 +119,28 @@ def _spatial_moments(x: Array, axis: int, use_fast_variance: bool) -> tuple[Arra
     else:
         s1 = jnp.mean(d, axis=red, keepdims=True)
         var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
-    return k + s1, var
+    return k, s1, var
 
 
-@functools.partial(jax.checkpoint, static_argnums=(3,))
-def _centered_mean_product(x: Array, mean: Array, t: Array, red: tuple[int, ...]) -> Array:
-    """``mean((x - mean) * t)`` over ``red``. Checkpointed: reverse mode keeps ``x`` and
-    recomputes ``x - mean`` in the backward loop instead of storing it."""
-    return jnp.mean((x.astype(mean.dtype) - mean) * t, axis=red, keepdims=True)
+@functools.partial(jax.checkpoint, static_argnums=(4,))
+def _centered_mean_product(x: Array, k: Array, mean: Array, t: Array,
+                           red: tuple[int, ...]) -> Array:
+    """``mean((x - k - mean) * t)`` over ``red``. Checkpointed: reverse mode keeps ``x`` and
+    recomputes ``x - k - mean`` in the backward loop instead of storing it."""
+    return jnp.mean(((x.astype(mean.dtype) - k) - mean) * t, axis=red, keepdims=True)
 
 
 @_spatial_moments.defjvp
 def _spatial_moments_jvp(axis, use_fast_variance, primals, tangents):
     (x,), (dx,) = primals, tangents
-    mean, var = _spatial_moments(x, axis, use_fast_variance)
+    k, mean, var = _spatial_moments(x, axis, use_fast_variance)
     red = spatial_axes(x.ndim, axis)
     dx = dx.astype(mean.dtype)
-    # d mean = mean(dx); d var = 2 mean((x - mean) dx): what autodiff would derive,
-    # written so that the backward pass keeps x, not an x-sized difference.
+    # d mean = mean(dx); d var = 2 mean((x - k - mean) dx): what autodiff would derive,
+    # written so that the backward pass keeps x, not an x-sized difference. k is a constant.
     dmean = jnp.mean(dx, axis=red, keepdims=True)
-    dvar = 2 * _centered_mean_product(x, mean, dx, red)
-    return (mean, var), (dmean, dvar)
+    dvar = 2 * _centered_mean_product(x, k, mean, dx, red)
+    return (k, mean, var), (jnp.zeros_like(k), dmean, dvar)
 
 
 def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True,
@@ -163,19 +164,31 @@ def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True,
       ``Moments`` of shape ``(N, C)`` in :func:`stat_dtype` of ``x``. With no
       spatial axes (dense input) the mean is ``x`` and the variance is zero.
     """
+    k, m = sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance, mask=mask)
+    return Moments(k + m.mean, m.var)
+
+
+def sample_moments_about(x: Array, *, axis: int = -1, use_fast_variance: bool = True,
+                         mask: Array | None = None) -> tuple[Array, Moments]:
+    """:func:`sample_moments` as ``(k, moments of x - k)``: ``k`` is an ``(N, C)`` constant
+    near each map's values (its first value; under a mask its masked mean) and carries
+    no gradient. ``x - k`` is exact in the input's precision, so means kept relative to
+    ``k`` (and pooled with ``offset=k``, :func:`pool`) keep every digit when
+    ``|mean| >> std``, where ``k + mean`` would round them away.
+    """
     red = spatial_axes(x.ndim, axis)
-    if mask is not None:
-        w = jnp.broadcast_to(mask, x.shape)
-        if not red:
-            xf = jnp.where(w, x, 0).astype(stat_dtype(x.dtype))
-            return Moments(xf, jnp.zeros_like(xf))
-        mean, var = _masked_spatial_moments(x, w, axis, use_fast_variance)
-        return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
+    sdt = stat_dtype(x.dtype)
     if not red:
-        xf = x.astype(stat_dtype(x.dtype))
-        return Moments(xf, jnp.zeros_like(xf))
-    mean, var = _spatial_moments(x, axis, use_fast_variance)
-    return Moments(_to_nc(mean, x.ndim, axis), _to_nc(var, x.ndim, axis))
+        xf = x.astype(sdt) if mask is None else jnp.where(mask, x, 0).astype(sdt)
+        k = lax.stop_gradient(xf)
+        return k, Moments(xf - k, jnp.zeros_like(xf))
+    if mask is not None:
+        k, mean, var = _masked_spatial_moments(x, jnp.broadcast_to(mask, x.shape), axis,
+                                               use_fast_variance)
+    else:
+        k, mean, var = _spatial_moments(x, axis, use_fast_variance)
+    nc = lambda a: _to_nc(a, x.ndim, axis)
+    return lax.stop_gradient(nc(k)), Moments(nc(mean), nc(var))
 
 
 def sample_counts(mask: Array | None, shape: tuple[int, ...], axis: int = -1) -> Array | None:
@@ -206,7 +219,7 @@ def _masked_spatial_moments(x: Array, w: Array, axis: int, use_fast_variance: bo
         var = jnp.maximum(jnp.sum(d * d, axis=red, keepdims=True) / safe - s1 * s1, 0.0)
     else:
         var = jnp.sum(jnp.where(w, jnp.square(d - s1), 0), axis=red, keepdims=True) / safe
-    return k + s1, var
+    return k, s1, var
 
 
 def merge(
@@ -241,7 +254,8 @@ def merge(
     return Moments(mean, var)
 
 
-def _merge(m: Moments, axis, *, weight=None, center=None) -> tuple[Array, Array, Array]:
+def _merge(m: Moments, axis, *, weight=None, center=None,
+           offset=None) -> tuple[Array, Array, Array]:
     """:func:`merge` with the pooled mean kept as ``ref + delta`` (dims kept).
 
     ``ref`` is the first entry's mean along ``axis``, so ``delta`` and the deviations
@@ -257,10 +271,18 @@ def _merge(m: Moments, axis, *, weight=None, center=None) -> tuple[Array, Array,
         total = jnp.sum(weight, axis=axis, keepdims=True)
         avg = lambda a: jnp.sum(weight * a, axis=axis, keepdims=True) / total
     first = tuple(slice(0, 1) if i in axis else slice(None) for i in range(m.mean.ndim))
-    ref = lax.stop_gradient(m.mean[first])
-    dev = m.mean - ref
+    if offset is None:  # the entries' means are m.mean
+        ref = lax.stop_gradient(m.mean[first])
+        dev = m.mean - ref
+    else:  # the entries' means are offset + m.mean, offset a constant (exact differences)
+        offset = jnp.broadcast_to(offset, m.mean.shape)
+        ref = offset[first]
+        dev = (offset - ref) + m.mean
     delta = avg(dev)
-    c = delta if center is None else center - ref
+    if center is None:
+        c = delta
+    else:  # center is in the frame of m.mean: relative to offset when given
+        c = center - ref if offset is None else (offset - ref) + center
     var = avg(m.var + jnp.square(dev - c))
     return ref, delta, var
 
@@ -305,6 +327,7 @@ def pool(
     axis_index_groups: Any = None,
     weight: Array | None = None,
     relative_to: Array | None = None,
+    offset: Array | None = None,
 ) -> Moments:
     """Pool ``(N, C)`` moments over groups of samples and of channels.
 
@@ -331,13 +354,16 @@ def pool(
       relative_to: optional ``(N, C)`` (or broadcastable) point: the returned mean
         is ``pooled mean - relative_to``, computed without rounding the pooled
         mean first (exact where both are large and close).
+      offset: optional ``(N, C)`` constant: the entries' means are ``offset + m.mean``
+        (moments from :func:`sample_moments_about`), merged without rounding; a
+        ``center`` is then relative to ``offset`` too.
 
     Returns:
       Pooled moments broadcast back to ``(N, C)``: entry ``(n, c)`` holds the
       statistics of the group that contains sample ``n`` and channel ``c``.
     """
     return _pool(m, batch_groups, channel_groups, grouping, center, axis_name,
-                 axis_index_groups, weight, relative_to, with_target=False)[0]
+                 axis_index_groups, weight, relative_to, offset, with_target=False)[0]
 
 
 def pool_with_target(
@@ -350,6 +376,7 @@ def pool_with_target(
     axis_index_groups: Any = None,
     weight: Array | None = None,
     relative_to: Array | None = None,
+    offset: Array | None = None,
 ) -> tuple[Moments, Moments]:
     """:func:`pool` over sample groups, and the running-statistics target, together.
 
@@ -364,32 +391,33 @@ def pool_with_target(
     beyond the one all-reduce that gathers the per-shard moments.
     """
     return _pool(m, batch_groups, channel_groups, grouping, None, axis_name,
-                 axis_index_groups, weight, relative_to, with_target=True)
+                 axis_index_groups, weight, relative_to, offset, with_target=True)
 
 
 def _pool(m, batch_groups, channel_groups, grouping, center, axis_name, axis_index_groups,
-          weight, relative_to, with_target):
+          weight, relative_to, offset, with_target):
     """:func:`pool` / :func:`pool_with_target`: ``(pooled, target or None)``."""
     _check_grouping(grouping)
     n, c = m.mean.shape
     g_c = c if channel_groups is None else channel_groups
     g_m = n if batch_groups is None else batch_groups
     full = lambda a: None if a is None else jnp.broadcast_to(a, (n, c))
-    center, relative_to, weight = full(center), full(relative_to), full(weight)
+    center, relative_to, weight, offset = (full(a) for a in (center, relative_to, weight,
+                                                              offset))
     if axis_name is not None and batch_groups is not None:
         n_dev, position, members = _device_group(axis_name, axis_index_groups)
         if g_m % n_dev == 0:
             # Groups lie within shards: pool locally, no communication for the output.
             local = _local_groups(n, g_m, n_dev, grouping, axis_name)
             pooled, target = _pool(m, local, g_c, grouping, center, None, None, weight,
-                                   relative_to, with_target)
+                                   relative_to, offset, with_target)
             if target is not None:
                 both = cross_device_mean(jnp.stack(target), axis_name, axis_index_groups)
                 target = Moments(both[0], both[1])
             return pooled, target
         # Each group spans n_dev // g_m shards: one all-reduce, count-weighted merge.
         ref, delta, var = _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members,
-                                           center, weight)
+                                           center, weight, offset)
         mine = lambda a: _ungroup(lax.dynamic_index_in_dim(
             a, position // (n_dev // g_m), axis=0, keepdims=False).reshape(1, 1, g_c, 1),
             n, c, "contiguous")
@@ -401,7 +429,7 @@ def _pool(m, batch_groups, channel_groups, grouping, center, axis_name, axis_ind
         return pooled, target
     view = lambda a: None if a is None else _group_view(a, g_m, g_c, grouping)
     ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (1, 3), weight=view(weight),
-                             center=view(center))
+                             center=view(center), offset=view(offset))
     un = lambda a: _ungroup(a, n, c, grouping)
     pooled = Moments(_relative(un(ref), un(delta), relative_to), un(var))
     target = None
@@ -454,7 +482,7 @@ def _check_spanning(g_m: int, n_dev: int, grouping: str, axis_name: str) -> None
 
 
 def _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center=None,
-                     weight=None) -> tuple[Array, Array, Array]:
+                     weight=None, offset=None) -> tuple[Array, Array, Array]:
     """Statistics ``(G_M, G_C)`` of every group of the global batch when each group spans
     ``n_dev // g_m`` shards, as ``(ref, delta, var)`` (see :func:`_merge`): one gather
     (:func:`_gather`) of the per-shard ``(ref, delta, var, count)``, then a count-weighted
@@ -464,7 +492,7 @@ def _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center=No
     cview = lambda a: None if a is None else a.reshape(n, g_c, c // g_c)
     ref, delta, var = (jnp.squeeze(a, (0, 2)) for a in _merge(
         Moments(cview(m.mean), cview(m.var)), (0, 2), weight=cview(weight),
-        center=cview(center)))  # (G_C,) each
+        center=cview(center), offset=cview(offset)))  # (G_C,) each
     if weight is None:
         count = jnp.full((g_c,), float(n * (c // g_c)), var.dtype)
     else:

@@ -22,6 +22,7 @@ import re
 import flax.linen as nn
 import jax
 import pytest
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import seqnorm_jax as snj
@@ -32,10 +33,16 @@ C = 8
 SHAPE = (16, 3, 3, C)
 
 
-@pytest.fixture(scope="module")
-def mesh():
+@pytest.fixture(scope="module", params=["auto", "explicit"])
+def mesh(request):
+    """Both axis types give the same collectives: ``distributed.data_mesh`` (``Auto``) and
+    ``jax.make_mesh``'s default ``Explicit`` axes, where the layers run their group
+    reshapes on ``Auto`` axes (``jax.sharding.auto_axes``) rather than resharding."""
     assert jax.device_count() >= N_DEV, "tests/conftest.py sets 4 CPU devices"
-    return distributed.data_mesh(jax.devices()[:N_DEV])
+    devices = jax.devices()[:N_DEV]
+    if request.param == "auto":
+        return distributed.data_mesh(devices)
+    return jax.make_mesh((N_DEV,), ("data",), axis_types=(AxisType.Explicit,), devices=devices)
 
 
 def _apply(layer, with_stats):
