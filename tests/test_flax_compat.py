@@ -193,7 +193,7 @@ def test_normalization_equivalence(gn, reference, groups):
     v_ref, v = ref.init(random.key(1), x), layer.init(random.key(1), x)
     jax.tree.map(np.testing.assert_array_equal, v, v_ref)
     np.testing.assert_allclose(layer.apply(v, x), ref.apply(v_ref, x),
-                               atol=1e-7 if not is_ours(gn) else 1e-6)
+                               atol=1e-7)
 
 
 # ----------------------------------------------------------------------------
