@@ -13,9 +13,15 @@
 
 Every field of :class:`~seqnorm_jax.train.TrainConfig` is a flag (``--batch-size``,
 ``--norm-weight-decay``, ...); ``--config FILE`` loads a JSON config first and the
-flags given override it. ``python -m seqnorm_jax`` is the same command. Invalid flags,
-configurations and missing datasets end with a one-line ``error:`` message and exit
-status 2 (``--traceback`` shows the Python traceback instead).
+flags given override it. ``python -m seqnorm_jax`` is the same command.
+
+Exit status: 0 done; 2 an ``error:`` line on stderr -- invalid flags, configurations or
+norm specs (checked before any training), a missing dataset, a run folder in use by
+another run, a resume whose config differs, or a file that cannot be written
+(``error: <path>: <cause>``; the last checkpoint written stays usable); 3 a training run
+diverged (``diverged at step N (loss nan)`` on stderr; the last finite state is
+checkpointed); 130 interrupted. ``--traceback`` shows the Python traceback instead of
+the one-line error.
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["COMPARE_DEFAULTS", "build_parser", "main"]
+__all__ = ["COMPARE_DEFAULTS", "DIVERGED", "build_parser", "main"]
+
+DIVERGED = 3  # the exit status of a train run whose loss became non-finite
 
 # The default `compare`: paper 000's MNIST network (SimpleNet, 784-512-300-10) on all of
 # Fashion-MNIST (60k/10k), 7 layers x 3 seeds x 4 epochs. Measured with 3 epochs on 2 CPU
@@ -72,14 +81,18 @@ _HELP = {
     "grad_clip_norm": "clip gradients to this global norm",
     "example_weight": "Four Things inference example weight used in evaluation",
     "checkpoint_every": "also checkpoint every this many steps (0: epoch ends only)",
+    "on_divergence": "stop (default: end the run at a non-finite loss, keep and checkpoint "
+                     "the last finite state) or continue",
 }
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
     from seqnorm_jax.train import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
+    from seqnorm_jax.train.config import ON_DIVERGENCE
 
     return {"optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-            "norm_weight_decay": NORM_DECAY_MODES, "dtype": ("float32", "bfloat16")}
+            "norm_weight_decay": NORM_DECAY_MODES, "dtype": ("float32", "bfloat16"),
+            "on_divergence": ON_DIVERGENCE}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,7 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True,
                        help="output directory (config.json, metrics, checkpoints)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the newest checkpoint in --out")
+                       help="continue from the newest intact checkpoint in --out; the config "
+                            "must equal the saved one except epochs, progress, log_every, "
+                            "checkpoint_every, keep_checkpoints, data_workers, "
+                            "eval_batch_size, on_divergence, data_dir")
+    train.add_argument("--allow-change", default="", metavar="FIELD,...",
+                       help="with --resume: accept these changed config fields (e.g. lr)")
+    train.add_argument("--mesh", default="auto", choices=("auto", "explicit"),
+                       help="axis type of the data mesh over all devices: auto (default) or "
+                            "explicit (jax.make_mesh's default, sharding in types)")
     _add_config_flags(train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint of a train run",
@@ -273,7 +294,13 @@ def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
     if getattr(args, "config", None):
         if not os.path.exists(args.config):
             raise FileNotFoundError(f"--config: no such file {args.config!r}.")
-        data.update(TrainConfig.from_json(args.config).to_dict())
+        if os.path.isdir(args.config):
+            raise ValueError(f"--config {args.config!r} is a folder; give a JSON config file "
+                             f"(e.g. {os.path.join(args.config, 'config.json')}).")
+        try:
+            data.update(TrainConfig.from_json(args.config).to_dict())
+        except ValueError as e:
+            raise ValueError(f"--config: {e}") from None
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for name in names:
         if name in vars(args):
@@ -282,16 +309,46 @@ def _config(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
     return TrainConfig.from_dict(data)
 
 
+def _mesh(kind: str):
+    import jax
+
+    from seqnorm_jax.distributed import data_mesh
+
+    if kind == "explicit":
+        return jax.make_mesh((jax.device_count(),), ("data",),
+                             axis_types=(jax.sharding.AxisType.Explicit,))
+    return data_mesh()
+
+
+def _json_number(v: Any) -> Any:
+    return v if not isinstance(v, float) or v == v and abs(v) != float("inf") else str(v)
+
+
 def _cmd_train(args) -> int:
     from seqnorm_jax.train import Trainer
+    from seqnorm_jax.train.lock import check_out_dir
 
+    check_out_dir(args.out, "--out", create=False)
     config = _config(args)
-    trainer = Trainer(config, out_dir=args.out)
-    result = trainer.fit(resume=args.resume)
+    allow = [f.strip() for f in args.allow_change.split(",") if f.strip()]
+    if allow and not args.resume:
+        raise ValueError("--allow-change applies to --resume only; add --resume or drop it.")
+    trainer = Trainer(config, out_dir=args.out, mesh=_mesh(args.mesh))  # checks everything
+    result = trainer.fit(resume=args.resume, allow_changes=allow)  # locks --out
     last = result.eval_rows[-1] if result.eval_rows else {}
-    print(json.dumps({"out": args.out, "step": int(result.state.step),
-                      "eval_accuracy": last.get("eval_accuracy"),
-                      "eval_loss": last.get("eval_loss"), "train_loss": last.get("loss")}))
+    summary = {"out": args.out, "step": int(result.state.step),
+               "eval_accuracy": last.get("eval_accuracy"), "eval_loss": last.get("eval_loss"),
+               "train_loss": last.get("loss")}
+    if result.diverged is not None:
+        summary["diverged_at_step"] = result.diverged["step"]
+    print(json.dumps({k: _json_number(v) for k, v in summary.items()}))
+    if result.diverged is not None:
+        d = result.diverged
+        kept = (f"; the last finite state (step {d['last_finite_step']}) is checkpointed in "
+                f"{os.path.join(args.out, 'checkpoints')}" if "last_finite_step" in d else "")
+        print(f"seqnorm-jax train: diverged at step {d['step']} (loss {d['loss']}){kept}",
+              file=sys.stderr)
+        return DIVERGED
     return 0
 
 
@@ -373,6 +430,9 @@ def _cmd_compare(args) -> int:
     from seqnorm_jax.train import compare, default_norm_specs
     from seqnorm_jax.train.compare import format_table
 
+    from seqnorm_jax.train.lock import check_out_dir
+
+    check_out_dir(args.out, "--out", create=False)
     config = _config(args, COMPARE_DEFAULTS)
     seeds = _parse_seeds(args.seeds)
     norms = _parse_norms(args.norms)
@@ -401,8 +461,11 @@ def _parse_groups(text: str, flag: str) -> list[int]:
 def _cmd_tune(args) -> int:
     from seqnorm_jax.analysis.tuner import METRICS, format_stage, sequential_tune
 
+    from seqnorm_jax.train.lock import check_out_dir
+
     if args.metric not in METRICS:
         raise ValueError(f"--metric {args.metric!r}: choose one of {', '.join(METRICS)}.")
+    check_out_dir(args.out, "--out", create=False)
     config = _config(args, COMPARE_DEFAULTS)
     batch_groups = _parse_groups(args.tune_batch_groups, "--batch-groups")
     channel_groups = _parse_groups(args.tune_channel_groups, "--channel-groups")
@@ -441,7 +504,15 @@ def _cmd_experiment(args) -> int:
     if not os.path.exists(args.config):
         raise ValueError(f"no such experiment config {args.config!r}; `seqnorm-jax experiment "
                          "--list` shows the configs.")
+    if os.path.isdir(args.config):
+        raise ValueError(f"experiment config {args.config!r} is a folder; give one JSON file "
+                         "of it (`seqnorm-jax experiment --list --configs-dir "
+                         f"{args.config}` lists them).")
     seeds = None if args.seeds is None else _parse_seeds(args.seeds)
+    if args.out is not None:
+        from seqnorm_jax.train.lock import check_out_dir
+
+        check_out_dir(args.out, "--out", create=False)
     command = "seqnorm-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] \
         else None
     payload = run_experiment(args.config, args.scale, args.out, seeds=seeds, command=command,
@@ -459,7 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from absl import logging as absl_logging
 
-        absl_logging.set_verbosity(absl_logging.ERROR)  # TFDS's notes about absent folders
+        # TFDS's notes about absent folders; Orbax's logs of a failed background write
+        # (the failure is reported once, as this command's error line)
+        absl_logging.set_verbosity(absl_logging.FATAL)
     except ImportError:  # pragma: no cover - absl comes with jax's dependencies
         pass
     commands = {"train": _cmd_train, "eval": _cmd_eval, "compare": _cmd_compare,
@@ -473,9 +546,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"seqnorm-jax {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # a file or folder of the run cannot be written
+        if args.traceback:
+            raise
+        text = (f"{err.filename}: {err.strerror}" if getattr(err, "filename", None)
+                and err.strerror else _one_line(err))
+        print(f"seqnorm-jax {args.command}: error: {text}", file=sys.stderr)
+        _exit_if_stuck(2)
+        return 2
     except KeyboardInterrupt:
         print(f"seqnorm-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_if_stuck(code: int) -> None:
+    """End the process now if a write fault left non-daemon threads behind (Orbax's
+    background writers), which would otherwise keep the interpreter from exiting."""
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -41,6 +41,38 @@ def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DATA
     return Mesh(np.asarray(devices), (axis_name,), axis_types=(AxisType.Auto,))
 
 
+def mesh_batch_axis(mesh: Mesh) -> str:
+    """The axis of ``mesh`` that a batch is split over: ``"data"``, or a 1-D mesh's only axis.
+
+    Any mesh works, whatever its axis types (``jax.make_mesh``'s default ``Explicit``
+    or ``Auto``): ``jax.make_mesh((n,), ("batch",))`` splits the batch over ``"batch"``.
+
+    Raises:
+      ValueError: a mesh of several axes has none named ``"data"``.
+    """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((n,), "
+                         f"('data',))), got {type(mesh).__name__}.")
+    names = tuple(mesh.axis_names)
+    if DATA_AXIS in names:
+        return DATA_AXIS
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f"mesh axes {names}: name the axis that splits the batch {DATA_AXIS!r} "
+                     f"(e.g. jax.make_mesh((n, m), ('data', 'model'))), or pass a 1-D mesh.")
+
+
+def mesh_context(mesh: Mesh | None):
+    """``jax.set_mesh(mesh)`` (the context under which steps trace on ``Explicit`` axes);
+    a no-op for ``None``."""
+    import contextlib
+
+    if mesh is None:
+        return contextlib.nullcontext()
+    set_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+    return set_mesh(mesh)
+
+
 def batch_sharding(mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
     """Sharding of a batch: the leading (batch) axis split over ``axis_name``."""
     return NamedSharding(mesh, P(axis_name))

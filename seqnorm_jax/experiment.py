@@ -54,7 +54,8 @@ from typing import Any
 
 import numpy as np
 
-from seqnorm_jax.train.compare import _mean_std, _safe
+from seqnorm_jax.train.compare import _mean_std, _run_line, _safe, run_record, strict_json
+from seqnorm_jax.train.metrics import _opened
 from seqnorm_jax.train.config import TrainConfig
 
 __all__ = [
@@ -230,11 +231,37 @@ def load_experiment(path: str | os.PathLike) -> Experiment:
             raise ValueError(f"{path}: unknown key(s) {extra} in {scale!r}; valid keys are "
                              f"{sorted(_SCALE_KEYS)}.")
     data.setdefault("runs", [])
+    _check_sections(path, data)
     exp = Experiment(**data, path=path)
     for scale in SCALES:
         if scale == "full" or getattr(exp, scale) is not None:
             exp.resolve(scale)
     return exp
+
+
+def _check_sections(path: str, data: dict[str, Any]) -> None:
+    """Each section has its JSON type (``base`` an object, ``runs`` a list of objects, ...)."""
+    def need(ok, where, what):
+        if not ok:
+            raise ValueError(f"{path}: {where} must be {what}.")
+
+    for key in ("name", "paper", "ref", "title", "kind"):
+        need(isinstance(data[key], str), key, "a string")
+    need(isinstance(data["base"], dict), "base", "an object of TrainConfig fields")
+    need(isinstance(data["runs"], list) and all(isinstance(r, dict) for r in data["runs"]),
+         "runs", "a list of objects (a label and the fields it changes)")
+    need(isinstance(data["seeds"], list), "seeds", "a list of integers")
+    need(isinstance(data.get("analysis", {}), dict), "analysis", "an object")
+    for scale in ("cpu", "smoke"):
+        section = data.get(scale)
+        if section is None:
+            continue
+        need(isinstance(section, dict), scale, "an object")
+        for key, kind, what in (("base", dict, "an object"), ("runs", list, "a list"),
+                                ("seeds", list, "a list of integers"),
+                                ("analysis", dict, "an object")):
+            if key in section:
+                need(isinstance(section[key], kind), f"{scale}.{key}", what)
 
 
 def list_experiments(directory: str | os.PathLike = "experiments/configs") -> list[Experiment]:
@@ -447,7 +474,14 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
     out_dir = os.fspath(out_dir or os.path.join("runs", "experiments", exp.name, scale))
     if replot:
         return _replot(exp, out_dir, command)
-    os.makedirs(out_dir, exist_ok=True)
+    from seqnorm_jax.train.lock import run_lock
+
+    with run_lock(out_dir, "out_dir"):
+        return _run_locked(exp, out_dir, progress, command)
+
+
+def _run_locked(exp: Experiment, out_dir: str, progress: bool, command: str | None
+                ) -> dict[str, Any]:
     t0 = time.perf_counter()
     if exp.kind == "tune":
         return _run_tune(exp, out_dir, progress, command, t0)
@@ -457,6 +491,12 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
     from seqnorm_jax.train import Trainer
 
     sources = _Sources(exp, image_shape=exp.image_shape)
+    for run, config in exp.configs():  # every run's norm against its batch, before training
+        try:
+            Trainer(config, train_source=sources(config)[0], eval_source=sources(config)[1],
+                    mesh=_mesh_for(config.batch_size))
+        except ValueError as e:
+            raise ValueError(f"experiment {exp.name!r}, run {run['label']!r}: {e}") from None
     jobs = [(run, config, seed) for run, config in exp.configs() for seed in exp.seeds]
     outer = tqdm(jobs, desc=exp.name, disable=not progress, unit="run", dynamic_ncols=True)
     records = []
@@ -472,23 +512,18 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
         hooks = _hooks(exp, trainer)
         trainer.step_hooks.extend(hooks)
         result = trainer.fit()
-        rows = result.eval_rows
-        record = dict(label=label, spec=config.norm, series=run.get("series"), x=run.get("x"),
-                      seed=seed, eval_accuracy=[r["eval_accuracy"] for r in rows],
-                      eval_loss=[r["eval_loss"] for r in rows],
-                      train_loss=[r["loss"] for r in rows],
-                      train_accuracy=[r["accuracy"] for r in rows],
-                      epoch_time=[r["epoch_time"] for r in rows])
-        if config.validation_size and exp.kind != "example_weight":
-            # tuned on the hold-out; the test split is scored once, at the end
-            test = trainer.evaluate(result.state, sources.test_split(config))
-            record.update(final_test_accuracy=test["eval_accuracy"],
-                          final_test_loss=test["eval_loss"])
-        record.update(_after(exp, trainer, result.state, hooks, sources, config))
+        record = run_record(result, label=label, spec=config.norm, series=run.get("series"),
+                            x=run.get("x"), seed=seed)
+        if result.diverged is None:
+            if config.validation_size and exp.kind != "example_weight":
+                # tuned on the hold-out; the test split is scored once, at the end
+                test = trainer.evaluate(result.state, sources.test_split(config))
+                record.update(final_test_accuracy=test["eval_accuracy"],
+                              final_test_loss=test["eval_loss"])
+            record.update(_after(exp, trainer, result.state, hooks, sources, config))
         records.append(record)
         if progress:
-            outer.write(f"{label} seed {seed}: eval accuracy {rows[-1]['eval_accuracy']:.4f}, "
-                        f"train loss {rows[-1]['loss']:.4f}")
+            outer.write(_run_line(label, seed, record))
     outer.close()
     return _write(exp, out_dir, records, time.perf_counter() - t0, command)
 
@@ -544,12 +579,16 @@ def _summary(exp: Experiment, records: list[dict[str, Any]]) -> list[dict[str, A
     if baseline is not None and baseline not in {r["label"] for r in records}:
         raise ValueError(f"experiment {exp.name!r}: analysis.baseline={baseline!r} is not a run "
                          f"label; choose one of {sorted({r['label'] for r in records})}.")
+    ok = [r for r in records if not r.get("diverged")]  # diverged runs: counted, not summed
     for row in rows:
         rs = [r for r in records if r["label"] == row["label"]]
         row["series"], row["x"] = rs[0].get("series"), rs[0].get("x")
+        rs = [r for r in rs if not r.get("diverged")]
+        if not rs:
+            continue
         row.update(_kind_summary(exp, rs))
         if baseline is not None:
-            row.update(_paired(rs, [r for r in records if r["label"] == baseline]))
+            row.update(_paired(rs, [r for r in ok if r["label"] == baseline]))
     return rows
 
 
@@ -665,14 +704,15 @@ def _write(exp, out_dir, records, seconds, command, env=None,
         from seqnorm_jax.analysis.fluctuation import keep_neurons
 
         records = [{**r, "fluctuation": keep_neurons(r["fluctuation"], _trajectory_neurons(exp))}
-                   for r in records]
+                   if "fluctuation" in r else r for r in records]
     _write_run_files(exp, out_dir, records)
     summary = _summary(exp, records)
     env = env or environment()
     payload = {"experiment": _describe(exp), "environment": env, "summary": summary,
                "runs": _jsonable(records), "seconds": round(seconds, 1), "command": command}
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(payload, f, separators=(",", ":"))  # compact: runs hold long lists
+    with _opened(os.path.join(out_dir, "results.json"), "w") as f:
+        # compact: runs hold long lists; strict JSON: a diverged run's NaN loss is null
+        json.dump(strict_json(payload), f, separators=(",", ":"), allow_nan=False)
         f.write("\n")
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(summary[0]))
@@ -683,8 +723,10 @@ def _write(exp, out_dir, records, seconds, command, env=None,
              f"{b.get('epochs')} epochs, seeds {exp.seeds}")
     _plot(records, os.path.join(out_dir, "curves.png"), title)
     plots = ["curves.png"]
-    labels = list(dict.fromkeys(r["label"] for r in records))
-    by_label = {lab: [r for r in records if r["label"] == lab] for lab in labels}
+    # the kind's analysis exists for the runs that did not diverge
+    labels = list(dict.fromkeys(r["label"] for r in records if not r.get("diverged")))
+    by_label = {lab: [r for r in records if r["label"] == lab and not r.get("diverged")]
+                for lab in labels}
     if any(r.get("x") is not None for r in records):
         _sweep_plot(exp, summary, os.path.join(out_dir, "sweep.png"), title)
         plots.append("sweep.png")
@@ -701,7 +743,7 @@ def _write(exp, out_dir, records, seconds, command, env=None,
                    **{f"{key}_{stat}": row[f"layer{i}_{key}_{stat}"]
                       for key in _FLUCT_KEYS for stat in ("mean", "std")}}
                   for i, layer in enumerate(by_label[row["label"]][0]["fluctuation"]["summary"])])
-                for row in summary]
+                for row in summary if row["label"] in by_label]
         extra_md = "\n\n## Statistics fluctuation (std over steps; mean +- std over seeds)\n\n" \
             + _fluctuation_table(rows)
         with open(os.path.join(out_dir, "fluctuation.csv"), "w", newline="") as f:
@@ -720,7 +762,7 @@ def _write(exp, out_dir, records, seconds, command, env=None,
         with open(os.path.join(out_dir, "example_weight.csv"), "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["run", "seed", "example_weight", "eval_accuracy", "eval_loss"])
-            for r in records:
+            for r in (r for rs in by_label.values() for r in rs):
                 for row in r["example_weight"]:
                     writer.writerow([r["label"], r["seed"], row["example_weight"],
                                      row["eval_accuracy"], row["eval_loss"]])
@@ -781,7 +823,8 @@ def _sweep_plot(exp, summary, path, title) -> None:
     from matplotlib import pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    points = [r for r in summary if r.get("x") is not None]
+    points = [r for r in summary if r.get("x") is not None
+              and r.get("test_accuracy_mean") is not None]  # a diverged point is left out
     # the test split when the runs validated on a hold-out, else the evaluation split
     key = ("final_test_accuracy" if all("final_test_accuracy_mean" in r for r in points)
            else "test_accuracy")

@@ -104,7 +104,7 @@ def select(rows: Sequence[Mapping[str, Any]], tolerance: float | None = None, *,
     Raises:
       ValueError: no evaluated row, or a negative or non-finite ``tolerance``.
     """
-    cands = [r for r in rows if r.get("status", "ok") != "skipped" and r.get("mean") is not None]
+    cands = [r for r in rows if r.get("status", "ok") == "ok" and r.get("mean") is not None]
     if not cands:
         raise ValueError("select: rows has no evaluated candidate (all are skipped or lack a "
                          "'mean'); pass rows with 'value', 'mean' and 'std'.")
@@ -235,9 +235,10 @@ class TuneResult:
 
     Attributes:
       stage1: one row per ``G_M`` candidate (GhostNorm): ``stage``, ``parameter``
-        (``"batch_groups"``), ``value``, ``spec``, ``status`` (``"ok"`` or ``"skipped"``),
-        ``reason`` (why skipped, else ``""``), ``seeds``, ``values`` (the metric per seed),
-        ``mean``, ``std`` (sample std over seeds, 0 for one seed), ``sem`` (``std /
+        (``"batch_groups"``), ``value``, ``spec``, ``status`` (``"ok"``, ``"skipped"`` or
+        ``"diverged"``: every seed's training loss became non-finite), ``reason`` (why
+        skipped or diverged, or how many seeds diverged, else ``""``), ``seeds``,
+        ``values`` (the metric per seed), ``mean``, ``std`` (sample std over seeds, 0 for one seed), ``sem`` (``std /
         sqrt(seeds)``), ``train_loss_mean``, ``epoch_time_mean`` (from ``compare``'s
         summary) and ``chosen``. Skipped rows have ``None`` for the numbers.
       stage2: the same for the ``G_C`` candidates (SeqNorm with the chosen ``G_M``).
@@ -350,8 +351,9 @@ def format_stage(rows: Sequence[Mapping[str, Any]], metric: str = "eval_accuracy
     lines = [f"| {symbol} | spec | {metric}{unit} mean +- std | sem | seeds | |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        if r["status"] == "skipped":
-            lines.append(f"| {r['value']} | `{r['spec']}` | - | - | - | skipped: {r['reason']} |")
+        if r["status"] != "ok":
+            lines.append(f"| {r['value']} | `{r['spec']}` | - | - | - | {r['status']}: "
+                         f"{r['reason']} |")
             continue
         lines.append(f"| {r['value']} | `{r['spec']}` | {_fmt(r['mean'], pct)} +- "
                      f"{_fmt(r['std'], pct)} | {_fmt(r['sem'], pct)} | {r['seeds']} | "
@@ -387,7 +389,8 @@ def _plot(result: TuneResult, path: str) -> None:
         ax.axhline(edge, color="tab:green", ls=":", lw=1,
                    label=f"best {'-' if s['maximize'] else '+'} tolerance ({tol * scale:.3g})")
         ax.set_xticks(x, [str(r["value"]) for r in ok])
-        skipped = [str(r["value"]) for r in rows if r["status"] == "skipped"]
+        skipped = [f"{r['value']}{' (diverged)' if r['status'] == 'diverged' else ''}"
+                   for r in rows if r["status"] != "ok"]
         title = ("stage 1: GhostNorm, " if param == "batch_groups" else
                  f"stage 2: SeqNorm at G_M = {result.batch_groups}, ") + f"{symbol} ({param})"
         if skipped:
@@ -415,7 +418,16 @@ def _rows(stage: int, param: str, values: Sequence[int], skipped: Mapping[int, s
                    reason=skipped.get(v, ""), seeds=0, values=None, mean=None, std=None,
                    sem=None, train_loss_mean=None, epoch_time_mean=None, chosen=False)
         if v not in skipped:
-            runs = [r for r in compared.runs if r["label"] == spec]
+            every = [r for r in compared.runs if r["label"] == spec]
+            runs = [r for r in every if not r.get("diverged") and r["eval_accuracy"]]
+            diverged = len(every) - len(runs)
+            if diverged:
+                row["reason"] = (f"{diverged}/{len(every)} seeds diverged (non-finite "
+                                 "training loss)")
+            if not runs:
+                row["status"] = "diverged"
+                rows.append(row)
+                continue
             if metric == "best_eval_accuracy":
                 vals = [float(max(r["eval_accuracy"])) for r in runs]
             else:
@@ -536,10 +548,11 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
     extra = f",{norm_fields.strip().strip(',')}" if norm_fields.strip() else ""
     if extra:
         from seqnorm_jax.factory import norm_factory
+        from seqnorm_jax.train.validate import check_norm_fields
 
         for probe in (f"ghost:batch_groups=1{extra}", f"seqnorm:channel_groups=1{extra}"):
             try:
-                norm_factory(probe)
+                check_norm_fields(norm_factory(probe)())
             except ValueError as e:
                 raise ValueError(f"sequential_tune: norm_fields={norm_fields!r}: {e}") from None
     t0 = time.perf_counter()

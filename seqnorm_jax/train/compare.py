@@ -26,7 +26,9 @@ import jax
 import numpy as np
 
 from seqnorm_jax.train.config import TrainConfig
+from seqnorm_jax.train.lock import run_lock
 from seqnorm_jax.train.loop import Trainer, build_model, load_sources
+from seqnorm_jax.train.metrics import RunFileError, _opened
 
 __all__ = [
     "DEFAULT_NORMS",
@@ -136,24 +138,32 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per layer label, in the order of first appearance.
 
-    Columns: ``label``, ``spec``, ``seeds`` (count), ``test_accuracy_mean`` and
-    ``test_accuracy_std`` (final epoch, sample std over seeds, 0 for one seed),
-    ``best_test_accuracy_mean``, ``train_loss_mean`` / ``train_loss_std`` (mean training
-    loss of the final epoch), ``epoch_time_mean`` (seconds per epoch, the first epoch
-    left out when there are more, as it includes compilation).
+    Columns: ``label``, ``spec``, ``seeds`` (count), ``diverged`` (``"k/n"``: seeds whose
+    training loss became non-finite), ``test_accuracy_mean`` and ``test_accuracy_std``
+    (final epoch, sample std over seeds, 0 for one seed), ``best_test_accuracy_mean``,
+    ``train_loss_mean`` / ``train_loss_std`` (mean training loss of the final epoch),
+    ``epoch_time_mean`` (seconds per epoch, the first epoch left out when there are more,
+    as it includes compilation). The numbers are over the seeds that did not diverge;
+    ``None`` when every seed diverged.
     """
     out = []
     for label in dict.fromkeys(r["label"] for r in runs):
         rs = [r for r in runs if r["label"] == label]
-        acc_m, acc_s = _mean_std([r["eval_accuracy"][-1] for r in rs])
-        loss_m, loss_s = _mean_std([r["train_loss"][-1] for r in rs])
-        times = [t for r in rs for t in (r["epoch_time"][1:] or r["epoch_time"])]
-        out.append(dict(label=label, spec=rs[0]["spec"], seeds=len(rs),
-                        test_accuracy_mean=acc_m, test_accuracy_std=acc_s,
-                        best_test_accuracy_mean=float(np.mean(
-                            [max(r["eval_accuracy"]) for r in rs])),
-                        train_loss_mean=loss_m, train_loss_std=loss_s,
-                        epoch_time_mean=float(np.mean(times))))
+        ok = [r for r in rs if not r.get("diverged") and r["eval_accuracy"]]
+        row = dict(label=label, spec=rs[0]["spec"], seeds=len(rs),
+                   diverged=f"{len(rs) - len(ok)}/{len(rs)}", test_accuracy_mean=None,
+                   test_accuracy_std=None, best_test_accuracy_mean=None, train_loss_mean=None,
+                   train_loss_std=None, epoch_time_mean=None)
+        if ok:
+            acc_m, acc_s = _mean_std([r["eval_accuracy"][-1] for r in ok])
+            loss_m, loss_s = _mean_std([r["train_loss"][-1] for r in ok])
+            times = [t for r in ok for t in (r["epoch_time"][1:] or r["epoch_time"])]
+            row.update(test_accuracy_mean=acc_m, test_accuracy_std=acc_s,
+                       best_test_accuracy_mean=float(np.mean(
+                           [max(r["eval_accuracy"]) for r in ok])),
+                       train_loss_mean=loss_m, train_loss_std=loss_s,
+                       epoch_time_mean=float(np.mean(times)))
+        out.append(row)
     return out
 
 
@@ -167,9 +177,15 @@ def format_table(summary: Sequence[dict[str, Any]], evaluated_on: str = "test") 
              "s/epoch | seeds |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in summary:
+        diverged = r.get("diverged", "0/")
+        note = "" if diverged.startswith("0/") else f" (diverged {diverged})"
+        if r["test_accuracy_mean"] is None:
+            lines.append(f"| {r['label']} | `{r['spec']}` | diverged ({diverged}) | - | - | "
+                         f"{r['seeds']} |")
+            continue
         lines.append(
             f"| {r['label']} | `{r['spec']}` | {100 * r['test_accuracy_mean']:.2f} +- "
-            f"{100 * r['test_accuracy_std']:.2f} % | {r['train_loss_mean']:.4f} | "
+            f"{100 * r['test_accuracy_std']:.2f} %{note} | {r['train_loss_mean']:.4f} | "
             f"{r['epoch_time_mean']:.1f} | {r['seeds']} |")
     return "\n".join(lines)
 
@@ -184,12 +200,20 @@ def _plot(runs: Sequence[dict[str, Any]], path: str, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for label in dict.fromkeys(r["label"] for r in runs):
         rs = [r for r in runs if r["label"] == label]
+        ok = [r for r in rs if not r.get("diverged") and r["eval_accuracy"]]
+        n_div = len(rs) - len(ok)
         for ax, key in zip(axes, ("eval_accuracy", "train_loss")):
-            curves = np.asarray([r[key] for r in rs], np.float64)
-            epochs = np.arange(1, curves.shape[1] + 1)
-            mean = curves.mean(0)
-            std = curves.std(0, ddof=1) if len(rs) > 1 else np.zeros_like(mean)
-            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=label)
+            if not ok:  # every seed diverged: a labelled marker at epoch 1, no curve
+                ax.plot([], [], marker="x", ls="none", label=f"{label} (diverged)")
+                continue
+            length = max(len(r[key]) for r in ok)
+            curves = np.asarray([list(r[key]) + [np.nan] * (length - len(r[key])) for r in ok],
+                                np.float64)
+            epochs = np.arange(1, length + 1)
+            mean = np.nanmean(curves, 0)
+            std = (np.nanstd(curves, 0, ddof=1) if len(ok) > 1 else np.zeros_like(mean))
+            name = label if not n_div else f"{label} ({n_div}/{len(rs)} diverged)"
+            (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=name)
             ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
     axes[0].set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
     axes[1].set(xlabel="epoch", ylabel="train loss", title="training loss (epoch mean)")
@@ -215,34 +239,53 @@ def write_outputs(result: CompareResult, out_dir: str | os.PathLike) -> dict[str
     paths = {k: os.path.join(out_dir, f) for k, f in (
         ("json", "results.json"), ("csv", "results.csv"), ("markdown", "results.md"),
         ("plot", "curves.png"))}
-    with open(paths["json"], "w") as f:
-        json.dump({"settings": result.settings, "specs": result.specs,
-                   "summary": result.summary, "runs": result.runs}, f, indent=2)
+    payload = strict_json({"settings": result.settings, "specs": result.specs,
+                           "summary": result.summary, "runs": result.runs})
+    with _opened(paths["json"], "w") as f:
+        json.dump(payload, f, indent=2, allow_nan=False)
         f.write("\n")
-    with open(paths["csv"], "w", newline="") as f:
+    with _opened(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(result.summary[0]))
         writer.writeheader()
         writer.writerows(result.summary)
     s = result.settings
     title = (f"{s['model']} on {s['dataset']} ({s['train_size'] or 'all'} train examples), "
              f"batch {s['batch_size']}, {s['epochs']} epochs, seeds {s['seeds']}")
-    with open(paths["markdown"], "w") as f:
+    with _opened(paths["markdown"], "w") as f:
         split = "validation" if (s.get("config") or {}).get("validation_size") else "test"
         f.write(f"# Normalization layers compared\n\n{title}.\n\n"
                 f"{format_table(result.summary, split)}\n")
-    _plot(result.runs, paths["plot"], title)
+    try:
+        _plot(result.runs, paths["plot"], title)
+    except OSError as e:
+        raise RunFileError(paths["plot"], e.strerror or str(e)) from e
     return paths
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (JSON ``null``), so that
+    it serialises as strict JSON (a diverged run's losses)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def compare(base: TrainConfig, *, norms: Sequence[str] = DEFAULT_NORMS,
             seeds: Sequence[int] = (0, 1), out_dir: str | os.PathLike = "runs/compare",
-            progress: bool = True) -> CompareResult:
+            progress: bool = True, flag: str = "norms") -> CompareResult:
     """Train ``base`` once per layer in ``norms`` and seed in ``seeds``; write the outputs.
 
     Every run uses the same data (one load; ``base.train_size`` subset drawn once, with
     ``seeds[0]``), schedule and model; only ``norm`` and ``seed`` (initialisation, data
     order) change. Per-run metrics go to ``out_dir/runs/<label>_seed<k>/``; no
-    checkpoints are written.
+    checkpoints are written. Every layer is checked against the batch, the devices and
+    the model before the first run trains. A run whose loss becomes non-finite stops
+    there and is recorded as diverged (``runs[i]["diverged"]``, the ``diverged``
+    column, marked in the table and plot); the other runs go on.
 
     Args:
       base: the shared configuration (its ``norm`` and ``seed`` are replaced).
@@ -250,9 +293,15 @@ def compare(base: TrainConfig, *, norms: Sequence[str] = DEFAULT_NORMS,
       seeds: the seeds.
       out_dir: the output directory.
       progress: show progress bars.
+      flag: how errors name the list of layers (``"norms"``: ``--norms``).
 
     Returns:
       A :class:`CompareResult` (also written with :func:`write_outputs`).
+
+    Raises:
+      ValueError: a layer does not fit the run (before any training), or ``out_dir`` is
+        in use by another run.
+      RunFileError: an output file cannot be written.
     """
     if not norms:
         raise ValueError("compare: norms is empty; name at least one layer, e.g. 'bn'.")
@@ -260,10 +309,34 @@ def compare(base: TrainConfig, *, norms: Sequence[str] = DEFAULT_NORMS,
         raise ValueError("compare: seeds is empty; give at least one seed.")
     out_dir = os.fspath(out_dir)
     base = base.replace(seed=int(seeds[0]))
+    with run_lock(out_dir, "out_dir"):
+        return _compare(base, norms, seeds, out_dir, progress, flag)
+
+
+def check_specs(base: TrainConfig, specs: dict[str, str], train_src, eval_src,
+                flag: str = "norms", mesh=None) -> None:
+    """Check every spec against the batch, the devices and the model's widths (no training).
+
+    Raises:
+      ValueError: the first spec that does not fit, naming ``flag`` and the spec.
+    """
+    for spec in dict.fromkeys(specs.values()):
+        try:
+            Trainer(base.replace(norm=spec), train_source=train_src, eval_source=eval_src,
+                    mesh=mesh)
+        except ValueError as e:
+            text = str(e).split(" does not fit this run", 1)
+            if len(text) == 2:
+                raise ValueError(f"--{flag}: {spec!r} does not fit this run{text[1]}") from None
+            raise ValueError(f"--{flag}: {spec!r}: {e}") from None
+
+
+def _compare(base, norms, seeds, out_dir, progress, flag):
     train_src, eval_src = load_sources(base)
     num_classes = int(train_src.info.num_classes)
     channels = norm_channels(base, train_src.info.image_shape, num_classes)
     specs = default_norm_specs(channels, base.batch_size, norms)
+    check_specs(base, specs, train_src, eval_src, flag)
 
     from tqdm.auto import tqdm
 
@@ -277,16 +350,9 @@ def compare(base: TrainConfig, *, norms: Sequence[str] = DEFAULT_NORMS,
         run_dir = os.path.join(out_dir, "runs", f"{_safe(label)}_seed{seed}")
         result = Trainer(config, out_dir=run_dir, train_source=train_src, eval_source=eval_src,
                          save_checkpoints=False, desc=f"{label} seed {seed}").fit()
-        rows = result.eval_rows
-        runs.append(dict(label=label, spec=spec, seed=seed,
-                         eval_accuracy=[r["eval_accuracy"] for r in rows],
-                         eval_loss=[r["eval_loss"] for r in rows],
-                         train_loss=[r["loss"] for r in rows],
-                         train_accuracy=[r["accuracy"] for r in rows],
-                         epoch_time=[r["epoch_time"] for r in rows]))
+        runs.append(run_record(result, label=label, spec=spec, seed=seed))
         if progress:
-            outer.write(f"{label} seed {seed}: test accuracy {rows[-1]['eval_accuracy']:.4f}, "
-                        f"train loss {rows[-1]['loss']:.4f}")
+            outer.write(_run_line(label, seed, runs[-1]))
     outer.close()
     settings = dict(model=base.model, dataset=base.dataset, train_size=base.train_size,
                     train_examples=len(train_src), test_examples=len(eval_src),
@@ -299,6 +365,27 @@ def compare(base: TrainConfig, *, norms: Sequence[str] = DEFAULT_NORMS,
     result = CompareResult(specs=specs, runs=runs, summary=summarize(runs), settings=settings)
     write_outputs(result, out_dir)
     return result
+
+
+def run_record(result, **fields) -> dict[str, Any]:
+    """One run of a study: ``fields`` and the per-epoch lists of a :class:`FitResult`
+    (``eval_accuracy``, ``eval_loss``, ``train_loss``, ``train_accuracy``,
+    ``epoch_time``), plus ``diverged`` (``None`` or ``{"step", "loss"}``)."""
+    rows = result.eval_rows
+    return dict(**fields, eval_accuracy=[r["eval_accuracy"] for r in rows],
+                eval_loss=[r["eval_loss"] for r in rows], train_loss=[r["loss"] for r in rows],
+                train_accuracy=[r["accuracy"] for r in rows],
+                epoch_time=[r["epoch_time"] for r in rows],
+                diverged=None if result.diverged is None else
+                {"step": result.diverged["step"], "loss": result.diverged["loss"]})
+
+
+def _run_line(label, seed, record) -> str:
+    if record["diverged"]:
+        return (f"{label} seed {seed}: diverged at step {record['diverged']['step']} (loss "
+                f"{record['diverged']['loss']:.4g})")
+    return (f"{label} seed {seed}: test accuracy {record['eval_accuracy'][-1]:.4f}, "
+            f"train loss {record['train_loss'][-1]:.4f}")
 
 
 def _safe(label: str) -> str:

@@ -4,14 +4,70 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
 from seqnorm_jax.train.optim import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
 
-__all__ = ["TrainConfig"]
+__all__ = ["ON_DIVERGENCE", "RESUME_SAFE_FIELDS", "TrainConfig", "config_changes"]
 
 _DTYPES = ("float32", "bfloat16")
+ON_DIVERGENCE = ("stop", "continue")
+# Fields that a resumed run may change freely: they do not change what the steps done so
+# far computed, nor the state's structure (``epochs`` extends or shortens the run; with the
+# ``cosine``/``one_cycle`` schedules this also stretches the learning rate's curve from the
+# resumed step on, like any change of the run's length).
+RESUME_SAFE_FIELDS = ("epochs", "progress", "log_every", "checkpoint_every",
+                      "keep_checkpoints", "data_workers", "eval_batch_size", "on_divergence",
+                      "data_dir")
+
+_TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string",
+               "bool": "true or false", "list[float]": "a list of numbers",
+               "dict[str,Any]": "a JSON object (dict)"}
+
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind.endswith("|None"):
+        return value is None or _type_ok(value, kind[:-len("|None")])
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value))
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "list[float]":
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, "float") for v in value)
+    if kind == "dict[str,Any]":
+        return isinstance(value, dict)
+    raise TypeError(f"TrainConfig: no type check for {kind!r}")  # pragma: no cover
+
+
+def _check_type(config: Any, name: str, kind: str) -> None:
+    value = getattr(config, name)
+    if _type_ok(value, kind):
+        return
+    base = kind[:-len("|None")] if kind.endswith("|None") else kind
+    want = _TYPE_NAMES[base] + (" or null (None)" if kind.endswith("|None") else "")
+    if base == "float" and isinstance(value, float):
+        want = "a finite number"
+    hint = ""
+    if isinstance(value, str) and base == "bool":
+        hint = "; write true or false, without quotes"
+    elif isinstance(value, str) and base in ("int", "float", "list[float]"):
+        hint = "; write it without quotes"
+    raise ValueError(f"TrainConfig.{name}={value!r}: must be {want}, got "
+                     f"{type(value).__name__}{hint}.")
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved value, new value)}`` for every field that differs (JSON values)."""
+    keys = sorted(set(saved) | set(new))
+    return {k: (saved.get(k), new.get(k)) for k in keys
+            if json.dumps(saved.get(k), sort_keys=True) != json.dumps(new.get(k), sort_keys=True)}
 
 
 @dataclasses.dataclass
@@ -65,6 +121,12 @@ class TrainConfig:
       checkpoint_every: save an Orbax checkpoint every this many steps (and at the end
         of every epoch); ``None``/0: only at epoch ends. keep_checkpoints: how many to keep.
       progress: show a tqdm progress bar.
+      on_divergence: what a non-finite training loss does (detected on the device, in
+        the compiled step): ``"stop"`` (default) ends the run there, keeps the last
+        finite state (the diverging step and any step after it leave the state unchanged)
+        and checkpoints it; ``"continue"`` applies the updates as computed and trains on
+        (the metrics then log the non-finite values). Either way the run reports where
+        it diverged (``FitResult.diverged``).
     """
 
     model: str = "cnn"
@@ -112,46 +174,63 @@ class TrainConfig:
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     progress: bool = True
+    on_divergence: str = "stop"
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field and its valid values."""
+        """Raise ``ValueError`` naming the first invalid field, its value and the fix.
+
+        Every field is checked for its type first (``"lr": "0.1"``, ``"lr": null``,
+        ``"progress": "no"`` are refused, not coerced; integers are accepted where a float
+        is expected) and then for its range. Float fields must be finite.
+        """
+        for f in dataclasses.fields(self):
+            _check_type(self, f.name, str(f.type).replace(" ", ""))
+
         def need(cond, field, msg):
             if not cond:
                 raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {msg}")
 
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"choose one of {list(OPTIMIZERS)}.")
-        need(self.schedule in SCHEDULES, "schedule", f"choose one of {list(SCHEDULES)}.")
-        need(self.norm_weight_decay in NORM_DECAY_MODES, "norm_weight_decay",
-             f"choose one of {list(NORM_DECAY_MODES)}.")
-        need(self.dtype in _DTYPES, "dtype", f"choose one of {list(_DTYPES)}.")
+        for field, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
+                               ("norm_weight_decay", NORM_DECAY_MODES), ("dtype", _DTYPES),
+                               ("on_divergence", ON_DIVERGENCE)):
+            need(getattr(self, field) in choices, field, f"choose one of {list(choices)}.")
         for f in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every",
                   "keep_checkpoints"):
-            v = getattr(self, f)
-            need(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f,
-                 "must be an integer >= 1.")
+            need(getattr(self, f) >= 1, f, "must be an integer >= 1.")
         for f in ("train_size", "validation_size", "non_iid_classes"):
             v = getattr(self, f)
-            need(v is None or (isinstance(v, int) and v >= 1), f,
-                 "must be an integer >= 1 or None.")
-        need(self.checkpoint_every is None or (isinstance(self.checkpoint_every, int)
-                                               and self.checkpoint_every >= 0),
-             "checkpoint_every", "must be an integer >= 0 or None.")
+            need(v is None or v >= 1, f, "must be an integer >= 1 or None.")
+        need(self.checkpoint_every is None or self.checkpoint_every >= 0, "checkpoint_every",
+             "must be an integer >= 0 or None.")
         need(self.batch_size % self.grad_accum_steps == 0, "grad_accum_steps",
              f"must divide batch_size={self.batch_size}.")
-        need(isinstance(self.data_workers, int) and self.data_workers >= 0, "data_workers",
-             "must be an integer >= 0.")
+        need(self.data_workers >= 0, "data_workers", "must be an integer >= 0.")
+        need(0 <= self.seed < 2**32, "seed", "must be an integer in [0, 2**32).")
         need(self.lr > 0, "lr", "must be positive.")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0.")
-        need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm",
-             "must be positive or None.")
-        need(self.output_noise_std >= 0, "output_noise_std", "must be >= 0.")
+        need(0 <= self.momentum < 1, "momentum", "must lie in [0, 1) (0: plain SGD).")
+        need(0 <= self.b1 < 1, "b1", "must lie in [0, 1).")
+        need(0 <= self.b2 < 1, "b2", "must lie in [0, 1).")
+        for f in ("warmup_init_lr", "end_lr", "weight_decay", "output_noise_std"):
+            need(getattr(self, f) >= 0, f, "must be >= 0.")
+        for f in ("one_cycle_init_lr", "one_cycle_final_lr", "grad_clip_norm"):
+            v = getattr(self, f)
+            need(v is None or v > 0, f, "must be positive or None.")
+        for f in ("one_cycle_pct_up", "one_cycle_pct_down"):
+            need(0 <= getattr(self, f) <= 1, f, "must lie in [0, 1].")
+        need(self.one_cycle_pct_up + self.one_cycle_pct_down <= 1, "one_cycle_pct_down",
+             f"one_cycle_pct_up + one_cycle_pct_down must be <= 1 "
+             f"(one_cycle_pct_up={self.one_cycle_pct_up}).")
+        need(self.decay_factor > 0, "decay_factor", "must be positive.")
+        need(all(e >= 0 for e in self.decay_epochs), "decay_epochs", "must be epochs >= 0.")
         need(0.0 <= self.example_weight <= 1.0, "example_weight", "must lie in [0, 1].")
         need(0.0 <= self.warmup_epochs < self.epochs or self.schedule not in ("cosine", "step"),
              "warmup_epochs", "must be >= 0 and smaller than epochs.")
-        need(isinstance(self.model_kwargs, dict), "model_kwargs", "must be a dict.")
+        need(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0.")
+        need(all(isinstance(k, str) for k in self.model_kwargs), "model_kwargs",
+             "must be a dict with string keys.")
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -180,16 +259,29 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path_or_text: str | os.PathLike) -> TrainConfig:
-        """Load from a JSON file path or from JSON text."""
+        """Load from a JSON file path or from JSON text.
+
+        Raises:
+          ValueError: the path is a folder or not valid JSON (named), or a field is
+            invalid (:meth:`validate`).
+        """
         text = str(path_or_text)
-        if not text.lstrip().startswith("{"):
+        where = "config"
+        if not text.lstrip().startswith(("{", "[")):
+            where = os.fspath(path_or_text)
+            if os.path.isdir(where):
+                raise ValueError(f"{where} is a folder; give a JSON config file (e.g. "
+                                 f"{os.path.join(where, 'config.json')}).")
             with open(path_or_text) as f:
                 text = f.read()
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"config is not valid JSON ({e}).") from None
-        return cls.from_dict(data)
+            data = json.loads(text, parse_constant=_no_constant)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"{where}: not valid JSON ({e}).") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}" if where != "config" else str(e)) from None
 
     @property
     def output_noise(self) -> tuple[float, float] | None:
@@ -201,3 +293,7 @@ class TrainConfig:
     def replace(self, **changes) -> TrainConfig:
         """A copy with ``changes`` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; write a finite number")

@@ -16,7 +16,9 @@ rngs are a function of ``(seed, step)``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -27,13 +29,27 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from seqnorm_jax.distributed import data_mesh, replicate, shard_batch
+from seqnorm_jax.distributed import (
+    batch_sharding,
+    data_mesh,
+    mesh_batch_axis,
+    mesh_context,
+    replicate,
+    shard_batch,
+)
 from seqnorm_jax.train.checkpoint import Checkpointer
-from seqnorm_jax.train.config import TrainConfig
-from seqnorm_jax.train.metrics import MetricsWriter
+from seqnorm_jax.train.config import RESUME_SAFE_FIELDS, TrainConfig, config_changes
+from seqnorm_jax.train.lock import check_out_dir, run_lock
+from seqnorm_jax.train.metrics import MetricsWriter, RunFileError
 from seqnorm_jax.train.optim import make_optimizer, make_schedule
 from seqnorm_jax.train.state import TrainState, create_train_state
-from seqnorm_jax.train.steps import jit_eval_step, jit_train_step
+from seqnorm_jax.train.steps import (
+    init_accumulator,
+    jit_eval_step,
+    jit_loop_step,
+    jit_train_step,
+    reset_accumulator,
+)
 
 __all__ = ["FitResult", "Trainer", "evaluate", "fit", "load_sources", "build_model"]
 
@@ -49,11 +65,18 @@ class FitResult:
       eval_rows: one row per epoch: ``eval_loss``, ``eval_accuracy``; ``loss`` and
         ``accuracy``, the means over the epoch's training steps; ``epoch_time``, the
         seconds spent training in that epoch (the first includes compilation).
+      diverged: ``None``, or where the training loss first became non-finite:
+        ``{"step": N, "loss": value}`` (1-based global step), plus, when the run stopped
+        there (``on_divergence="stop"``), ``"last_finite_step"``: the step of the
+        returned and checkpointed state.
+      skipped_checkpoints: ``(step, reason)`` of damaged checkpoints a resume skipped.
     """
 
     state: TrainState
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
+    diverged: dict[str, Any] | None = None
+    skipped_checkpoints: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 def _dtype(name: str):
@@ -144,7 +167,8 @@ def evaluate(state: TrainState, source, *, batch_size: int = 1000, example_weigh
     from seqnorm_jax import data
 
     mesh = data_mesh() if mesh is None else mesh
-    eval_step = jit_eval_step(mesh) if eval_step is None else eval_step
+    axis = mesh_batch_axis(mesh)
+    eval_step = jit_eval_step(mesh, axis_name=axis) if eval_step is None else eval_step
     devices = mesh.devices.size
     procs = jax.process_count()
     local_batch = -(-batch_size // procs)
@@ -164,8 +188,8 @@ def evaluate(state: TrainState, source, *, batch_size: int = 1000, example_weigh
         if batch is None:
             batch = {k: v[:0] for k, v in filler.items()}
         filler = batch
-        sums = eval_step(state, shard_batch(_pad_batch(batch, padded), mesh),
-                         jnp.float32(example_weight))
+        sums = eval_step(state, shard_batch(_pad_batch(batch, padded), mesh, axis),
+                         example_weight)
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     if totals is None:
         raise ValueError("evaluate: the evaluation source is empty.")
@@ -207,7 +231,10 @@ class Trainer:
         config.validate()
         self.config = config
         self.out_dir = None if out_dir is None else os.fspath(out_dir)
+        if self.out_dir is not None:
+            check_out_dir(self.out_dir, "out_dir", create=False)
         self.mesh = data_mesh() if mesh is None else mesh
+        self.batch_axis = mesh_batch_axis(self.mesh)
         if (train_source is None) != (eval_source is None):
             raise ValueError("Trainer: pass both train_source and eval_source, or neither.")
         if train_source is None:
@@ -254,17 +281,24 @@ class Trainer:
             config.optimizer, self.schedule, momentum=config.momentum,
             weight_decay=config.weight_decay, norm_decay=config.norm_weight_decay,
             grad_clip_norm=config.grad_clip_norm, b1=config.b1, b2=config.b2)
-        self.train_step = jit_train_step(self.mesh, self.schedule,
-                                         num_micro_batches=config.grad_accum_steps,
-                                         output_noise=config.output_noise)
-        self.eval_step = jit_eval_step(self.mesh)
+        step_kw = dict(num_micro_batches=config.grad_accum_steps,
+                       output_noise=config.output_noise, axis_name=self.batch_axis)
+        self.train_step = jit_train_step(self.mesh, self.schedule, **step_kw)
+        self.loop_step = jit_loop_step(self.mesh, self.schedule, **step_kw,
+                                       stop_on_divergence=config.on_divergence == "stop")
+        self.eval_step = jit_eval_step(self.mesh, axis_name=self.batch_axis)
+        from seqnorm_jax.train.validate import check_step
+
+        check_step(self)
 
     # ------------------------------------------------------------------------ state
     def init_state(self) -> TrainState:
         """A fresh state (seeded by ``config.seed``), replicated on the mesh."""
         sample = np.zeros((1, *self.train_source.info.image_shape), np.float32)
-        state = create_train_state(self.model, jax.random.key(self.config.seed), sample, self.tx)
-        return replicate(state, self.mesh)
+        with mesh_context(self.mesh):
+            state = create_train_state(self.model, jax.random.key(self.config.seed), sample,
+                                       self.tx)
+            return replicate(state, self.mesh)
 
     def _loader(self, epoch: int, start_step: int) -> Iterable[dict[str, np.ndarray]]:
         from seqnorm_jax import data
@@ -276,154 +310,319 @@ class Trainer:
                                 num_workers=c.data_workers, start_step=start_step,
                                 **self.shard)
 
+    def _device_batches(self, epoch: int, start_step: int):
+        """The epoch's training batches ``{"image", "label"}``, put on the mesh two ahead."""
+        from seqnorm_jax.data import prefetch_to_device
+
+        batches = ({"image": b["image"], "label": b["label"]}
+                   for b in self._loader(epoch, start_step))
+        return prefetch_to_device(batches, size=2,
+                                  sharding=batch_sharding(self.mesh, self.batch_axis))
+
     def evaluate(self, state: TrainState, source=None, example_weight: float | None = None
                  ) -> dict[str, float]:
         """:func:`evaluate` on ``source`` (default: the evaluation source)."""
-        return evaluate(state, self.eval_source if source is None else source,
-                        batch_size=self.config.eval_batch_size,
-                        example_weight=(self.config.example_weight if example_weight is None
-                                        else example_weight),
-                        mesh=self.mesh, eval_step=self.eval_step)
+        with mesh_context(self.mesh):
+            return evaluate(state, self.eval_source if source is None else source,
+                            batch_size=self.config.eval_batch_size,
+                            example_weight=(self.config.example_weight if example_weight is None
+                                            else example_weight),
+                            mesh=self.mesh, eval_step=self.eval_step)
 
     # ------------------------------------------------------------------------ fit
-    def fit(self, resume: bool = False) -> FitResult:
+    def fit(self, resume: bool = False, *, allow_changes: Iterable[str] = ()) -> FitResult:
         """Train for ``config.epochs`` epochs (or up to ``max_steps``); see the module docstring.
 
         Args:
-          resume: continue from the newest checkpoint in ``out_dir/checkpoints`` if there
-            is one (a fresh start otherwise).
+          resume: continue from the newest intact checkpoint in ``out_dir/checkpoints`` if
+            there is one (a fresh start otherwise). The saved ``config.json`` must equal
+            this config except in :data:`~seqnorm_jax.train.config.RESUME_SAFE_FIELDS`
+            and the fields named in ``allow_changes``.
+          allow_changes: TrainConfig fields that a resumed run may change although they
+            change what is computed (e.g. ``"lr"``); a change of the state's structure
+            (model, norm layer's variables, optimizer) is refused regardless.
+
+        Raises:
+          RunLockedError: another process is writing into ``out_dir``.
+          ValueError: resume with a changed config, or no intact checkpoint.
+          RunFileError: a file or checkpoint of the run cannot be written (names it).
         """
+        if self.out_dir is None:
+            if resume:
+                raise ValueError("Trainer.fit(resume=True) needs an out_dir with checkpoints.")
+            return self._fit(False, ())
+        with run_lock(self.out_dir, "out_dir"):
+            return self._fit(resume, tuple(allow_changes))
+
+    def _fit(self, resume: bool, allow_changes: tuple[str, ...]) -> FitResult:
         c = self.config
+        if resume:
+            self._check_resume_config(allow_changes)
         state = self.init_state()
         epoch, step_in_epoch = 0, 0
-        window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "lr": 0.0,
-                  "epoch_loss": 0.0, "epoch_accuracy": 0.0, "epoch_n": 0}
+        window = _empty_window()
         checkpointer = None
         if self.save_checkpoints or resume:
-            if self.out_dir is None:
-                raise ValueError("Trainer.fit(resume=True) needs an out_dir with checkpoints.")
             checkpointer = Checkpointer(os.path.join(self.out_dir, "checkpoints"),
                                         keep=c.keep_checkpoints)
-        resume_step = None
-        if resume and checkpointer.latest_step() is not None:
-            state, position = checkpointer.restore(state)
-            epoch, step_in_epoch = int(position["epoch"]), int(position["step_in_epoch"])
-            window = dict(position["window"])
-            resume_step = int(jax.device_get(state.step))
-        writer = None
-        if self.out_dir is not None:
-            os.makedirs(self.out_dir, exist_ok=True)
-            c.to_json(os.path.join(self.out_dir, "config.json"))
-            writer = MetricsWriter(self.out_dir, resume_step=resume_step)
-        rows = [] if writer is None else _read_rows(writer.jsonl_path)
-        log = _Logger(writer, rows)
-
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=self.total_steps, initial=int(jax.device_get(state.step)),
-                   desc=self.desc, disable=not c.progress, unit="step", dynamic_ncols=True,
-                   leave=False)
         try:
-            while epoch < c.epochs:
-                state, step_in_epoch, window, stopped = self._run_epoch(
-                    state, epoch, step_in_epoch, window, log, bar, checkpointer)
-                if stopped:
-                    break
-                epoch, step_in_epoch = epoch + 1, 0
-        finally:
-            bar.close()
+            resume_step = None
+            skipped: list[tuple[int, str]] = []
+            if resume and checkpointer._step_folders():
+                state, position, skipped = checkpointer.restore_newest_intact(state)
+                for step, why in skipped:
+                    print(f"{self.desc}: skipped damaged checkpoint "
+                          f"{os.path.join(checkpointer.directory, str(step))} ({why}); moved to "
+                          f"{checkpointer.directory}.damaged", file=sys.stderr)
+                epoch, step_in_epoch = int(position["epoch"]), int(position["step_in_epoch"])
+                window = {**_empty_window(), **dict(position.get("window") or {})}
+                resume_step = int(jax.device_get(state.step))
+            writer = None
+            if self.out_dir is not None:
+                config_path = os.path.join(self.out_dir, "config.json")
+                try:
+                    c.to_json(config_path)
+                except OSError as e:
+                    raise RunFileError(config_path, e.strerror or str(e)) from e
+                writer = MetricsWriter(self.out_dir, resume_step=resume_step)
+            run = _Run(self, state, window, _Logger(writer, [] if writer is None
+                                                    else list(writer.rows)), checkpointer)
+            run.skipped = skipped
+            with mesh_context(self.mesh):
+                run.loop(epoch, step_in_epoch)
+        except BaseException:
             if checkpointer is not None:
-                checkpointer.close()
-        train_rows = [r for r in log.rows if r["kind"] == "train"]
-        eval_rows = [r for r in log.rows if r["kind"] == "eval"]
-        return FitResult(state=state, train_rows=train_rows, eval_rows=eval_rows)
+                try:
+                    checkpointer.close()
+                except RunFileError:
+                    pass  # the error already propagating is the one to report
+            raise
+        if checkpointer is not None:
+            checkpointer.close()
+        rows = run.log.rows
+        return FitResult(state=run.state, train_rows=[r for r in rows if r["kind"] == "train"],
+                         eval_rows=[r for r in rows if r["kind"] == "eval"],
+                         diverged=run.diverged, skipped_checkpoints=skipped)
 
-    def _run_epoch(self, state, epoch, start, window, log, bar, checkpointer):
-        c = self.config
-        t_epoch = time.perf_counter()
-        t_window, n_window_steps = time.perf_counter(), 0
-        pending = []
-        step_in_epoch = start
-        step0 = int(jax.device_get(state.step))
-
-        def flush(state, force_row: bool):
-            nonlocal t_window, n_window_steps, pending
-            for m in jax.device_get(pending):
-                loss, accuracy = float(m["loss"]), float(m["accuracy"])
-                window["loss"] += loss
-                window["accuracy"] += accuracy
-                window["n"] += 1
-                window["epoch_loss"] += loss
-                window["epoch_accuracy"] += accuracy
-                window["epoch_n"] += 1
-                window["lr"] = float(m["lr"])
-            pending = []
-            if not force_row or window["n"] == 0:
-                return
-            elapsed = time.perf_counter() - t_window
-            ips = (n_window_steps * c.batch_size / elapsed
-                   if n_window_steps and elapsed > 0 else None)
-            row = log.write(dict(kind="train", step=step0 + step_in_epoch - start,
-                                 epoch=epoch + step_in_epoch / self.steps_per_epoch,
-                                 loss=window["loss"] / window["n"],
-                                 accuracy=window["accuracy"] / window["n"], lr=window["lr"],
-                                 images_per_sec=ips, wall_time=time.time()))
-            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
-                            img_s=f"{ips:.0f}" if ips else "-", refresh=False)
-            window.update(loss=0.0, accuracy=0.0, n=0)
-            t_window, n_window_steps = time.perf_counter(), 0
-
-        for batch in self._loader(epoch, start):
-            if step_in_epoch >= self.steps_per_epoch:
-                break
-            sharded = shard_batch({"image": batch["image"], "label": batch["label"]}, self.mesh)
-            for hook in self.step_hooks:
-                hook(state, sharded, step0 + step_in_epoch - start)
-            state, metrics = self.train_step(state, sharded)
-            pending.append(metrics)
-            step_in_epoch += 1
-            n_window_steps += 1
-            bar.update(1)
-            step = step0 + step_in_epoch - start
-            if step % c.log_every == 0:
-                flush(state, True)
-            at_end = step_in_epoch == self.steps_per_epoch
-            if self.max_steps is not None and step >= self.max_steps and not at_end:
-                flush(state, False)
-                self._save(checkpointer, state, epoch, step_in_epoch, window)
-                return state, step_in_epoch, window, True
-            if (c.checkpoint_every and step % c.checkpoint_every == 0 and not at_end):
-                flush(state, False)
-                self._save(checkpointer, state, epoch, step_in_epoch, window)
-        if step_in_epoch != self.steps_per_epoch:
-            raise RuntimeError(f"the loader gave {step_in_epoch - start} batches in epoch {epoch} "
-                               f"after step {start}; expected {self.steps_per_epoch - start}.")
-        flush(state, True)
-        epoch_time = time.perf_counter() - t_epoch
-        metrics = self.evaluate(state)
-        train_loss = window["epoch_loss"] / max(window["epoch_n"], 1)
-        log.write(dict(kind="eval", step=step0 + step_in_epoch - start, epoch=epoch + 1,
-                       eval_loss=metrics["eval_loss"], eval_accuracy=metrics["eval_accuracy"],
-                       example_weight=c.example_weight, loss=train_loss,
-                       accuracy=window["epoch_accuracy"] / max(window["epoch_n"], 1),
-                       epoch_time=epoch_time, wall_time=time.time()))
-        window.update(epoch_loss=0.0, epoch_accuracy=0.0, epoch_n=0)
-        if c.progress:
-            bar.write(f"{self.desc} epoch {epoch + 1}/{c.epochs}: train loss {train_loss:.4f}, "
-                      f"eval loss {metrics['eval_loss']:.4f}, eval accuracy "
-                      f"{metrics['eval_accuracy']:.4f} ({epoch_time:.1f} s)")
-        for hook in self.step_hooks:
-            if hasattr(hook, "on_epoch_end"):
-                hook.on_epoch_end(state, epoch)
-        self._save(checkpointer, state, epoch + 1, 0, window)
-        stopped = self.max_steps is not None and step0 + step_in_epoch - start >= self.max_steps
-        return state, 0, window, stopped
+    def _check_resume_config(self, allow_changes: tuple[str, ...]) -> None:
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(allow_changes) - names)
+        if unknown:
+            raise ValueError(f"allow_changes: unknown TrainConfig field(s) {unknown}; valid "
+                             f"fields are {sorted(names)}.")
+        path = os.path.join(self.out_dir, "config.json")
+        if not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if not isinstance(saved, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read the saved config ({e}); repair it or "
+                             "start a new --out.") from None
+        changes = config_changes(saved, self.config.to_dict())
+        refused = {k: v for k, v in changes.items()
+                   if k not in RESUME_SAFE_FIELDS and k not in allow_changes}
+        if refused:
+            listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
+            raise ValueError(
+                f"resume: the config differs from the run's saved {path} in {listed}; resume "
+                f"with the saved config, start a new --out, or accept the change with "
+                f"--allow-change {','.join(refused)} (freely changeable: "
+                f"{', '.join(RESUME_SAFE_FIELDS)}).")
 
     def _save(self, checkpointer, state, epoch, step_in_epoch, window):
         if checkpointer is None or not self.save_checkpoints:
             return
+        if int(jax.device_get(state.step)) in checkpointer.all_steps():
+            return
         checkpointer.save(state, {"epoch": epoch, "step_in_epoch": step_in_epoch,
                                   "window": dict(window)})
+
+
+def _empty_window() -> dict[str, float]:
+    return {"loss": 0.0, "accuracy": 0.0, "n": 0, "lr": 0.0,
+            "epoch_loss": 0.0, "epoch_accuracy": 0.0, "epoch_n": 0}
+
+
+class _Run:
+    """The mutable part of one :meth:`Trainer.fit`: state, metric windows, divergence.
+
+    The compiled step adds each step's metrics to a device-side accumulator; every
+    ``log_every`` steps the loop swaps in a fresh one and starts copying the old one to
+    the host without waiting, and reads it one window later (at epoch ends, checkpoints
+    and stops: at once). So the host never waits for the device inside an epoch, and a
+    divergence (flagged by the step itself, which then leaves the state unchanged) is
+    seen at most two windows after it happened.
+    """
+
+    def __init__(self, trainer: Trainer, state, window, log, checkpointer):
+        self.t, self.state, self.window, self.log = trainer, state, window, log
+        self.checkpointer = checkpointer
+        # room for a window: rows every log_every steps; flushes at checkpoints come sooner
+        self.acc = replicate(init_accumulator(trainer.config.log_every), trainer.mesh)
+        self.pending: list[tuple[Any, dict[str, Any]]] = []
+        self.diverged: dict[str, Any] | None = None
+        self.skipped: list[tuple[int, str]] = []
+        self.t_window = time.perf_counter()
+
+    def loop(self, epoch: int, step_in_epoch: int) -> None:
+        from tqdm.auto import tqdm
+
+        t, c = self.t, self.t.config
+        self.bar = tqdm(total=t.total_steps, initial=int(jax.device_get(self.state.step)),
+                        desc=t.desc, disable=not c.progress, unit="step", dynamic_ncols=True,
+                        leave=False)
+        try:
+            while epoch < c.epochs:
+                stopped = self._epoch(epoch, step_in_epoch)
+                if stopped:
+                    break
+                epoch, step_in_epoch = epoch + 1, 0
+        finally:
+            self.bar.close()
+
+    # -------------------------------------------------------------- metric windows
+    def _end_window(self, step: int, epoch_frac: float, n_steps: int) -> None:
+        """Queue the current accumulator (copy to host started) and swap in a fresh one."""
+        acc = self.acc
+        for leaf in acc:
+            leaf.copy_to_host_async()
+        now = time.perf_counter()
+        self.pending.append((acc, dict(step=step, epoch=epoch_frac, n_steps=n_steps,
+                                       seconds=now - self.t_window)))
+        self.t_window = now
+        self.acc = _reset(acc)
+
+    def _drain(self, keep: int) -> None:
+        """Read queued accumulators (all but the newest ``keep``) and write their rows."""
+        t, c = self.t, self.t.config
+        while len(self.pending) > keep:
+            acc, meta = self.pending.pop(0)
+            a = jax.device_get(acc)
+            n = int(a.steps)
+            w = self.window
+            for loss, accuracy in zip(a.loss[:n].tolist(), a.accuracy[:n].tolist()):
+                w["loss"] += loss
+                w["accuracy"] += accuracy
+                w["n"] += 1
+                w["epoch_loss"] += loss
+                w["epoch_accuracy"] += accuracy
+                w["epoch_n"] += 1
+            if n:
+                w["lr"] = float(a.lr)
+            if int(a.diverged_step) >= 0 and self.diverged is None:
+                self.diverged = {"step": int(a.diverged_step),
+                                 "loss": float(a.diverged_loss)}
+            if not meta.get("row") or w["n"] == 0:
+                continue
+            secs = meta["seconds"]
+            ips = meta["n_steps"] * c.batch_size / secs if secs > 0 else None
+            step, epoch = meta["step"], meta["epoch"]
+            if self.diverged is not None and c.on_divergence == "stop" \
+                    and self.diverged["step"] < step:
+                # the steps after the diverging one did nothing: the row ends there
+                step = self.diverged["step"]
+                epoch = step / t.steps_per_epoch
+            row = self.log.write(dict(
+                kind="train", step=step, epoch=epoch, loss=w["loss"] / w["n"],
+                accuracy=w["accuracy"] / w["n"], lr=w["lr"], images_per_sec=ips,
+                wall_time=time.time()))
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                                 img_s=f"{ips:.0f}" if ips else "-", refresh=False)
+            w.update(loss=0.0, accuracy=0.0, n=0)
+
+    def _flush(self, step: int, epoch_frac: float, n_steps: int, row: bool) -> None:
+        """End the window and read everything queued (the host waits for the device)."""
+        self._end_window(step, epoch_frac, n_steps)
+        self.pending[-1][1]["row"] = row
+        self._drain(0)
+
+    # -------------------------------------------------------------------- epochs
+    def _epoch(self, epoch: int, start: int) -> bool:
+        t, c = self.t, self.t.config
+        t_epoch = time.perf_counter()
+        self.t_window = t_epoch
+        step0 = int(jax.device_get(self.state.step))
+        spe = t.steps_per_epoch
+        step_in_epoch, n_window = start, 0
+        stop_on_divergence = c.on_divergence == "stop"
+        for batch in t._device_batches(epoch, start):
+            if step_in_epoch >= spe:
+                break
+            step = step0 + step_in_epoch - start
+            for hook in t.step_hooks:
+                hook(self.state, batch, step)
+            self.state, self.acc = t.loop_step(self.state, batch, self.acc)
+            step_in_epoch += 1
+            n_window += 1
+            self.bar.update(1)
+            step += 1
+            at_end = step_in_epoch == spe
+            if step % c.log_every == 0:
+                self._end_window(step, epoch + step_in_epoch / spe, n_window)
+                self.pending[-1][1]["row"] = True
+                n_window = 0
+                self._drain(1)
+                if self.diverged is not None and stop_on_divergence:
+                    return self._stop_diverged()
+            if t.max_steps is not None and step >= t.max_steps and not at_end:
+                self._flush(step, epoch + step_in_epoch / spe, n_window, False)
+                n_window = 0
+                if self.diverged is not None and stop_on_divergence:
+                    return self._stop_diverged()
+                t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window)
+                return True
+            if c.checkpoint_every and step % c.checkpoint_every == 0 and not at_end:
+                self._flush(step, epoch + step_in_epoch / spe, n_window, False)
+                n_window = 0
+                if self.diverged is not None and stop_on_divergence:
+                    return self._stop_diverged()
+                t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window)
+        if step_in_epoch != spe:
+            raise RuntimeError(f"the loader gave {step_in_epoch - start} batches in epoch {epoch} "
+                               f"after step {start}; expected {spe - start}.")
+        end_step = step0 + spe - start
+        self._flush(end_step, float(epoch + 1), n_window, True)
+        if self.diverged is not None and stop_on_divergence:
+            return self._stop_diverged()
+        epoch_time = time.perf_counter() - t_epoch
+        metrics = t.evaluate(self.state)
+        w = self.window
+        train_loss = w["epoch_loss"] / max(w["epoch_n"], 1)
+        self.log.write(dict(kind="eval", step=end_step, epoch=epoch + 1,
+                            eval_loss=metrics["eval_loss"],
+                            eval_accuracy=metrics["eval_accuracy"],
+                            example_weight=c.example_weight, loss=train_loss,
+                            accuracy=w["epoch_accuracy"] / max(w["epoch_n"], 1),
+                            epoch_time=epoch_time, wall_time=time.time()))
+        w.update(epoch_loss=0.0, epoch_accuracy=0.0, epoch_n=0)
+        if c.progress:
+            self.bar.write(f"{t.desc} epoch {epoch + 1}/{c.epochs}: train loss "
+                           f"{train_loss:.4f}, eval loss {metrics['eval_loss']:.4f}, eval "
+                           f"accuracy {metrics['eval_accuracy']:.4f} ({epoch_time:.1f} s)")
+        for hook in t.step_hooks:
+            if hasattr(hook, "on_epoch_end"):
+                hook.on_epoch_end(self.state, epoch)
+        t._save(self.checkpointer, self.state, epoch + 1, 0, w)
+        return t.max_steps is not None and end_step >= t.max_steps
+
+    def _stop_diverged(self) -> bool:
+        """Stop a diverged run: read what is queued, checkpoint the last finite state."""
+        self._drain(0)
+        t = self.t
+        last = int(jax.device_get(self.state.step))  # the step loop left it unchanged since
+        epoch, step_in_epoch = divmod(last, t.steps_per_epoch)
+        t._save(self.checkpointer, self.state, epoch, step_in_epoch, _empty_window())
+        self.diverged["last_finite_step"] = last
+        if t.config.progress:
+            self.bar.write(f"{t.desc}: diverged at step {self.diverged['step']} (loss "
+                           f"{self.diverged['loss']}); kept the state of step {last}")
+        return True
+
+
+_reset = jax.jit(reset_accumulator)
 
 
 class _Logger:

@@ -1,20 +1,30 @@
-"""Metrics files: one JSON object per line (``metrics.jsonl``) and the same rows as CSV."""
+"""Metrics files: one JSON object per line (``metrics.jsonl``) and the same rows as CSV.
+
+Non-finite numbers (a diverged run's loss) are written as the JSON strings ``"nan"``,
+``"inf"`` and ``"-inf"``, so every line is strict JSON (``json.loads`` without the
+``NaN`` extension; other tools' JSON readers), and as ``nan``/``inf``/``-inf`` in the
+CSV; :func:`read_jsonl` turns those strings back into floats.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 from typing import Any
 
-__all__ = ["METRIC_COLUMNS", "MetricsWriter", "read_jsonl"]
+__all__ = ["METRIC_COLUMNS", "MetricsWriter", "RunFileError", "read_jsonl"]
 
 # Train rows fill step..images_per_sec (means over the steps since the previous train row);
 # eval rows (one per epoch) fill eval_*, example_weight, epoch_time and, in loss and
 # accuracy, the means over the epoch's training steps.
 METRIC_COLUMNS = ("kind", "step", "epoch", "loss", "accuracy", "lr", "images_per_sec",
                   "eval_loss", "eval_accuracy", "example_weight", "epoch_time", "wall_time")
+
+
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
 def _clean(value: Any) -> Any:
@@ -25,12 +35,72 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All records of a JSONL metrics file (empty list if it does not exist)."""
+def _restore(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: _NON_FINITE.get(v, v) if isinstance(v, str) and k != "kind" else v
+            for k, v in row.items()}
+
+
+def read_jsonl(path: str | os.PathLike, *, truncate_partial: bool = False
+               ) -> list[dict[str, Any]]:
+    """All records of a JSONL metrics file (empty list if it does not exist).
+
+    The strings ``"nan"``, ``"inf"``, ``"-inf"`` come back as floats. A last line that is
+    not a complete JSON object (a run killed while writing it) is left out; with
+    ``truncate_partial`` it is also cut off the file.
+
+    Raises:
+      ValueError: a line before the last is not valid JSON (names the file and line).
+    """
+    path = os.fspath(path)
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        data = f.read()
+    rows, offset = [], 0
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1 or all(not x.strip() for x in lines[i + 1:])
+        if line.strip():
+            try:
+                row = json.loads(line, parse_constant=_reject_constant)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as e:
+                if not last:
+                    raise ValueError(f"{path}: line {i + 1} is not a JSON object ({e}); "
+                                     "repair or delete the file.") from None
+                if truncate_partial:
+                    with open(path, "r+b") as f:
+                        f.truncate(offset)
+                break
+            rows.append(_restore(row))
+        offset += len(line) + 1
+    return rows
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not strict JSON")
+
+
+class RunFileError(OSError):
+    """A run's output file or folder cannot be written; ``str()`` is ``"<path>: <cause>"``."""
+
+    def __init__(self, path: str, cause: str):
+        super().__init__(f"{path}: {cause}")
+        self.path, self.cause = path, cause
+
+
+@contextlib.contextmanager
+def _opened(path: str, mode: str, **kwargs):
+    """``open(path, mode)``, with any ``OSError`` of opening, writing or closing turned into
+    :class:`RunFileError` naming ``path``."""
+    try:
+        with open(path, mode, **kwargs) as f:
+            yield f
+    except RunFileError:
+        raise
+    except OSError as e:
+        raise RunFileError(path, e.strerror or str(e)) from e
 
 
 class MetricsWriter:
@@ -43,8 +113,14 @@ class MetricsWriter:
     Args:
       directory: where the files go (created if needed).
       resume_step: when resuming from a checkpoint at this step, rows logged after it
-        by the interrupted run are dropped, so the files read as one uninterrupted
-        run; ``None`` starts fresh files.
+        by the interrupted run are dropped (and a partial last line), so the files read
+        as one uninterrupted run; ``None`` starts fresh files.
+
+    Attributes:
+      rows: the rows kept from the interrupted run (floats, as :func:`read_jsonl`).
+
+    Raises:
+      RunFileError: a file cannot be written (names it and the cause).
     """
 
     def __init__(self, directory: str | os.PathLike, *, resume_step: int | None = None):
@@ -53,11 +129,14 @@ class MetricsWriter:
         self.csv_path = os.path.join(directory, "metrics.csv")
         kept = []
         if resume_step is not None:
-            kept = [r for r in read_jsonl(self.jsonl_path) if r.get("step", 0) <= resume_step]
-        with open(self.jsonl_path, "w") as f:
+            kept = [r for r in read_jsonl(self.jsonl_path, truncate_partial=True)
+                    if r.get("step", 0) <= resume_step]
+        self.rows = kept
+        kept = [{k: _clean(v) for k, v in r.items()} for r in kept]
+        with _opened(self.jsonl_path, "w") as f:
             for row in kept:
-                f.write(json.dumps(row) + "\n")
-        with open(self.csv_path, "w", newline="") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        with _opened(self.csv_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
             writer.writeheader()
             for row in kept:
@@ -69,10 +148,10 @@ class MetricsWriter:
         if unknown:
             raise ValueError(f"MetricsWriter.write: unknown column(s) {sorted(unknown)}; "
                              f"columns are {list(METRIC_COLUMNS)}.")
-        row = {k: _clean(v) for k, v in row.items()}
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(self.csv_path, "a", newline="") as f:
+        clean = {k: _clean(v) for k, v in row.items()}
+        with _opened(self.jsonl_path, "a") as f:
+            f.write(json.dumps(clean, allow_nan=False) + "\n")
+        with _opened(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(
-                {k: row.get(k, "") for k in METRIC_COLUMNS})
+                {k: clean.get(k, "") for k in METRIC_COLUMNS})
         return row

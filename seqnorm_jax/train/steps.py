@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +19,17 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from seqnorm_jax.distributed import batch_sharding, replicated_sharding
+from seqnorm_jax.distributed import DATA_AXIS, batch_sharding, replicated_sharding
 from seqnorm_jax.linen import LAYERS
 from seqnorm_jax.train.state import TrainState, step_rngs
 
 __all__ = [
+    "StepAccumulator",
     "cross_entropy_loss",
+    "guarded_step",
+    "init_accumulator",
+    "jit_loop_step",
+    "reset_accumulator",
     "eval_step",
     "example_weight_scope",
     "jit_eval_step",
@@ -171,9 +176,110 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array],
             "count": jnp.sum(mask)}
 
 
+class StepAccumulator(NamedTuple):
+    """Training metrics kept on the device between two fetches, and the divergence flag.
+
+    ``loss[:steps]`` and ``accuracy[:steps]`` hold the steps taken since the last reset
+    (those before the run diverged, the diverging one included), one entry per step, so
+    the host sums them in float64 step by step exactly as if it had fetched each step;
+    ``lr`` is the last such step's rate. ``diverged_step`` is the 1-based global step
+    whose loss or gradient was first non-finite (-1: none) and ``diverged_loss`` that
+    step's loss; both survive :func:`reset_accumulator`.
+    """
+
+    loss: jax.Array
+    accuracy: jax.Array
+    steps: jax.Array
+    lr: jax.Array
+    diverged_step: jax.Array
+    diverged_loss: jax.Array
+
+
+def init_accumulator(size: int) -> StepAccumulator:
+    """An empty :class:`StepAccumulator` for up to ``size`` steps (no divergence)."""
+    z = jnp.zeros((), jnp.float32)
+    buf = jnp.zeros((size,), jnp.float32)
+    return StepAccumulator(buf, buf, jnp.zeros((), jnp.int32), z, jnp.full((), -1, jnp.int32), z)
+
+
+def reset_accumulator(acc: StepAccumulator) -> StepAccumulator:
+    """Empty ``acc``, keeping its divergence fields."""
+    return init_accumulator(acc.loss.shape[0])._replace(diverged_step=acc.diverged_step,
+                                                        diverged_loss=acc.diverged_loss)
+
+
+def guarded_step(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+                 state: TrainState, batch: Any, acc: StepAccumulator, *,
+                 stop_on_divergence: bool = True) -> tuple[TrainState, StepAccumulator]:
+    """One ``step_fn`` step with its metrics recorded in ``acc`` and divergence caught on
+    the device.
+
+    A step diverges when its loss or its gradient norm is not finite. With
+    ``stop_on_divergence`` (the default) that step and every later one return the state
+    unchanged (a select in the compiled step; no host round trip), so the state stays
+    the last finite one until the host sees ``acc.diverged_step`` and stops; otherwise
+    the updates are applied as computed. ``acc`` must have room for the step (the
+    caller resets it at least every ``acc.loss.shape[0]`` steps).
+    """
+    new_state, m = step_fn(state, batch)
+    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
+    live = acc.diverged_step < 0 if stop_on_divergence else jnp.ones((), bool)
+    if stop_on_divergence:
+        keep = finite & live
+        new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new_state, state)
+    first = (acc.diverged_step < 0) & ~finite
+
+    def record(buf, value):
+        return jnp.where(live, buf.at[acc.steps].set(value.astype(jnp.float32)), buf)
+
+    acc = StepAccumulator(
+        loss=record(acc.loss, m["loss"]),
+        accuracy=record(acc.accuracy, m["accuracy"]),
+        steps=acc.steps + live.astype(jnp.int32),
+        lr=jnp.where(live, m["lr"], acc.lr),
+        diverged_step=jnp.where(first, (state.step + 1).astype(jnp.int32), acc.diverged_step),
+        diverged_loss=jnp.where(first, m["loss"], acc.diverged_loss))
+    return new_state, acc
+
+
+def jit_loop_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None = None, *,
+                  donate: bool | None = None, num_micro_batches: int = 1,
+                  output_noise: tuple[float, float] | None = None,
+                  stop_on_divergence: bool = True, axis_name: str = DATA_AXIS):
+    """:func:`guarded_step` of :func:`train_step`, compiled like :func:`jit_train_step`.
+
+    ``step(state, batch, acc) -> (state, acc)``: the training loop's step; its metrics
+    stay on the device in the :class:`StepAccumulator` until the loop fetches them.
+    """
+    step = _step_fn(lr_fn, num_micro_batches, output_noise)
+    fn = lambda s, b, a: guarded_step(step, s, b, a, stop_on_divergence=stop_on_divergence)
+    return _jit(fn, mesh, donate, axis_name, extra_in=1)
+
+
+def _step_fn(lr_fn, num_micro_batches, output_noise):
+    if num_micro_batches == 1:
+        return lambda s, b: train_step(s, b, lr_fn, output_noise=output_noise)
+    from seqnorm_jax.train.accumulation import accumulated_train_step
+
+    return lambda s, b: accumulated_train_step(s, b, num_micro_batches, lr_fn,
+                                               output_noise=output_noise)
+
+
+def _jit(fn, mesh, donate, axis_name=DATA_AXIS, extra_in=0):
+    if donate is None:
+        donate = jax.default_backend() != "cpu"
+    kwargs = {}
+    if mesh is not None:
+        rep = replicated_sharding(mesh)
+        kwargs = dict(in_shardings=(rep, batch_sharding(mesh, axis_name), *([rep] * extra_in)),
+                      out_shardings=(rep, rep))
+    return jax.jit(fn, donate_argnums=(0,) if donate else (), **kwargs)
+
+
 def jit_train_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None = None,
                    *, donate: bool | None = None, num_micro_batches: int = 1,
-                   output_noise: tuple[float, float] | None = None):
+                   output_noise: tuple[float, float] | None = None,
+                   axis_name: str = DATA_AXIS):
     """:func:`train_step` compiled for ``mesh``: batch sharded on ``"data"``, state replicated.
 
     Args:
@@ -187,28 +293,30 @@ def jit_train_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None 
         ``GhostNorm(batch_groups=k)``).
       output_noise: ``(mean, std)`` of Gaussian noise added to every norm layer's output
         in training (:func:`output_noise_scope`); ``None``: off.
+      axis_name: the mesh axis the batch is split over.
     """
-    if donate is None:
-        donate = jax.default_backend() != "cpu"
-    kwargs = {}
+    return _jit(_step_fn(lr_fn, num_micro_batches, output_noise), mesh, donate, axis_name)
+
+
+def jit_eval_step(mesh: Mesh | None = None, *, axis_name: str = DATA_AXIS):
+    """:func:`eval_step` compiled for ``mesh``: ``step(state, batch, example_weight=0.0)``.
+
+    A Python ``example_weight`` of 0 (plain running statistics, the default) calls a
+    compilation with the weight as the constant 0, so the norm layers take their
+    inference path (one multiply-add); any other weight, or a traced one, is an
+    argument of a second compilation that serves every value.
+    """
+    kwargs2 = kwargs3 = {}
     if mesh is not None:
-        kwargs = dict(in_shardings=(replicated_sharding(mesh), batch_sharding(mesh)),
-                      out_shardings=(replicated_sharding(mesh), replicated_sharding(mesh)))
-    if num_micro_batches == 1:
-        step = lambda s, b: train_step(s, b, lr_fn, output_noise=output_noise)
-    else:
-        from seqnorm_jax.train.accumulation import accumulated_train_step
+        rep, bat = replicated_sharding(mesh), batch_sharding(mesh, axis_name)
+        kwargs2 = dict(in_shardings=(rep, bat), out_shardings=rep)
+        kwargs3 = dict(in_shardings=(rep, bat, rep), out_shardings=rep)
+    plain = jax.jit(lambda s, b: eval_step(s, b, 0.0), **kwargs2)
+    weighted = jax.jit(lambda s, b, a: eval_step(s, b, a), **kwargs3)
 
-        step = lambda s, b: accumulated_train_step(s, b, num_micro_batches, lr_fn,
-                                                   output_noise=output_noise)
-    return jax.jit(step, donate_argnums=(0,) if donate else (), **kwargs)
+    def step(state, batch, example_weight=0.0):
+        if isinstance(example_weight, (int, float)) and example_weight == 0:
+            return plain(state, batch)
+        return weighted(state, batch, jnp.asarray(example_weight, jnp.float32))
 
-
-def jit_eval_step(mesh: Mesh | None = None):
-    """:func:`eval_step` compiled for ``mesh``; ``example_weight`` is a traced argument."""
-    kwargs = {}
-    if mesh is not None:
-        kwargs = dict(in_shardings=(replicated_sharding(mesh), batch_sharding(mesh),
-                                    replicated_sharding(mesh)),
-                      out_shardings=replicated_sharding(mesh))
-    return jax.jit(lambda s, b, a: eval_step(s, b, a), **kwargs)
+    return step

@@ -1,0 +1,97 @@
+"""Settings checked before any work: a norm spec against the batch, the mesh and the model.
+
+:func:`check_step` traces the training step of a :class:`~seqnorm_jax.train.Trainer`
+abstractly (``jax.eval_shape``: shapes only, nothing computed or compiled) on a batch of
+the run's global size, sharded over the run's mesh. Every norm layer of the model then
+sees the shape it will see in training, so a group count that does not divide the batch
+or a layer's width, or a setting the mesh cannot shard, fails here in a second, with one
+message naming the setting, instead of after other runs have trained. The layers' own
+fields are range-checked on the way (``momentum`` in ``[0, 1)``, ``epsilon > 0``,
+``noise_std >= 0``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from seqnorm_jax.distributed import batch_sharding, mesh_context, replicated_sharding
+from seqnorm_jax.train.state import create_train_state
+from seqnorm_jax.train.steps import _NORM_CLASSES, init_accumulator
+
+__all__ = ["check_norm_fields", "check_step"]
+
+# field -> (test, what it must be)
+_FIELD_RULES = {
+    "momentum": (lambda v: 0 <= v < 1, "must lie in [0, 1) (e.g. 0.9 or 0.99)"),
+    "epsilon": (lambda v: v > 0, "must be > 0 (e.g. 1e-5)"),
+    "noise_std": (lambda v: v >= 0, "must be >= 0"),
+}
+
+
+def check_norm_fields(module: nn.Module) -> None:
+    """Raise ``ValueError`` if a norm layer's ``momentum``, ``epsilon`` or ``noise_std`` is
+    out of range (or not a finite number)."""
+    for field, (ok, want) in _FIELD_RULES.items():
+        if not hasattr(module, field):
+            continue
+        v = getattr(module, field)
+        if v is None:
+            continue
+        number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+        if not number or not math.isfinite(float(v)) or not ok(float(v)):
+            raise ValueError(f"{type(module).__name__} {field}={v!r}: {want}.")
+
+
+def _check_fields(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and isinstance(context.module, _NORM_CLASSES):
+        check_norm_fields(context.module)
+    return next_fun(*args, **kwargs)
+
+
+def check_step(trainer: Any, flag: str = "TrainConfig.norm (--norm)") -> None:
+    """Trace ``trainer``'s training step on an abstract batch of the run's global size.
+
+    Args:
+      trainer: a :class:`~seqnorm_jax.train.Trainer` (its model, optimizer, mesh,
+        compiled step and config).
+      flag: how the message names the norm setting.
+
+    Raises:
+      ValueError: the norm layers do not fit the batch, the devices or the model's
+        widths, or a layer field is out of range; one line naming ``flag``, the spec,
+        the run's batch and devices, and the layer's own message.
+    """
+    c, mesh = trainer.config, trainer.mesh
+    shape = tuple(trainer.train_source.info.image_shape)
+    sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    bat = batch_sharding(mesh, trainer.batch_axis)
+    batch = {"image": jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32, sharding=bat),
+             "label": jax.ShapeDtypeStruct((c.batch_size,), jnp.int32, sharding=bat)}
+    rep = replicated_sharding(mesh)
+    try:
+        with mesh_context(mesh), nn.intercept_methods(_check_fields):
+            state = jax.eval_shape(
+                lambda x: create_train_state(trainer.model, jax.random.key(0), x, trainer.tx),
+                sample)
+            state = jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
+            acc = jax.tree_util.tree_map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+                jax.eval_shape(lambda: init_accumulator(c.log_every)))
+            jax.eval_shape(trainer.loop_step, state, batch, acc)
+    except Exception as e:  # noqa: BLE001 - jax's sharding type errors are not public
+        if not isinstance(e, (ValueError, TypeError, IndexError)) \
+                and type(e).__name__ != "ShardingTypeError":
+            raise
+        text = " ".join(ln.strip() for ln in str(e).strip().splitlines() if ln.strip())
+        text = text.split(" -------------------- ")[0]
+        devices = mesh.devices.size
+        raise ValueError(
+            f"{flag}={c.norm!r} does not fit this run (model {c.model}, batch {c.batch_size} "
+            f"over {devices} device{'s' if devices > 1 else ''}): {text}") from None
