@@ -21,7 +21,7 @@ import functools
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 
@@ -36,11 +36,12 @@ Normalize = Callable[..., Any]
 
 __all__ = [
     "Settings",
-    "Running",
     "normalize",
     "num_features",
     "check_epsilon",
+    "check_momentum",
     "check_example_weight",
+    "noise_rng_error",
     "batch_norm",
     "ghost_norm",
     "batch_group_norm",
@@ -146,13 +147,6 @@ class Settings:
                 "use_fast_variance": self.use_fast_variance}
 
 
-class Running(NamedTuple):
-    """A layer's running statistics, ``(C,)`` float32 each."""
-
-    mean: Array
-    var: Array
-
-
 def normalize(
     who: str,
     norm: Normalize,
@@ -160,14 +154,16 @@ def normalize(
     x: Array,
     scale: Array | None,
     bias: Array | None,
-    running: Running,
+    running: Moments,
     *,
     use_running_average: bool,
     mask: Array | None,
     example_weight: float | Array,
     initializing: bool = False,
-) -> tuple[Array, Running | None]:
+) -> tuple[Array, Moments | None]:
     """Run a layer: its output and its new running statistics (``None``: unchanged).
+
+    ``running`` holds the layer's running mean and variance, ``(C,)`` float32 each.
 
     * inference (``use_running_average``): the running statistics, blended with each
       example's own by ``example_weight``; any batch size;
@@ -191,7 +187,7 @@ def normalize(
             y, _ = norm(x, scale, bias, **common, **inference)
         return y, None
     y, target = norm(x, scale, bias, **common, axis_name=settings.axis_name)
-    return y, Running(stats.ema(running.mean, target.mean, settings.momentum),
+    return y, Moments(stats.ema(running.mean, target.mean, settings.momentum),
                       stats.ema(running.var, target.var, settings.momentum))
 
 

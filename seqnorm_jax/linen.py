@@ -39,6 +39,7 @@ from flax.linen import initializers
 
 from seqnorm_jax import functional as F
 from seqnorm_jax import layers_common as common
+from seqnorm_jax.stats import Moments
 
 Array = jax.Array
 Dtype = Any
@@ -139,7 +140,7 @@ class _RunningNorm(_BatchNormFields):
         scale, bias = _params(self, c)
         norm = self._norm(training=not use_ra)
         y, new = common.normalize(
-            who, norm, settings, x, scale, bias, common.Running(ra_mean.value, ra_var.value),
+            who, norm, settings, x, scale, bias, Moments(ra_mean.value, ra_var.value),
             use_running_average=use_ra, mask=mask, example_weight=example_weight,
             initializing=self.is_initializing(),
         )

@@ -42,6 +42,7 @@ from flax.nnx import initializers
 
 from seqnorm_jax import functional as F
 from seqnorm_jax import layers_common as common
+from seqnorm_jax.stats import Moments
 
 Array = jax.Array
 Dtype = Any
@@ -192,7 +193,7 @@ class _RunningNorm(nnx.Module):
         weight = self.example_weight if example_weight is None else example_weight
         y, new = common.normalize(
             who, self._norm(not use_ra, rngs), common.Settings.of(who, self), x,
-            _value(self.scale), _value(self.bias), common.Running(self.mean[...], self.var[...]),
+            _value(self.scale), _value(self.bias), Moments(self.mean[...], self.var[...]),
             use_running_average=use_ra, mask=mask, example_weight=weight,
         )
         if new is not None:
