@@ -257,6 +257,26 @@ def test_vmap_creates_and_scan_applies_a_stack_of_layers():
     np.testing.assert_allclose(y, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("make", [
+    lambda: snn.BatchNorm(C, momentum=0.5, rngs=nnx.Rngs(0)),
+    lambda: snn.GhostNorm(C, batch_groups=4, momentum=0.5, rngs=nnx.Rngs(0)),
+    lambda: snn.SeqNorm(C, channel_groups=2, batch_groups=8, momentum=0.5, rngs=nnx.Rngs(0)),
+], ids=["BatchNorm", "GhostNorm_g4", "SeqNorm_g8"])
+def test_jit_on_a_default_mesh_equals_one_device(make):
+    """Under ``nnx.jit`` with the batch on ``jax.make_mesh``'s default (Explicit) axes: the
+    one-device outputs and running statistics, and the output keeps the batch split."""
+    mesh = jax.make_mesh((4,), ("data",))
+    x = batches(1, (16, 3, C))[0]
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    step = nnx.jit(lambda layer, x: layer(x))
+    one, sharded = make(), make()
+    y_one, y = step(one, x), step(sharded, xs)
+    assert len(y.addressable_shards) == 4
+    np.testing.assert_allclose(y, y_one, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(sharded.mean[...], one.mean[...], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(sharded.var[...], one.var[...], atol=2e-5, rtol=1e-5)
+
+
 def test_state_round_trip_through_orbax(tmp_path):
     model = Model(functools.partial(snn.GNPlus, num_groups=2, momentum=0.5), nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (6, 4))
