@@ -375,11 +375,12 @@ class Preprocess:
         return self.preset == "imagenet" or (self.train and self.preset != "none")
 
     def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        from seqnorm_jax.data import imagenet
-
         image = example["image"]
         channels = self.image_shape[-1]
-        if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
+        encoded = isinstance(image, (bytes, bytearray, memoryview, np.bytes_))
+        if encoded or self.preset == "imagenet":
+            from seqnorm_jax.data import imagenet  # Pillow: only for images that need it
+        if encoded:
             if self.preset != "imagenet":
                 image = imagenet.decode_image(image, channels)
         else:

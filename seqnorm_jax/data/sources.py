@@ -4,6 +4,10 @@
 (H, W, C), "label": int}``, ``src.labels`` (all labels, int64) and ``src.info``
 (:class:`~seqnorm_jax.data.info.DatasetInfo`). Sources satisfy Grain's
 random-access protocol, so ``grain.MapDataset.source(src)`` reads them directly.
+Sources of encoded images hand over the file's bytes instead of an array:
+``load(..., decode=False)`` (TFDS with ``tfds.decode.SkipDecoding``) and
+:class:`ImageFolderSource` (``root/<class>/<image file>``); the
+:class:`~seqnorm_jax.data.Preprocess` presets decode them.
 
 Splits
 ------
