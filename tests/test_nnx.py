@@ -80,6 +80,30 @@ def test_nnx_equals_linen_bit_for_bit(name):
         np.testing.assert_array_equal(layer(xs[0], example_weight=weight), y_linen)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float16])
+@pytest.mark.parametrize("use_fast_variance", [True, False])
+def test_nnx_equals_linen_across_dtypes(dtype, param_dtype, use_fast_variance):
+    """flax's own NNX-vs-linen product (dtype x param_dtype x use_fast_variance, with and
+    without a mask), on GhostNorm."""
+    own = dict(batch_groups=2, dtype=dtype, param_dtype=param_dtype,
+               use_fast_variance=use_fast_variance, scale_init=UNIFORM, bias_init=UNIFORM)
+    x = batches(1)[0].astype(dtype)
+    mask = jnp.arange(8)[:, None, None] % 4 != 1
+    linen_layer = snj.GhostNorm(**own)
+    variables = linen_layer.init(jax.random.key(0), x, use_running_average=False)
+    layer = snn.GhostNorm(C, **own, rngs=nnx.Rngs(1))
+    load_linen(layer, variables)
+    for m in (None, mask):
+        y_linen, state = linen_layer.apply(variables, x, use_running_average=False, mask=m,
+                                           mutable=["batch_stats"])
+        variables = {**variables, **state}
+        y = layer(x, mask=m)
+        assert y.dtype == dtype
+        np.testing.assert_array_equal(y, y_linen)
+        np.testing.assert_array_equal(layer.var[...], variables["batch_stats"]["var"])
+
+
 def test_group_norm_nnx_equals_linen_and_flax_nnx():
     x = batches(1, (4, 3, 3, C))[0]
     mask = jax.random.uniform(jax.random.key(3), x.shape) > 0.3
