@@ -99,7 +99,7 @@ def test_train_crop_uses_the_box_and_flip_of_the_numpy_reference():
                                           box=(left, top, left + w, top + h))
         ref = np.asarray(ref)[:, ::-1] if flip else np.asarray(ref)
         out = data.random_resized_crop_flip(img, np.random.default_rng(seed))
-        assert out.dtype == np.uint8 and out.shape == (224, 224, 3)
+        assert out.dtype == np.uint8 and out.shape == (224, 224, 3) and out.flags.writeable
         np.testing.assert_array_equal(out, ref)
         # the NumPy reference (float resampling, rounded once) is within a few levels
         rng = np.random.default_rng(seed)

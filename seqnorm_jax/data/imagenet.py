@@ -64,7 +64,7 @@ def _check_channels(channels, fn: str) -> str:
     return _MODES[channels]
 
 
-def _open(image, mode: str, fn: str) -> tuple[Image.Image, bool]:
+def _open(image, fn: str) -> tuple[Image.Image, bool]:
     """A lazy Pillow image of ``image`` (bytes or uint8 HWC) and whether it is still encoded."""
     if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
         try:
@@ -84,7 +84,7 @@ def _open(image, mode: str, fn: str) -> tuple[Image.Image, bool]:
 def _to_array(pil: Image.Image, mode: str) -> np.ndarray:
     if pil.mode != mode:
         pil = pil.convert(mode)
-    out = np.asarray(pil)
+    out = np.array(pil)  # writable, as the NumPy augmentations' results
     return out[..., None] if out.ndim == 2 else out
 
 
@@ -111,7 +111,7 @@ def decode_image(image, channels: int = 3) -> np.ndarray:
     3: ``"RGB"``), as some ImageNet JPEGs need.
     """
     mode = _check_channels(channels, "decode_image")
-    pil, encoded = _open(image, mode, "decode_image")
+    pil, encoded = _open(image, "decode_image")
     if not encoded and np.asarray(image).shape[-1] == channels:
         return np.asarray(image)
     return _to_array(pil, mode)
@@ -141,7 +141,7 @@ def random_resized_crop_flip(image, rng: np.random.Generator, size: int = 224,
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"random_resized_crop_flip: `size` must be a positive int, got "
                          f"{size!r}.")
-    pil, encoded = _open(image, mode, "random_resized_crop_flip")
+    pil, encoded = _open(image, "random_resized_crop_flip")
     width, height = pil.size
     top, left, h, w = random_resized_crop_box(rng, height, width, scale, ratio)
     flip = rng.random() < 0.5
@@ -173,7 +173,7 @@ def resize_center_crop(image, size: int = 224, resize_size: int = 256,
       uint8 ``(size, size, channels)``.
     """
     mode = _check_channels(channels, "resize_center_crop")
-    pil, encoded = _open(image, mode, "resize_center_crop")
+    pil, encoded = _open(image, "resize_center_crop")
     width, height = pil.size
     new_h, new_w, top, left = center_crop_geometry(height, width, size, resize_size)
     factor = _draft(pil, mode, new_w, new_h) if encoded else 1.0
