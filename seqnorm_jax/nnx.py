@@ -196,8 +196,8 @@ class _RunningNorm(nnx.Module):
             _value(self.scale), _value(self.bias), Moments(self.mean[...], self.var[...]),
             use_running_average=use_ra, mask=mask, example_weight=weight,
         )
-        if new is not None:
-            self.mean[...], self.var[...] = new
+        if new is not None:  # statistics, not a path for gradients (as flax.nnx.BatchNorm)
+            self.mean[...], self.var[...] = jax.lax.stop_gradient(new)
         return y
 
     def set_view(self, use_running_average: bool | None = None,
