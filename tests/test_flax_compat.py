@@ -344,6 +344,15 @@ def test_rank1_input_is_one_sample(bn):
     np.testing.assert_allclose(y, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gn", GROUP_NORMS)
+def test_group_norm_rank1_input_is_one_sample(gn):
+    """A rank-1 ``(C,)`` input to GroupNorm: each channel group of the one sample."""
+    x = random.normal(random.key(0), (12,))
+    layer = gn(3, use_scale=False, use_bias=False)
+    y = layer.apply(layer.init(random.key(1), x), x)
+    np.testing.assert_allclose(y, group_norm_reference(x, 3, (-1,), 1e-6), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------
 # masks on every layer
 # ----------------------------------------------------------------------------
