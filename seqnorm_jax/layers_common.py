@@ -204,15 +204,18 @@ def _groups(num_groups: int | None, group_size: int | None) -> dict[str, int | N
 
 
 def batch_norm(layer: Any) -> Normalize:
+    """BatchNorm has no fields of its own."""
     return F.batch_norm
 
 
 def ghost_norm(layer: Any) -> Normalize:
+    """GhostNorm's ghost batches: ``batch_groups`` or ``ghost_size``, ``grouping``."""
     return functools.partial(F.ghost_norm, batch_groups=layer.batch_groups,
                              ghost_size=layer.ghost_size, grouping=layer.grouping)
 
 
 def batch_group_norm(layer: Any) -> Normalize:
+    """The "Four Things" layer: sample groups and channel groups."""
     return functools.partial(F.batch_group_norm, batch_groups=layer.batch_groups,
                              ghost_size=layer.ghost_size, channel_groups=layer.channel_groups,
                              channel_group_size=layer.channel_group_size,
@@ -220,6 +223,7 @@ def batch_group_norm(layer: Any) -> Normalize:
 
 
 def seq_norm(layer: Any) -> Normalize:
+    """SeqNorm: the group step's channel groups, the ghost step's sample groups, the order."""
     return functools.partial(F.seq_norm, channel_groups=layer.channel_groups,
                              channel_group_size=layer.channel_group_size,
                              batch_groups=layer.batch_groups, ghost_size=layer.ghost_size,
@@ -227,6 +231,7 @@ def seq_norm(layer: Any) -> Normalize:
 
 
 def heterologous_norm(layer: Any) -> Normalize:
+    """HN: the mean's and the std's normalization sets and their channel groups."""
     return functools.partial(F.heterologous_norm, mean_set=layer.mean_set,
                              std_set=layer.std_set, mean_groups=layer.mean_groups,
                              std_groups=layer.std_groups, std_center=layer.std_center)
@@ -241,6 +246,7 @@ def gn_plus(layer: Any, mixing: Array) -> Normalize:
 
 
 def bgn(layer: Any) -> Normalize:
+    """BGN: channel groups over the whole batch."""
     return functools.partial(F.bgn, **_groups(layer.num_groups, layer.group_size))
 
 
