@@ -390,6 +390,25 @@ def test_mask_all_true_is_no_mask(name):
     jax.tree.map(functools.partial(np.testing.assert_allclose, atol=1e-6), s1, s0)
 
 
+@pytest.mark.parametrize("grouping", ["contiguous", "strided"])
+def test_masked_ghost_norm_matches_a_float64_reference(grouping):
+    """Each ghost batch is normalized with the mean and variance of its own kept entries."""
+    x, m = masked_input()
+    layer = snj.GhostNorm(batch_groups=2, grouping=grouping, use_scale=False, use_bias=False)
+    v = layer.init(random.key(2), x, use_running_average=False)
+    y, _ = layer.apply(v, jnp.where(m, x, jnp.nan), use_running_average=False, mask=m,
+                       mutable=["batch_stats"])
+    xn, mn = np.asarray(x, np.float64), np.asarray(m)
+    want = np.empty_like(xn)
+    for g in range(2):
+        rows = np.arange(g * 4, g * 4 + 4) if grouping == "contiguous" else np.arange(g, 8, 2)
+        xg, mg = xn[rows], mn[rows]
+        mean = xg.mean((0, 1), where=mg, keepdims=True)
+        var = xg.var((0, 1), where=mg, keepdims=True)
+        want[rows] = (xg - mean) / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(np.asarray(y)[mn], want[mn], atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", sorted(MASKED_LAYERS))
 def test_masked_entries_never_leak(name):
     """What masked-out entries hold (NaN, or 1e6) changes no kept output, no running
