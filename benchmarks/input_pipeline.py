@@ -178,11 +178,11 @@ def bench_per_core(blobs: list[bytes], rounds: int) -> dict:
         k: float(np.mean(v)) for k, v in diffs.items()}}
 
 
-def time_epoch(src, workers: int, batch_size: int) -> dict:
+def time_epoch(src, workers: int, batch_size: int, start_step: int = 0) -> dict:
     """One epoch: seconds to the first batch, then images/s and the workers' CPU seconds."""
     loader = data.make_loader(src, batch_size=batch_size, train=True, seed=0, epoch=0,
                               augment="imagenet", normalize=False, num_workers=workers,
-                              shard_index=0, shard_count=1)
+                              shard_index=0, shard_count=1, start_step=start_step)
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     it = iter(loader)
@@ -196,21 +196,31 @@ def time_epoch(src, workers: int, batch_size: int) -> dict:
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     assert first["image"].dtype == np.uint8 and first["image"].shape[1:] == (224, 224, 3)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    return {"first_batch_s": t1 - t0, "images_per_s": images / (t2 - t1),
-            "worker_cpu_s": cpu, "images_per_worker_cpu_s": (images + first["image"].shape[0])
-            / cpu if cpu else float("nan")}
+    return {"first_batch_s": t1 - t0, "images_per_s": images / max(t2 - t1, 1e-9),
+            "worker_cpu_s": cpu, "images": images + first["image"].shape[0]}
 
 
 def bench_loader(root: str, worker_counts: list[int], rounds: int, batch_size: int) -> dict:
+    """Epochs with each worker count, interleaved; plus the workers' CPU cost per image.
+
+    The CPU cost per image excludes the workers' start-up: an epoch resumed at its last
+    batch (start-up plus one batch) measures it, and is subtracted.
+    """
     src = data.ImageFolderSource(root)
     runs = {w: [] for w in worker_counts}
     for _ in range(rounds):
         for w in worker_counts:
             runs[w].append(time_epoch(src, w, batch_size))
-    keys = runs[worker_counts[0]][0].keys()
-    return {"per_workers": {w: {k: statistics.median(r[k] for r in v) for k in keys}
-                            for w, v in runs.items()},
-            "batch_size": batch_size, "images": len(src)}
+    steps = len(src) // batch_size
+    out = {}
+    for w, v in runs.items():
+        probe = time_epoch(src, w, batch_size, start_step=steps - 1)
+        full = {k: statistics.median(r[k] for r in v) for k in v[0]}
+        per_image = (full["worker_cpu_s"] - probe["worker_cpu_s"]) / (
+            full["images"] - probe["images"])
+        out[w] = {**full, "startup_cpu_s": probe["worker_cpu_s"],
+                  "images_per_worker_cpu_s": 1.0 / per_image if per_image > 0 else float("nan")}
+    return {"per_workers": out, "batch_size": batch_size, "images": len(src)}
 
 
 class PerExample(data.Source):
@@ -315,7 +325,7 @@ def main(argv=None) -> None:
             print(f"  {w:2d} worker(s): {per[w]['images_per_s']:7.1f} images/s   "
                   f"({per[w]['images_per_s'] / w:6.1f} per worker; first batch after "
                   f"{per[w]['first_batch_s']:.2f} s; {per[w]['images_per_worker_cpu_s']:6.1f} "
-                  f"images per worker CPU second, start-up included)")
+                  f"images per worker CPU second after start-up)")
         print(f"  load average (1, 5, 15 min) at the end: "
               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {cores} cores")
         scaling = per[all_workers]["images_per_s"] / (all_workers * per[1]["images_per_s"])
