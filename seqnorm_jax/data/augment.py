@@ -23,7 +23,10 @@ What the papers do, and the presets that reproduce it:
   get a random-resized crop (area fraction uniform in ``(0.08, 1)``, aspect ratio
   log-uniform in ``(3/4, 4/3)``) resized to 224x224 and a random horizontal flip;
   evaluation images are resized so that their shorter side is 256 and
-  center-cropped to 224x224.
+  center-cropped to 224x224. :class:`Preprocess` runs this preset with Pillow
+  (:mod:`seqnorm_jax.data.imagenet`: JPEG bytes or arrays, reduced-size
+  decoding, crop and resize in one step); :func:`random_resized_crop` and
+  :func:`center_crop` here are the NumPy reference of the same geometry.
 - ``"none"``: normalisation only.
 
 Evaluation (``train=False``) applies only the deterministic part of a preset

@@ -220,7 +220,8 @@ class Loader:
     """One epoch of one process's batches; iterate it, or index :attr:`dataset`.
 
     Each batch is ``{"image": float32 (B, H, W, C), "label": int32 (B,)}``, the
-    images normalised with the dataset's ``info.mean`` / ``info.std``.
+    images normalised with the dataset's ``info.mean`` / ``info.std`` (uint8 images,
+    unnormalised, from ``make_loader(..., normalize=False)``).
 
     Attributes:
       dataset: the ``grain.MapDataset`` of this process's batches from
