@@ -120,7 +120,10 @@ def _any_mesh(fn: Callable[..., Any]) -> Callable[..., Any]:
         rest = {k: v for k, v in kwargs.items() if k not in arrays}
         out = (spec, PartitionSpec()) if kwargs.get("return_stats") else spec
         run = lambda x, args, arrays: fn(x, *args, **rest, **arrays)
-        return jax.sharding.auto_axes(run, out_sharding=out)(x, args, arrays)
+        # auto_axes needs the mesh in context: the input's, whether or not the caller set
+        # one with jax.set_mesh.
+        with jax.sharding.use_abstract_mesh(jax.typeof(x).sharding.mesh.abstract_mesh):
+            return jax.sharding.auto_axes(run, out_sharding=out)(x, args, arrays)
 
     return wrapper
 
@@ -317,6 +320,58 @@ def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype,
     return jnp.where(w, kept, dropped)
 
 
+@functools.partial(jax.checkpoint, static_argnums=(6,))
+def _view_pass(xv: Array, k: Array, a: Array, b: Array, a2, b2, dtype) -> Array:
+    """:func:`_affine_pass` on a :class:`~seqnorm_jax.stats.GroupView` of ``x``, whose
+    group statistics broadcast against it as they are: ``((x - k) * a + b) * a2 + b2``
+    (the second map, of another granularity, only for two-step layers)."""
+    y = (xv.astype(a.dtype) - k) * a + b
+    if a2 is not None:
+        y = y * a2 + b2
+    return y.astype(dtype)
+
+
+def _finish_view(x: Array, view: stats.GroupView, ab: Affine, k: Array, scale, bias,
+                 dtype, second: Affine | None = None) -> Array:
+    """:func:`_finish` for statistics kept in the shape of ``view``'s groups; ``second`` is
+    a map applied after ``ab`` (gamma and beta go into the last map)."""
+    a, b = ab
+    a2, b2 = second if second is not None else (None, None)
+    sdt = a.dtype
+    if scale is not None:
+        scale = view.channels(jnp.asarray(scale, sdt))
+        if second is None:
+            a, b = a * scale, b * scale
+        else:
+            a2, b2 = a2 * scale, b2 * scale
+    if bias is not None:
+        bias = view.channels(jnp.asarray(bias, sdt))
+        if second is None:
+            b = b + bias
+        else:
+            b2 = b2 + bias
+    out = jnp.dtype(x.dtype if dtype is None else dtype)
+    return view.unview(_view_pass(view.view(x), k.astype(sdt), a, b, a2, b2, out))
+
+
+def _two_steps(x, view: stats.GroupView, first_over_batch: bool, epsilon,
+               use_fast_variance) -> tuple[Array, Affine, Moments, Moments]:
+    """The two normalizations of SeqNorm and GN+ straight from ``x`` (dense inputs, where
+    per-sample moments would be as large as ``x``): the first step's statistics from
+    one reduction of ``x`` (over the sample group's members when ``first_over_batch``,
+    else over the channel group's), the second's from one more reduction of the first
+    step's output, recomputed from ``x``. Returns ``(k, first map, first statistics
+    relative to k, second statistics)``."""
+    k, st1 = stats.group_moments(x, view, use_fast_variance=use_fast_variance,
+                                 axes=view.axes(batch=first_over_batch,
+                                                channels=not first_over_batch))
+    f1 = _normalizer(st1, epsilon)
+    st2 = stats.moments_of_affine(view.view(x), k, *f1,
+                                  view.axes(batch=not first_over_batch,
+                                            channels=first_over_batch), use_fast_variance)
+    return k, f1, st1, st2
+
+
 def _is_zero(alpha) -> bool:
     return isinstance(alpha, (int, float)) and alpha == 0
 
@@ -463,6 +518,14 @@ def batch_group_norm(
                             BatchSizeError, _GHOST_FIX if g_c == c else _GROUP_FIX)
     else:
         g_m = 1  # unused in inference: any batch size works
+    if running is None and mask is None and axis_name is None:
+        # Straight to the (G_M, G_C) group statistics: one reduction of x, and no
+        # per-sample moments (on dense inputs those would be as large as x).
+        view = stats.GroupView(x.shape, axis, g_m, g_c, grouping)
+        k, st = stats.group_moments(x, view, use_fast_variance=use_fast_variance)
+        y = _finish_view(x, view, _normalizer(st, epsilon), k, scale, bias, dtype)
+        update = Moments(view.per_channel(k + st.mean), view.per_channel(st.var))
+        return _output(y, update, return_stats)
     if running is None or not _is_zero(example_weight):
         k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
                                            mask=mask)
@@ -592,8 +655,13 @@ def group_norm(
     c = x.shape[stats.feature_axis(x.ndim, axis)]
     if axis_name is None:
         _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
+    if mask is None and axis_name is None:
+        # Straight to the (N, G) statistics: one reduction of x, no (N, C) moments.
+        view = stats.GroupView(x.shape, axis, None, g)
+        k, st = stats.group_moments(x, view, use_fast_variance=use_fast_variance)
+        return _finish_view(x, view, _normalizer(st, epsilon), k, scale, bias, dtype)
     k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
-                                       mask=mask)
+                                      mask=mask)
     w = stats.sample_counts(mask, x.shape, axis)
     if axis_name is None:
         st = _sample_set(m, g, w, k, offset=k)
@@ -674,6 +742,14 @@ def seq_norm(
         if axis_name is None:
             _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's",
                             BatchSizeError, _GHOST_FIX)
+    if x.ndim == 2 and running is None and mask is None and axis_name is None:
+        view = stats.GroupView(x.shape, axis, g_m, g_c, grouping)
+        group_first = order == "group_first"
+        k, f1, st1, st2 = _two_steps(x, view, not group_first, epsilon, use_fast_variance)
+        ghost_stats = st2 if group_first else Moments(k + st1.mean, st1.var)
+        update = Moments(view.per_channel(ghost_stats.mean), view.per_channel(ghost_stats.var))
+        y = _finish_view(x, view, f1, k, scale, bias, dtype, _normalizer(st2, epsilon))
+        return _output(y, update, return_stats)
     k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
                                       mask=mask)
     w = stats.sample_counts(mask, x.shape, axis)
@@ -751,6 +827,11 @@ def heterologous_norm(
                 BatchSizeError if NORM_SETS[kind][0] else ValueError,
                 f"Use a larger batch, or a set with more elements than {kind!r} (fewer "
                 "mean_groups/std_groups, or a set that pools channels or the batch).")
+    if (NORM_SETS[mean_set][0] and NORM_SETS[std_set][0] and mask is None
+            and axis_name is None and (running is None or _is_zero(example_weight))):
+        # Both sets pool the batch: everything follows from per-channel statistics.
+        return _output(*_batch_sets_norm(x, scale, bias, mg, sg, std_center, running,
+                                         epsilon, axis, use_fast_variance, dtype), return_stats)
     k, m = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
                                       mask=mask)
     w = stats.sample_counts(mask, x.shape, axis)
@@ -798,6 +879,33 @@ def heterologous_norm(
     return _output(y, update, return_stats)
 
 
+def _batch_sets_norm(x, scale, bias, mean_groups, std_groups, std_center, running, epsilon,
+                     axis, use_fast_variance, dtype):
+    """Heterologous normalization whose mean and std sets both pool the batch: the
+    per-channel batch statistics (one reduction of x; the running ones at inference,
+    where the layer is one multiply-add) pooled over channel groups as ``(C,)`` vectors."""
+    c = x.shape[stats.feature_axis(x.ndim, axis)]
+    view = stats.GroupView(x.shape, axis, 1, None)
+    if running is None:
+        k, st = stats.group_moments(x, view, use_fast_variance=use_fast_variance)
+        k, per_channel = k.reshape(1, c), Moments(st.mean.reshape(1, c), st.var.reshape(1, c))
+        update = Moments(k[0] + per_channel.mean[0], per_channel.var[0])
+    else:
+        k = lax.stop_gradient(running.mean)
+        per_channel, update = Moments(jnp.zeros_like(k), running.var), None
+    mean = per_channel.mean
+    if mean_groups is not None:
+        mean = stats.pool(per_channel, batch_groups=None, channel_groups=mean_groups,
+                          offset=k, relative_to=k).mean
+    center = mean if std_center == "mean_set" else None  # relative to k, like the moments
+    var = stats.pool(per_channel, batch_groups=None, channel_groups=std_groups, center=center,
+                     offset=k).var
+    a, b = _normalizer(Moments(mean[0], var[0]), epsilon)
+    y = _finish_view(x, view, (view.channels(a), view.channels(b)), view.channels(k[0]), scale,
+                     bias, dtype)
+    return y, update
+
+
 @_any_mesh
 def gn_plus(
     x: Array, scale: Array | None = None, bias: Array | None = None,
@@ -829,6 +937,20 @@ def gn_plus(
     _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
     if running is None and axis_name is None:
         _check_set_size(x, axis, x.shape[0], 1, who, "batch", BatchSizeError)
+    if (x.ndim == 2 and running is None and mask is None and axis_name is None
+            and variant != "parallel"):
+        view = stats.GroupView(x.shape, axis, 1, g)
+        gn_first = variant == "gn_first"
+        k, f1, st1, st2 = _two_steps(x, view, not gn_first, epsilon, use_fast_variance)
+        s = jax.nn.sigmoid(jnp.asarray(mixing, st1.mean.dtype))
+        a2, b2 = _normalizer(st2, epsilon)
+        # gn_first: S g + (1 - S) BN(g); bn_first: S GN(b) + (1 - S) b, as maps of g / b
+        second = ((s + (1 - s) * a2, (1 - s) * b2) if gn_first
+                  else (s * a2 + (1 - s), s * b2))
+        bn_stats = st2 if gn_first else Moments(k + st1.mean, st1.var)
+        update = Moments(view.per_channel(bn_stats.mean), view.per_channel(bn_stats.var))
+        y = _finish_view(x, view, f1, k, scale, bias, dtype, second)
+        return _output(y, update, return_stats)
     k, mc = stats.sample_moments_about(x, axis=axis, use_fast_variance=use_fast_variance,
                                        mask=mask)  # the moments of x - k
     w = stats.sample_counts(mask, x.shape, axis)

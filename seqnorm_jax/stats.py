@@ -36,6 +36,10 @@ __all__ = [
     "feature_axis",
     "spatial_axes",
     "sample_moments",
+    "sample_moments_about",
+    "GroupView",
+    "group_moments",
+    "moments_of_affine",
     "merge",
     "pool",
     "expand",
@@ -98,26 +102,26 @@ def _to_nc(a: Array, ndim: int, axis: int) -> Array:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _spatial_moments(x: Array, axis: int, use_fast_variance: bool) -> tuple[Array, Array, Array]:
-    """Mean and biased variance over the spatial axes (kept as size 1), in the
-    statistics dtype.
+def _moments_over(x: Array, red: tuple[int, ...],
+                  use_fast_variance: bool) -> tuple[Array, Array, Array]:
+    """``(k, mean, var)`` of ``x`` over the axes ``red`` (kept as size 1), in the
+    statistics dtype: ``k`` is the first value along ``red`` and the moments are those
+    of ``x - k``.
 
-    Both sums are shifted by one value ``k`` of each ``(n, c)`` map, so they neither
-    cancel nor lose the low digits of the mean. (Measured on XLA:CPU: two plain
-    reductions of ``x - k`` beat one variadic reduction of both sums, whose loop
-    emitter is 1.3-2x slower than the vectorized reduction, see benchmarks/RESULTS.md.)
-    The custom JVP below keeps the backward pass lean whatever the forward does.
+    Both sums are shifted by ``k``, so they neither cancel nor lose the low digits of
+    the mean. (Measured on XLA:CPU: two plain reductions of ``x - k`` beat one variadic
+    reduction of both sums, whose loop emitter is 1.3-2x slower than the vectorized
+    reduction, see benchmarks/RESULTS.md.) The custom JVP below keeps the backward
+    pass lean whatever the forward does.
     """
-    red = spatial_axes(x.ndim, axis)
     xf = x.astype(stat_dtype(x.dtype))
     index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
     k = lax.stop_gradient(xf[index])
     d = xf - k
+    s1 = jnp.mean(d, axis=red, keepdims=True)
     if use_fast_variance:
-        s1 = jnp.mean(d, axis=red, keepdims=True)
         var = jnp.maximum(jnp.mean(d * d, axis=red, keepdims=True) - s1 * s1, 0.0)
     else:
-        s1 = jnp.mean(d, axis=red, keepdims=True)
         var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
     return k, s1, var
 
@@ -130,17 +134,121 @@ def _centered_mean_product(x: Array, k: Array, mean: Array, t: Array,
     return jnp.mean(((x.astype(mean.dtype) - k) - mean) * t, axis=red, keepdims=True)
 
 
-@_spatial_moments.defjvp
-def _spatial_moments_jvp(axis, use_fast_variance, primals, tangents):
+@_moments_over.defjvp
+def _moments_over_jvp(red, use_fast_variance, primals, tangents):
     (x,), (dx,) = primals, tangents
-    k, mean, var = _spatial_moments(x, axis, use_fast_variance)
-    red = spatial_axes(x.ndim, axis)
+    k, mean, var = _moments_over(x, red, use_fast_variance)
     dx = dx.astype(mean.dtype)
     # d mean = mean(dx); d var = 2 mean((x - k - mean) dx): what autodiff would derive,
     # written so that the backward pass keeps x, not an x-sized difference. k is a constant.
     dmean = jnp.mean(dx, axis=red, keepdims=True)
     dvar = 2 * _centered_mean_product(x, k, mean, dx, red)
     return (k, mean, var), (jnp.zeros_like(k), dmean, dvar)
+
+
+class GroupView:
+    """An input's layout resolved once: ``x`` seen as groups of samples and of channels.
+
+    ``view(x)`` reshapes ``(N, ..., C, ...)`` (features on ``axis``) to
+    ``(G_M, N // G_M, ..., G_C, C // G_C, ...)`` (``"contiguous"`` sample groups) or
+    ``(N // G_M, G_M, ...)`` (``"strided"``) without moving data; ``batch_groups=None``
+    keeps each sample alone (no batch split) and ``channel_groups=None`` each channel.
+    :func:`group_moments` reduces the view straight to the statistics of each group,
+    which broadcast against the view in the final elementwise pass: no ``(N, C)``
+    intermediate where a layer does not need one.
+    """
+
+    def __init__(self, shape: Sequence[int], axis: int, batch_groups: int | None,
+                 channel_groups: int | None, grouping: str = "contiguous"):
+        _check_grouping(grouping)
+        self.shape = tuple(shape)
+        self.axis = feature_axis(len(self.shape), axis)
+        n, c = self.shape[0], self.shape[self.axis]
+        self.pool_batch = batch_groups is not None
+        g_m, g_c = (batch_groups or 1), (channel_groups or c)
+        if grouping == "strided" and self.pool_batch:
+            batch, member = (n // g_m, g_m), 0
+        elif self.pool_batch:
+            batch, member = (g_m, n // g_m), 1
+        else:
+            batch, member = (n,), None
+        # One channel per group: no channel split (a trailing axis of size 1 would cost
+        # XLA:CPU its vectorized loops).
+        chan = (g_c, c // g_c) if g_c != c else (c,)
+        self.view_shape = batch + self.shape[1:self.axis] + chan + self.shape[self.axis + 1:]
+        shift = len(batch) - 1
+        self.channel_axis = self.axis + shift  # the G_C axis of the view
+        self.channel_width = len(chan)  # the view's axes that hold the channels
+        extra = len(chan) - 1
+        spatial = [i + shift if i < self.axis else i + shift + extra
+                   for i in range(1, len(self.shape)) if i != self.axis]
+        members = [member] if member is not None else []
+        if extra:
+            members.append(self.channel_axis + 1)
+        self.reduce = tuple(sorted(members + spatial))
+        self._member, self._spatial = member, spatial
+
+    def axes(self, *, batch: bool, channels: bool) -> tuple[int, ...]:
+        """The view's axes to reduce for statistics over the spatial axes and, when asked,
+        the members of each sample group (``batch``) and of each channel group."""
+        red = list(self._spatial)
+        if batch and self._member is not None:
+            red.append(self._member)
+        if channels and self.channel_width == 2:
+            red.append(self.channel_axis + 1)
+        return tuple(sorted(red))
+
+    def view(self, a: Array) -> Array:
+        return a.reshape(self.view_shape)
+
+    def unview(self, a: Array) -> Array:
+        return a.reshape(self.shape)
+
+    def channels(self, v: Array) -> Array:
+        """A per-channel ``(C,)`` vector broadcast against the view."""
+        shape = [1] * len(self.view_shape)
+        end = self.channel_axis + self.channel_width
+        shape[self.channel_axis:end] = self.view_shape[self.channel_axis:end]
+        return v.reshape(shape)
+
+    def per_channel(self, a: Array) -> Array:
+        """Group statistics (dims kept) averaged over the sample groups, as ``(C,)``."""
+        chan = range(self.channel_axis, self.channel_axis + self.channel_width)
+        a = jnp.mean(a, axis=tuple(i for i in range(a.ndim) if i not in chan))
+        width = self.view_shape[self.channel_axis:self.channel_axis + self.channel_width]
+        return jnp.broadcast_to(a, width).reshape(self.shape[self.axis])
+
+
+def group_moments(x: Array, view: GroupView, *, use_fast_variance: bool = True,
+                  axes: tuple[int, ...] | None = None) -> tuple[Array, Moments]:
+    """The statistics of each group of ``view``, as ``(k, moments of x - k)`` (dims kept).
+
+    One reduction of ``x`` itself: ``k`` is the group's first value (a constant, no
+    gradient), so ``x - k`` is exact and neither sum cancels when ``|mean| >> std``.
+    ``axes`` (from :meth:`GroupView.axes`) picks a finer granularity than the view's.
+    """
+    red = view.reduce if axes is None else axes
+    k, mean, var = _moments_over(view.view(x), red, use_fast_variance)
+    return lax.stop_gradient(k), Moments(mean, var)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def moments_of_affine(xv: Array, k: Array, a: Array, b: Array, red: tuple[int, ...],
+                      use_fast_variance: bool = True) -> Moments:
+    """Moments over ``red`` of ``z = (xv - k) * a + b``, an already normalized (order-1)
+    map of ``xv``, without keeping ``z``: checkpointed, so the backward pass recomputes it
+    from ``xv`` (the second step of SeqNorm and GN+ on dense inputs)."""
+    z = (xv.astype(a.dtype) - k) * a + b
+    # Shifted by the group's first value of z, for the same reason as _moments_over: a
+    # group of z whose spread is much smaller than its mean (two close channels).
+    index = tuple(slice(0, 1) if i in red else slice(None) for i in range(z.ndim))
+    d = z - lax.stop_gradient(z[index])
+    s1 = jnp.mean(d, axis=red, keepdims=True)
+    if use_fast_variance:
+        var = jnp.maximum(jnp.mean(d * d, axis=red, keepdims=True) - s1 * s1, 0.0)
+    else:
+        var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
+    return Moments(lax.stop_gradient(z[index]) + s1, var)
 
 
 def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True,
@@ -186,7 +294,7 @@ def sample_moments_about(x: Array, *, axis: int = -1, use_fast_variance: bool = 
         k, mean, var = _masked_spatial_moments(x, jnp.broadcast_to(mask, x.shape), axis,
                                                use_fast_variance)
     else:
-        k, mean, var = _spatial_moments(x, axis, use_fast_variance)
+        k, mean, var = _moments_over(x, red, use_fast_variance)
     nc = lambda a: _to_nc(a, x.ndim, axis)
     return lax.stop_gradient(nc(k)), Moments(nc(mean), nc(var))
 
@@ -204,7 +312,7 @@ def sample_counts(mask: Array | None, shape: tuple[int, ...], axis: int = -1) ->
 
 
 def _masked_spatial_moments(x: Array, w: Array, axis: int, use_fast_variance: bool):
-    """:func:`_spatial_moments` over the entries where ``w`` is True (NaN-safe elsewhere)."""
+    """:func:`_moments_over` (spatial axes) over the entries where ``w`` is True (NaN-safe elsewhere)."""
     red = spatial_axes(x.ndim, axis)
     sdt = stat_dtype(x.dtype)
     count = jnp.sum(w, axis=red, keepdims=True, dtype=sdt)
@@ -258,7 +366,7 @@ def _merge(m: Moments, axis, *, weight=None, center=None,
            offset=None) -> tuple[Array, Array, Array]:
     """:func:`merge` with the pooled mean kept as ``ref + delta`` (dims kept).
 
-    ``ref`` is the first entry's mean along ``axis``, so ``delta`` and the deviations
+    ``ref`` is the pooled mean as rounded, so ``delta`` and the deviations
     ``m.mean - ref`` are small and exact where the means are large and close
     (float32 means of 1e6 with a spread of 1): a caller that needs ``k - mean`` for
     a nearby ``k`` computes ``(k - ref) - delta`` without losing the low digits.
@@ -270,20 +378,26 @@ def _merge(m: Moments, axis, *, weight=None, center=None,
         weight = jnp.broadcast_to(weight.astype(m.mean.dtype), m.mean.shape)
         total = jnp.sum(weight, axis=axis, keepdims=True)
         avg = lambda a: jnp.sum(weight * a, axis=axis, keepdims=True) / total
-    first = tuple(slice(0, 1) if i in axis else slice(None) for i in range(m.mean.ndim))
+    # ref: the pooled mean as rounded; the deviations from it are then exact. (A ref
+    # taken from one entry would do as well on one device, but under jit with the
+    # batch sharded it would cost a collective of its own; the rounded pooled mean
+    # comes from the same all-reduce as before, the deviations from a second one.)
     if offset is None:  # the entries' means are m.mean
-        ref = lax.stop_gradient(m.mean[first])
+        ref = lax.stop_gradient(avg(m.mean))
         dev = m.mean - ref
     else:  # the entries' means are offset + m.mean, offset a constant (exact differences)
         offset = jnp.broadcast_to(offset, m.mean.shape)
-        ref = offset[first]
+        ref = lax.stop_gradient(avg(offset + m.mean))
         dev = (offset - ref) + m.mean
     delta = avg(dev)
     if center is None:
-        c = delta
+        # Around the pooled mean ref + delta: E[dev^2] - delta^2, with delta tiny (ref is
+        # the pooled mean up to rounding), so nothing cancels, and both sums travel in
+        # the same all-reduce.
+        var = jnp.maximum(avg(m.var + jnp.square(dev)) - jnp.square(delta), 0.0)
     else:  # center is in the frame of m.mean: relative to offset when given
         c = center - ref if offset is None else (offset - ref) + center
-    var = avg(m.var + jnp.square(dev - c))
+        var = avg(m.var + jnp.square(dev - c))
     return ref, delta, var
 
 

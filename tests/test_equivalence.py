@@ -246,7 +246,9 @@ def test_gn_plus_with_small_lambda_bn_first_is_batch_norm():
     got = F.gn_plus(x, mixing=-50.0, num_groups=4, variant="bn_first")
     want = F.batch_norm(x)
     record("GNPlus(bn_first, lambda->-inf) == BatchNorm", got, want)
-    chex.assert_trees_all_close(got, want, atol=1e-6, rtol=0)
+    # BatchNorm reduces x straight to per-channel sums; GN+ goes through per-sample moments:
+    # the two float32 roundings differ by a few ulps of the output.
+    chex.assert_trees_all_close(got, want, atol=5e-6, rtol=0)
 
 
 @pytest.mark.parametrize("shape", [(16, 8), (8, 4, 4, 8)], ids=["dense", "image"])

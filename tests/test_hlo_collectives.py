@@ -96,18 +96,24 @@ ALIGNED = [
 # Chan's merge of the per-sample moments as two all-reduces (the mean, then the
 # variance around it); the running target comes from the (G_M, C) group statistics,
 # free when there is one group. Under shard_map the library gathers the per-shard
-# (mean, var, count) with one all-reduce (each device fills its own slot) and takes
+# (reference mean, deviation, var, count) with one all-reduce (each device fills its own
+# slot) and takes
 # the output and the running target from it.
 SYNC = ({AR: 2}, {AR: 2}, {AR: 1}, {AR: 1})
+# Layers that reduce x straight to their group statistics (BatchNorm, GhostNorm, BGN,
+# BatchGroupNorm) shift the sums by the group's first value: under jit, one all-reduce
+# brings it from the device that holds it, one carries the shifted sums, and XLA
+# broadcasts the running target from the same device with a third.
+DIRECT = ({AR: 2}, {AR: 3}, {AR: 1}, {AR: 1})
 SPANNING = [
-    ("batchnorm", lambda **k: snj.BatchNorm(**k), SYNC),
-    ("ghost_g1", lambda **k: snj.GhostNorm(batch_groups=1, **k), SYNC),
+    ("batchnorm", lambda **k: snj.BatchNorm(**k), DIRECT),
+    ("ghost_g1", lambda **k: snj.GhostNorm(batch_groups=1, **k), DIRECT),
     # Two groups over four devices: under jit, one more all-reduce averages the two
     # groups' statistics for the running target.
     ("ghost_g2", lambda **k: snj.GhostNorm(batch_groups=2, **k),
-     ({AR: 2}, {AR: 3}, {AR: 1}, {AR: 1})),
+     ({AR: 2}, {AR: 4}, {AR: 1}, {AR: 1})),
     ("seqnorm_g1", lambda **k: snj.SeqNorm(channel_groups=2, batch_groups=1, **k), SYNC),
-    ("bgn", lambda **k: snj.BGN(num_groups=2, **k), SYNC),
+    ("bgn", lambda **k: snj.BGN(num_groups=2, **k), DIRECT),
     ("gnplus", lambda **k: snj.GNPlus(num_groups=2, **k), SYNC),
     ("hn", lambda **k: snj.HeterologousNorm(std_groups=2, **k), SYNC),
     ("hn_pooled", lambda **k: snj.HeterologousNorm(std_center="pooled", **k), SYNC),
@@ -139,9 +145,9 @@ def test_spanning_groups(mesh, make, expected):
     got = tuple(nonzero(distributed.collective_counts(hlo)) for hlo in compiled)
     assert got == expected
     # Every collective moves (N, C)-independent statistics: never more than the
-    # per-device (mean, var, count) of each channel from each device.
+    # per-device (reference mean, deviation, var, count) of each channel from each device.
     for hlo in compiled:
-        assert all(elements(shape) <= N_DEV * 3 * C for _, shape in distributed.collectives(hlo))
+        assert all(elements(shape) <= N_DEV * 4 * C for _, shape in distributed.collectives(hlo))
 
 
 def test_axis_index_groups_shard_map(mesh):

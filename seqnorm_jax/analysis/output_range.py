@@ -197,7 +197,7 @@ def normalization_set_size(module: nn.Module, input_shape: Sequence[int]) -> int
                       "channel_groups", "channel_group_size", what_c, c)
         return n // batch_groups() * spatial * (c // g_c)
     if isinstance(module, (snl.GroupNorm, nn.GroupNorm)):
-        if isinstance(module, nn.GroupNorm) and module.reduction_axes is not None:
+        if module.reduction_axes is not None:  # flax's and ours: any reduction axes
             return None
         num_groups = module.num_groups if module.group_size is None else None
         g = _groups(c, num_groups, module.group_size, who, "num_groups", "group_size", what_c, c)
