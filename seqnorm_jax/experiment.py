@@ -476,7 +476,7 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str = "cpu",
         return _replot(exp, out_dir, command)
     from seqnorm_jax.train.lock import run_lock
 
-    with run_lock(out_dir, "out_dir"):
+    with run_lock(out_dir, "out_dir (--out)"):
         return _run_locked(exp, out_dir, progress, command)
 
 
@@ -491,10 +491,21 @@ def _run_locked(exp: Experiment, out_dir: str, progress: bool, command: str | No
     from seqnorm_jax.train import Trainer
 
     sources = _Sources(exp, image_shape=exp.image_shape)
-    for run, config in exp.configs():  # every run's norm against its batch, before training
+
+    def make_trainer(run, config, seed):
+        label = run["label"]
+        config = config.replace(seed=seed, progress=progress and exp.scale != "smoke")
+        train_src, eval_src = sources(config)
+        return Trainer(config, out_dir=os.path.join(out_dir, "runs", f"{_safe(label)}_seed{seed}"),
+                       train_source=train_src, eval_source=eval_src, save_checkpoints=False,
+                       desc=f"{label} seed {seed}", mesh=_mesh_for(config.batch_size))
+
+    # Every run's norm against its batch, devices and model before any training (a
+    # Trainer checks on construction); the first seed's trainers are then used as built.
+    first = {}
+    for run, config in exp.configs():
         try:
-            Trainer(config, train_source=sources(config)[0], eval_source=sources(config)[1],
-                    mesh=_mesh_for(config.batch_size))
+            first[run["label"]] = make_trainer(run, config, exp.seeds[0])
         except ValueError as e:
             raise ValueError(f"experiment {exp.name!r}, run {run['label']!r}: {e}") from None
     jobs = [(run, config, seed) for run, config in exp.configs() for seed in exp.seeds]
@@ -503,12 +514,9 @@ def _run_locked(exp: Experiment, out_dir: str, progress: bool, command: str | No
     for run, config, seed in outer:
         label = run["label"]
         outer.set_postfix(run=label, seed=seed, refresh=True)
-        config = config.replace(seed=seed, progress=progress and exp.scale != "smoke")
-        run_dir = os.path.join(out_dir, "runs", f"{_safe(label)}_seed{seed}")
-        train_src, eval_src = sources(config)
-        trainer = Trainer(config, out_dir=run_dir, train_source=train_src,
-                          eval_source=eval_src, save_checkpoints=False,
-                          desc=f"{label} seed {seed}", mesh=_mesh_for(config.batch_size))
+        trainer = (first.pop(label) if seed == exp.seeds[0] and label in first
+                   else make_trainer(run, config, seed))
+        config = trainer.config
         hooks = _hooks(exp, trainer)
         trainer.step_hooks.extend(hooks)
         result = trainer.fit()

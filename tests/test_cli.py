@@ -175,3 +175,13 @@ def test_python_dash_m_entry_point():
     assert proc.returncode == 2
     assert "argument --lr: invalid float value: 'fast'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_train_on_an_explicit_mesh(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, ["train", *TINY, "--epochs", "1", "--mesh", "explicit",
+                                     "--out", str(out)])
+    assert code == 0, err
+    summary = json_lines(stdout)[-1]
+    assert summary["step"] == len(data.load("digits", "train")) // 32
+    assert 0.5 < summary["eval_accuracy"] <= 1.0

@@ -199,7 +199,7 @@ def test_second_writer_is_refused(tmp_path, capsys):
         assert holder.stdout.readline().strip() == "locked"
         code, _, err = run(capsys, ["train", *TINY, "--out", str(out)])
         assert code == 2 and err.count("\n") == 1, err
-        assert f"--out '{out}' is in use by another run (pid {holder.pid} on host" in err
+        assert f"out_dir (--out) '{out}' is in use by another run (pid {holder.pid} on host" in err
         assert not (out / "metrics.jsonl").exists() and not (out / "config.json").exists()
     finally:
         holder.communicate("", timeout=60)
@@ -253,7 +253,7 @@ def _damage(step_dir, how):
 
 @pytest.mark.parametrize("how", ["truncated data file", "missing state", "garbage position",
                                  "empty step folder"])
-def test_resume_skips_damaged_checkpoints(tmp_path, how, capsys):
+def test_resume_skips_damaged_checkpoints(tmp_path, how, capfd):
     out = tmp_path / "run"
     cfg = tiny(epochs=2, checkpoint_every=10, keep_checkpoints=3)
     Trainer(cfg, out_dir=out, max_steps=30).fit()
@@ -261,8 +261,10 @@ def test_resume_skips_damaged_checkpoints(tmp_path, how, capsys):
     _damage(out / "checkpoints" / "30", how)
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "st')  # a row cut off mid-write
+    capfd.readouterr()
     resumed = Trainer(cfg, out_dir=out).fit(resume=True)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Event loop is closed" not in err, err
     skipped = resumed.skipped_checkpoints
     if how == "empty step folder":
         assert [s for s, _ in skipped] == [31]
@@ -369,3 +371,12 @@ def test_bad_experiment_inputs(tmp_path, capsys):
                                 "--out", str(tmp_path / "e")])
     assert code == 2 and err.count("\n") == 1, err
     assert "TrainConfig.lr='fast': must be a number" in err
+
+
+def test_tune_checks_norm_fields_before_any_work(tmp_path, capsys):
+    code, _, err = run(capsys, ["tune", *TINY, "--norm-fields", "momentum=2", "--seeds", "0,",
+                                "--batch-groups", "1,2", "--channel-groups", "1",
+                                "--out", str(tmp_path / "t")])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "norm_fields='momentum=2'" in err and "momentum=2: must lie in [0, 1)" in err
+    assert not (tmp_path / "t").exists()

@@ -535,3 +535,38 @@ def test_trainer_errors_name_the_problem():
         Trainer(digits_config(train_size=5000))
     with pytest.raises(ValueError, match="unknown model 'mlp9'"):
         Trainer(digits_config(model="mlp9"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jax.make_mesh((N_DEV,), ("data",)),  # jax's default axis type: Explicit
+    lambda: jax.make_mesh((N_DEV,), ("batch",)),  # a 1-D mesh's only axis splits the batch
+    lambda: jax.make_mesh((N_DEV,), ("data",), axis_types=(jax.sharding.AxisType.Auto,)),
+], ids=["explicit", "explicit-other-name", "auto"])
+def test_trainer_accepts_a_users_mesh(make, tmp_path):
+    mesh = make()
+    cfg = digits_config(norm="bn", log_every=4)
+    ref = Trainer(cfg, max_steps=6).fit()  # distributed.data_mesh(): Auto, all devices
+    got = Trainer(cfg, mesh=mesh, max_steps=6, out_dir=tmp_path / "run").fit()
+    assert int(got.state.step) == 6
+    chex.assert_trees_all_close(got.state.params, ref.state.params, atol=1e-6, rtol=1e-6)
+    chex.assert_trees_all_close(got.state.batch_stats, ref.state.batch_stats, atol=1e-6,
+                                rtol=1e-6)
+    np.testing.assert_allclose([r["loss"] for r in got.train_rows],
+                               [r["loss"] for r in ref.train_rows], rtol=1e-6)
+    assert got.state.params["head"]["kernel"].sharding.mesh.axis_names == mesh.axis_names
+
+
+def test_trainer_mesh_and_norm_errors_before_any_work(tmp_path):
+    two_d = jax.make_mesh((2, 2), ("x", "y"))
+    with pytest.raises(ValueError, match=r"mesh axes \('x', 'y'\): name the axis that splits "
+                                         r"the batch 'data'"):
+        Trainer(digits_config(), mesh=two_d)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"TrainConfig.norm \(--norm\)='ghost:batch_groups=3' "
+                                         r"does not fit this run \(model mlp, batch 32 over 4 "
+                                         r"devices\): .*batch_groups=3"):
+        Trainer(digits_config(norm="ghost:batch_groups=3"), out_dir=out)
+    with pytest.raises(ValueError, match=r"'seqnorm:channel_groups=3,batch_groups=2' does not "
+                                         r"fit this run.*channel"):
+        Trainer(digits_config(norm="seqnorm:channel_groups=3,batch_groups=2"), out_dir=out)
+    assert not out.exists()

@@ -522,6 +522,17 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
     out_dir = os.fspath(out_dir)
     maximize = METRICS[metric][1]
 
+    extra = f",{norm_fields.strip().strip(',')}" if norm_fields.strip() else ""
+    if extra:
+        from seqnorm_jax.factory import norm_factory
+        from seqnorm_jax.train.validate import check_norm_fields
+
+        for probe in (f"ghost:batch_groups=1{extra}", f"seqnorm:channel_groups=1{extra}"):
+            try:
+                check_norm_fields(norm_factory(probe)())
+            except ValueError as e:
+                raise ValueError(f"sequential_tune: norm_fields={norm_fields!r}: {e}") from None
+
     # ---- candidates, checked before any training
     g_kept, g_skipped = valid_batch_groups(batch_groups, base.batch_size, base.grad_accum_steps)
     if not g_kept:
@@ -545,16 +556,6 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
     # ---- the validation hold-out
     tune_base, val_size, val_reason = _validation(base, len(train_split), seeds[0])
 
-    extra = f",{norm_fields.strip().strip(',')}" if norm_fields.strip() else ""
-    if extra:
-        from seqnorm_jax.factory import norm_factory
-        from seqnorm_jax.train.validate import check_norm_fields
-
-        for probe in (f"ghost:batch_groups=1{extra}", f"seqnorm:channel_groups=1{extra}"):
-            try:
-                check_norm_fields(norm_factory(probe)())
-            except ValueError as e:
-                raise ValueError(f"sequential_tune: norm_fields={norm_fields!r}: {e}") from None
     t0 = time.perf_counter()
 
     def stage(index: int, values: list[int], spec_of) -> Any:

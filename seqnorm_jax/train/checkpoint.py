@@ -16,9 +16,11 @@ refused before Orbax reads it, with the differing entries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import threading
 from typing import Any
 
@@ -214,7 +216,8 @@ class Checkpointer:
             try:
                 if step not in self.all_steps():
                     raise ValueError("not a finished Orbax checkpoint")
-                state, position = self.restore(template, step)
+                with _stderr_silenced():
+                    state, position = self.restore(template, step)
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
@@ -278,6 +281,29 @@ class Checkpointer:
             def reraise():
                 raise error[0]
             self._guard(reraise)
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send file descriptor 2 to ``/dev/null`` in the block.
+
+    When Orbax's restore of a damaged checkpoint fails, its event loop closes while
+    tensorstore still completes the other reads of that checkpoint; each completion's
+    callback then prints a ``RuntimeError('Event loop is closed')`` traceback from a
+    tensorstore thread (one per array, below Python's exception hooks). The failure
+    itself is reported once, as the skipped checkpoint's reason.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 class _quiet_orbax:

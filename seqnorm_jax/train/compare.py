@@ -309,26 +309,37 @@ def compare(base: TrainConfig, *, norms: Sequence[str] = DEFAULT_NORMS,
         raise ValueError("compare: seeds is empty; give at least one seed.")
     out_dir = os.fspath(out_dir)
     base = base.replace(seed=int(seeds[0]))
-    with run_lock(out_dir, "out_dir"):
+    with run_lock(out_dir, "out_dir (--out)"):
         return _compare(base, norms, seeds, out_dir, progress, flag)
 
 
 def check_specs(base: TrainConfig, specs: dict[str, str], train_src, eval_src,
-                flag: str = "norms", mesh=None) -> None:
+                flag: str = "norms", make=None) -> dict[str, Trainer]:
     """Check every spec against the batch, the devices and the model's widths (no training).
+
+    Args:
+      make: ``make(label, spec) -> Trainer`` (default: a :class:`Trainer` of ``base`` with
+        that norm); a Trainer checks its norm layers when it is built.
+
+    Returns:
+      ``{label: trainer}``, the trainers built for the check.
 
     Raises:
       ValueError: the first spec that does not fit, naming ``flag`` and the spec.
     """
-    for spec in dict.fromkeys(specs.values()):
+    if make is None:
+        make = lambda label, spec: Trainer(base.replace(norm=spec), train_source=train_src,
+                                           eval_source=eval_src)
+    trainers = {}
+    for label, spec in specs.items():
         try:
-            Trainer(base.replace(norm=spec), train_source=train_src, eval_source=eval_src,
-                    mesh=mesh)
+            trainers[label] = make(label, spec)
         except ValueError as e:
             text = str(e).split(" does not fit this run", 1)
             if len(text) == 2:
                 raise ValueError(f"--{flag}: {spec!r} does not fit this run{text[1]}") from None
             raise ValueError(f"--{flag}: {spec!r}: {e}") from None
+    return trainers
 
 
 def _compare(base, norms, seeds, out_dir, progress, flag):
@@ -336,7 +347,16 @@ def _compare(base, norms, seeds, out_dir, progress, flag):
     num_classes = int(train_src.info.num_classes)
     channels = norm_channels(base, train_src.info.image_shape, num_classes)
     specs = default_norm_specs(channels, base.batch_size, norms)
-    check_specs(base, specs, train_src, eval_src, flag)
+
+    def make(label, spec, seed):
+        config = base.replace(norm=spec, seed=seed, progress=progress)
+        return Trainer(config, out_dir=os.path.join(out_dir, "runs", f"{_safe(label)}_seed{seed}"),
+                       train_source=train_src, eval_source=eval_src, save_checkpoints=False,
+                       desc=f"{label} seed {seed}")
+
+    # every layer checked before the first run trains; the first seed's trainers are used
+    first = check_specs(base, specs, train_src, eval_src, flag,
+                        make=lambda label, spec: make(label, spec, int(seeds[0])))
 
     from tqdm.auto import tqdm
 
@@ -346,10 +366,9 @@ def _compare(base, norms, seeds, out_dir, progress, flag):
     t0 = time.perf_counter()
     for label, spec, seed in outer:
         outer.set_postfix(layer=label, seed=seed, refresh=True)
-        config = base.replace(norm=spec, seed=seed, progress=progress)
-        run_dir = os.path.join(out_dir, "runs", f"{_safe(label)}_seed{seed}")
-        result = Trainer(config, out_dir=run_dir, train_source=train_src, eval_source=eval_src,
-                         save_checkpoints=False, desc=f"{label} seed {seed}").fit()
+        trainer = (first.pop(label) if seed == int(seeds[0]) and label in first
+                   else make(label, spec, seed))
+        result = trainer.fit()
         runs.append(run_record(result, label=label, spec=spec, seed=seed))
         if progress:
             outer.write(_run_line(label, seed, runs[-1]))

@@ -11,6 +11,24 @@ bit-identical to a run that was never interrupted: the state (parameters, optimi
 running statistics, step) is restored exactly, each epoch's data order is a function of
 ``(seed, epoch)`` alone and the loader skips the steps already done, and each step's
 rngs are a function of ``(seed, step)``.
+
+What a run guarantees (see the README's "Runs that never hang" section):
+
+* settings are checked when the ``Trainer`` is built, before any work: the config's
+  types and ranges, ``out_dir``, and the norm layers against the batch, the mesh and the
+  model (:func:`seqnorm_jax.train.validate.check_step`);
+* one writer per ``out_dir`` (:func:`seqnorm_jax.train.lock.run_lock`);
+* ``resume`` refuses a config that differs from the saved one (except
+  :data:`~seqnorm_jax.train.config.RESUME_SAFE_FIELDS` and ``allow_changes``) and skips
+  damaged checkpoints;
+* a write fault raises :class:`~seqnorm_jax.train.metrics.RunFileError` naming the file,
+  after a bounded wait for Orbax's background writes;
+* a non-finite loss is caught inside the compiled step; by default the state stays the
+  last finite one, is checkpointed, and :attr:`FitResult.diverged` says where.
+
+The step keeps its metrics on the device; the host fetches them every ``log_every``
+steps, one window late, so it never waits for the device inside an epoch, and batches
+are put on the devices two steps ahead (:func:`seqnorm_jax.data.prefetch_to_device`).
 """
 
 from __future__ import annotations
@@ -232,7 +250,7 @@ class Trainer:
         self.config = config
         self.out_dir = None if out_dir is None else os.fspath(out_dir)
         if self.out_dir is not None:
-            check_out_dir(self.out_dir, "out_dir", create=False)
+            check_out_dir(self.out_dir, "out_dir (--out)", create=False)
         self.mesh = data_mesh() if mesh is None else mesh
         self.batch_axis = mesh_batch_axis(self.mesh)
         if (train_source is None) != (eval_source is None):
@@ -351,7 +369,9 @@ class Trainer:
             if resume:
                 raise ValueError("Trainer.fit(resume=True) needs an out_dir with checkpoints.")
             return self._fit(False, ())
-        with run_lock(self.out_dir, "out_dir"):
+        if jax.process_index() != 0:  # one writer: process 0 holds the lock, writes the files
+            return self._fit(resume, tuple(allow_changes))
+        with run_lock(self.out_dir, "out_dir (--out)"):
             return self._fit(resume, tuple(allow_changes))
 
     def _fit(self, resume: bool, allow_changes: tuple[str, ...]) -> FitResult:
@@ -378,7 +398,7 @@ class Trainer:
                 window = {**_empty_window(), **dict(position.get("window") or {})}
                 resume_step = int(jax.device_get(state.step))
             writer = None
-            if self.out_dir is not None:
+            if self.out_dir is not None and jax.process_index() == 0:
                 config_path = os.path.join(self.out_dir, "config.json")
                 try:
                     c.to_json(config_path)
