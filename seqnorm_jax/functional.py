@@ -320,15 +320,18 @@ def _finish(x: Array, ab: Affine, k: Array, scale, bias, axis: int, dtype,
     return jnp.where(w, kept, dropped)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(6,))
-def _view_pass(xv: Array, k: Array, a: Array, b: Array, a2, b2, dtype) -> Array:
-    """:func:`_affine_pass` on a :class:`~seqnorm_jax.stats.GroupView` of ``x``, whose
-    group statistics broadcast against it as they are: ``((x - k) * a + b) * a2 + b2``
-    (the second map, of another granularity, only for two-step layers)."""
-    y = (xv.astype(a.dtype) - k) * a + b
+@functools.partial(jax.checkpoint, static_argnums=(6, 7))
+def _view_pass(x: Array, k: Array, a: Array, b: Array, a2, b2, dtype,
+               shape: tuple[int, ...]) -> Array:
+    """:func:`_affine_pass` on ``x.reshape(shape)``, a :class:`~seqnorm_jax.stats.GroupView`
+    of ``x`` whose group statistics broadcast against it as they are:
+    ``((x - k) * a + b) * a2 + b2`` (the second map, of another granularity, only for
+    two-step layers). Returns ``x``'s shape; the view is taken inside, so that reverse mode
+    keeps ``x`` itself."""
+    y = (x.reshape(shape).astype(a.dtype) - k) * a + b
     if a2 is not None:
         y = y * a2 + b2
-    return y.astype(dtype)
+    return y.astype(dtype).reshape(x.shape)
 
 
 def _finish_view(x: Array, view: stats.GroupView, ab: Affine, k: Array, scale, bias,
@@ -351,7 +354,7 @@ def _finish_view(x: Array, view: stats.GroupView, ab: Affine, k: Array, scale, b
         else:
             b2 = b2 + bias
     out = jnp.dtype(x.dtype if dtype is None else dtype)
-    return view.unview(_view_pass(view.view(x), k.astype(sdt), a, b, a2, b2, out))
+    return _view_pass(x, k.astype(sdt), a, b, a2, b2, out, view.view_shape)
 
 
 def _two_steps(x, view: stats.GroupView, first_over_batch: bool, epsilon,
@@ -366,9 +369,10 @@ def _two_steps(x, view: stats.GroupView, first_over_batch: bool, epsilon,
                                  axes=view.axes(batch=first_over_batch,
                                                 channels=not first_over_batch))
     f1 = _normalizer(st1, epsilon)
-    st2 = stats.moments_of_affine(view.view(x), k, *f1,
+    st2 = stats.moments_of_affine(x, k, *f1,
                                   view.axes(batch=not first_over_batch,
-                                            channels=first_over_batch), use_fast_variance)
+                                            channels=first_over_batch), use_fast_variance,
+                                  view.view_shape)
     return k, f1, st1, st2
 
 

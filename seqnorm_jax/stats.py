@@ -101,9 +101,9 @@ def _to_nc(a: Array, ndim: int, axis: int) -> Array:
     return a.reshape(a.shape[0], a.shape[feature_axis(ndim, axis)])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
-def _moments_over(x: Array, red: tuple[int, ...],
-                  use_fast_variance: bool) -> tuple[Array, Array, Array]:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _moments_over(x: Array, red: tuple[int, ...], use_fast_variance: bool,
+                  shape: tuple[int, ...] | None = None) -> tuple[Array, Array, Array]:
     """``(k, mean, var)`` of ``x`` over the axes ``red`` (kept as size 1), in the
     statistics dtype: ``k`` is the first value along ``red`` and the moments are those
     of ``x - k``.
@@ -112,8 +112,10 @@ def _moments_over(x: Array, red: tuple[int, ...],
     the mean. (Measured on XLA:CPU: two plain reductions of ``x - k`` beat one variadic
     reduction of both sums, whose loop emitter is 1.3-2x slower than the vectorized
     reduction, see benchmarks/RESULTS.md.) The custom JVP below keeps the backward
-    pass lean whatever the forward does.
+    pass lean whatever the forward does. ``shape``: reduce ``x.reshape(shape)`` (a view,
+    taken inside so that reverse mode keeps ``x`` itself).
     """
+    x = x if shape is None else x.reshape(shape)
     xf = x.astype(stat_dtype(x.dtype))
     index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
     k = lax.stop_gradient(xf[index])
@@ -126,23 +128,25 @@ def _moments_over(x: Array, red: tuple[int, ...],
     return k, s1, var
 
 
-@functools.partial(jax.checkpoint, static_argnums=(4,))
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
 def _centered_mean_product(x: Array, k: Array, mean: Array, t: Array,
-                           red: tuple[int, ...]) -> Array:
-    """``mean((x - k - mean) * t)`` over ``red``. Checkpointed: reverse mode keeps ``x`` and
-    recomputes ``x - k - mean`` in the backward loop instead of storing it."""
+                           red: tuple[int, ...], shape: tuple[int, ...] | None = None) -> Array:
+    """``mean((x - k - mean) * t)`` over ``red`` (of ``x.reshape(shape)``). Checkpointed:
+    reverse mode keeps ``x`` and recomputes ``x - k - mean`` in the backward loop instead of
+    storing it."""
+    x = x if shape is None else x.reshape(shape)
     return jnp.mean(((x.astype(mean.dtype) - k) - mean) * t, axis=red, keepdims=True)
 
 
 @_moments_over.defjvp
-def _moments_over_jvp(red, use_fast_variance, primals, tangents):
+def _moments_over_jvp(red, use_fast_variance, shape, primals, tangents):
     (x,), (dx,) = primals, tangents
-    k, mean, var = _moments_over(x, red, use_fast_variance)
-    dx = dx.astype(mean.dtype)
+    k, mean, var = _moments_over(x, red, use_fast_variance, shape)
+    dx = (dx if shape is None else dx.reshape(shape)).astype(mean.dtype)
     # d mean = mean(dx); d var = 2 mean((x - k - mean) dx): what autodiff would derive,
     # written so that the backward pass keeps x, not an x-sized difference. k is a constant.
     dmean = jnp.mean(dx, axis=red, keepdims=True)
-    dvar = 2 * _centered_mean_product(x, k, mean, dx, red)
+    dvar = 2 * _centered_mean_product(x, k, mean, dx, red, shape)
     return (k, mean, var), (jnp.zeros_like(k), dmean, dvar)
 
 
@@ -228,16 +232,18 @@ def group_moments(x: Array, view: GroupView, *, use_fast_variance: bool = True,
     ``axes`` (from :meth:`GroupView.axes`) picks a finer granularity than the view's.
     """
     red = view.reduce if axes is None else axes
-    k, mean, var = _moments_over(view.view(x), red, use_fast_variance)
+    k, mean, var = _moments_over(x, red, use_fast_variance, view.view_shape)
     return lax.stop_gradient(k), Moments(mean, var)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(4, 5))
-def moments_of_affine(xv: Array, k: Array, a: Array, b: Array, red: tuple[int, ...],
-                      use_fast_variance: bool = True) -> Moments:
-    """Moments over ``red`` of ``z = (xv - k) * a + b``, an already normalized (order-1)
-    map of ``xv``, without keeping ``z``: checkpointed, so the backward pass recomputes it
-    from ``xv`` (the second step of SeqNorm and GN+ on dense inputs)."""
+@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6))
+def moments_of_affine(x: Array, k: Array, a: Array, b: Array, red: tuple[int, ...],
+                      use_fast_variance: bool = True,
+                      shape: tuple[int, ...] | None = None) -> Moments:
+    """Moments over ``red`` of ``z = (x - k) * a + b`` (on ``x.reshape(shape)``), an already
+    normalized (order-1) map of ``x``, without keeping ``z``: checkpointed, so the backward
+    pass recomputes it from ``x`` (the second step of SeqNorm and GN+ on dense inputs)."""
+    xv = x if shape is None else x.reshape(shape)
     z = (xv.astype(a.dtype) - k) * a + b
     # Shifted by the group's first value of z, for the same reason as _moments_over: a
     # group of z whose spread is much smaller than its mean (two close channels).
