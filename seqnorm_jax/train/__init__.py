@@ -20,7 +20,10 @@ Building blocks, usable on their own with any flax model:
   resume), :class:`Checkpointer`, :class:`MetricsWriter`, :class:`TrainConfig`;
 * :func:`accumulated_train_step` and friends (gradient accumulation, which through
   BatchNorm is GhostNorm; ``TrainConfig.grad_accum_steps``);
-* :func:`compare` -- one model with several layers and seeds, table and plot.
+* :func:`compare` -- one model with several layers and seeds, table and plot;
+* :func:`run_lock` (one writer per run folder), :class:`RunFileError` (a run's file
+  cannot be written), :func:`guarded_step` / :func:`jit_loop_step` (the loop's step:
+  metrics kept on the device, divergence caught inside the compiled step).
 """
 
 from seqnorm_jax.train.accumulation import (
@@ -31,7 +34,7 @@ from seqnorm_jax.train.accumulation import (
     split_micro_batches,
     update_micro_batch_stats,
 )
-from seqnorm_jax.train.checkpoint import Checkpointer
+from seqnorm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
 from seqnorm_jax.train.compare import (
     DEFAULT_NORMS,
     CompareResult,
@@ -41,9 +44,10 @@ from seqnorm_jax.train.compare import (
     summarize,
     write_outputs,
 )
-from seqnorm_jax.train.config import TrainConfig
+from seqnorm_jax.train.config import ON_DIVERGENCE, RESUME_SAFE_FIELDS, TrainConfig
+from seqnorm_jax.train.lock import RunLockedError, run_lock
 from seqnorm_jax.train.loop import FitResult, Trainer, build_model, evaluate, fit, load_sources
-from seqnorm_jax.train.metrics import METRIC_COLUMNS, MetricsWriter, read_jsonl
+from seqnorm_jax.train.metrics import METRIC_COLUMNS, MetricsWriter, RunFileError, read_jsonl
 from seqnorm_jax.train.optim import (
     NORM_DECAY_MODES,
     OPTIMIZERS,
@@ -60,7 +64,12 @@ from seqnorm_jax.train.optim import (
 )
 from seqnorm_jax.train.state import TrainState, create_train_state, step_rngs
 from seqnorm_jax.train.steps import (
+    StepAccumulator,
     cross_entropy_loss,
+    guarded_step,
+    init_accumulator,
+    jit_loop_step,
+    reset_accumulator,
     eval_step,
     example_weight_scope,
     jit_eval_step,
@@ -77,6 +86,17 @@ __all__ = [
     "init_micro_batch_stats",
     "split_micro_batches",
     "update_micro_batch_stats",
+    "CheckpointMismatchError",
+    "ON_DIVERGENCE",
+    "RESUME_SAFE_FIELDS",
+    "RunFileError",
+    "RunLockedError",
+    "StepAccumulator",
+    "guarded_step",
+    "init_accumulator",
+    "jit_loop_step",
+    "reset_accumulator",
+    "run_lock",
     "METRIC_COLUMNS",
     "NORM_DECAY_MODES",
     "OPTIMIZERS",

@@ -66,6 +66,7 @@ from seqnorm_jax.train.steps import (
     jit_eval_step,
     jit_loop_step,
     jit_train_step,
+    normalize_images,
     reset_accumulator,
 )
 
@@ -302,8 +303,14 @@ class Trainer:
         step_kw = dict(num_micro_batches=config.grad_accum_steps,
                        output_noise=config.output_noise, axis_name=self.batch_axis)
         self.train_step = jit_train_step(self.mesh, self.schedule, **step_kw)
+        # the loop ships uint8 pixels and normalises them inside its compiled step
+        info = train_source.info
+        self.image_norm = (tuple(np.asarray(info.mean, np.float32).tolist()),
+                           tuple(np.asarray(info.std, np.float32).tolist()))
         self.loop_step = jit_loop_step(self.mesh, self.schedule, **step_kw,
-                                       stop_on_divergence=config.on_divergence == "stop")
+                                       stop_on_divergence=config.on_divergence == "stop",
+                                       image_norm=self.image_norm)
+        self._hook_batch = jax.jit(lambda b: normalize_images(b, self.image_norm))
         self.eval_step = jit_eval_step(self.mesh, axis_name=self.batch_axis)
         from seqnorm_jax.train.validate import check_step
 
@@ -318,7 +325,8 @@ class Trainer:
                                        self.tx)
             return replicate(state, self.mesh)
 
-    def _loader(self, epoch: int, start_step: int) -> Iterable[dict[str, np.ndarray]]:
+    def _loader(self, epoch: int, start_step: int, normalize: bool = True
+                ) -> Iterable[dict[str, np.ndarray]]:
         from seqnorm_jax import data
 
         c = self.config
@@ -326,16 +334,21 @@ class Trainer:
                                 seed=c.seed, epoch=epoch, augment=c.augment,
                                 drop_remainder=True, non_iid_classes=c.non_iid_classes,
                                 num_workers=c.data_workers, start_step=start_step,
-                                **self.shard)
+                                normalize=normalize, **self.shard)
 
     def _device_batches(self, epoch: int, start_step: int):
-        """The epoch's training batches ``{"image", "label"}``, put on the mesh two ahead."""
+        """The epoch's training batches ``{"image": uint8, "label"}``, put on the mesh two
+        ahead (:func:`seqnorm_jax.data.prefetch_to_device`)."""
         from seqnorm_jax.data import prefetch_to_device
 
         batches = ({"image": b["image"], "label": b["label"]}
-                   for b in self._loader(epoch, start_step))
-        return prefetch_to_device(batches, size=2,
-                                  sharding=batch_sharding(self.mesh, self.batch_axis))
+                   for b in self._loader(epoch, start_step, normalize=False))
+        devices = list(self.mesh.devices.flat)
+        if jax.process_count() == 1 and devices == jax.devices()[:1]:
+            sharding = None  # one device, the default one: a plain device_put of the batch
+        else:
+            sharding = batch_sharding(self.mesh, self.batch_axis)
+        return prefetch_to_device(batches, size=2, sharding=sharding)
 
     def evaluate(self, state: TrainState, source=None, example_weight: float | None = None
                  ) -> dict[str, float]:
@@ -572,8 +585,10 @@ class _Run:
             if step_in_epoch >= spe:
                 break
             step = step0 + step_in_epoch - start
-            for hook in t.step_hooks:
-                hook(self.state, batch, step)
+            if t.step_hooks:
+                normalized = t._hook_batch(batch)  # hooks see the model's input
+                for hook in t.step_hooks:
+                    hook(self.state, normalized, step)
             self.state, self.acc = t.loop_step(self.state, batch, self.acc)
             step_in_epoch += 1
             n_window += 1

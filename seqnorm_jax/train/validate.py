@@ -71,7 +71,7 @@ def check_step(trainer: Any, flag: str = "TrainConfig.norm (--norm)") -> None:
     shape = tuple(trainer.train_source.info.image_shape)
     sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
     bat = batch_sharding(mesh, trainer.batch_axis)
-    batch = {"image": jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.float32, sharding=bat),
+    batch = {"image": jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.uint8, sharding=bat),
              "label": jax.ShapeDtypeStruct((c.batch_size,), jnp.int32, sharding=bat)}
     rep = replicated_sharding(mesh)
     try:
