@@ -170,7 +170,9 @@ class GroupView:
         n, c = self.shape[0], self.shape[self.axis]
         self.pool_batch = batch_groups is not None
         g_m, g_c = (batch_groups or 1), (channel_groups or c)
-        if grouping == "strided" and self.pool_batch:
+        if self.pool_batch and g_m == 1:  # the whole batch: no split
+            batch, member = (n,), 0
+        elif grouping == "strided" and self.pool_batch:
             batch, member = (n // g_m, g_m), 0
         elif self.pool_batch:
             batch, member = (g_m, n // g_m), 1

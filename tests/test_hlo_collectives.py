@@ -100,8 +100,9 @@ ALIGNED = [
 # slot) and takes
 # the output and the running target from it.
 SYNC = ({AR: 2}, {AR: 2}, {AR: 1}, {AR: 1})
-# Layers that reduce x straight to their group statistics (BatchNorm, GhostNorm, BGN,
-# BatchGroupNorm) shift the sums by the group's first value: under jit, one all-reduce
+# Layers that reduce x straight to their per-channel group statistics (BatchNorm,
+# GhostNorm, BatchGroupNorm with one channel per group) shift the sums by the group's
+# first value: under jit, one all-reduce
 # brings it from the device that holds it, one carries the shifted sums, and XLA
 # broadcasts the running target from the same device with a third.
 DIRECT = ({AR: 2}, {AR: 3}, {AR: 1}, {AR: 1})
@@ -113,7 +114,7 @@ SPANNING = [
     ("ghost_g2", lambda **k: snj.GhostNorm(batch_groups=2, **k),
      ({AR: 2}, {AR: 4}, {AR: 1}, {AR: 1})),
     ("seqnorm_g1", lambda **k: snj.SeqNorm(channel_groups=2, batch_groups=1, **k), SYNC),
-    ("bgn", lambda **k: snj.BGN(num_groups=2, **k), DIRECT),
+    ("bgn", lambda **k: snj.BGN(num_groups=2, **k), SYNC),
     ("gnplus", lambda **k: snj.GNPlus(num_groups=2, **k), SYNC),
     ("hn", lambda **k: snj.HeterologousNorm(std_groups=2, **k), SYNC),
     ("hn_pooled", lambda **k: snj.HeterologousNorm(std_center="pooled", **k), SYNC),
