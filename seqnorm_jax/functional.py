@@ -378,10 +378,12 @@ def _two_steps(x, view: stats.GroupView, first_over_batch: bool, epsilon,
 
 def _inference_two_steps(x, view: stats.GroupView, running: Moments, group_first: bool,
                          epsilon, use_fast_variance) -> tuple[Array, Affine, Affine]:
-    """Plain inference (``example_weight=0``) of SeqNorm and GN+: the per-sample group step
-    from one reduction of ``x`` (or of the running-statistics step's output, recomputed
-    from ``x``) and the step with running statistics as a fixed per-channel map. Returns
-    ``(k, first map, second map)`` for :func:`_finish_view`."""
+    """Plain inference (``example_weight=0``) of SeqNorm and GN+ on dense inputs: the
+    per-sample group step from one reduction of ``x`` (or of the running-statistics step's
+    output, recomputed from ``x``) and the step with running statistics as a fixed
+    per-channel map. Returns ``(k, first map, second map)`` for :func:`_finish_view`.
+    (Feature maps go through per-sample moments, cheaper on XLA:CPU than a split channel
+    axis.)"""
     ch = lambda a: view.channels(a[0])
     run = _normalizer(Moments(ch(running.mean), ch(running.var)), epsilon)
     if group_first:  # GN on x, then the running map on its (centered) output
@@ -766,7 +768,7 @@ def seq_norm(
         if axis_name is None:
             _check_set_size(x, axis, x.shape[0] // g_m, 1, who, "ghost batch's",
                             BatchSizeError, _GHOST_FIX)
-    if running is not None and mask is None and _is_zero(example_weight):
+    if running is not None and mask is None and _is_zero(example_weight) and x.ndim == 2:
         view = stats.GroupView(x.shape, axis, None, g_c)
         k, f1, f2 = _inference_two_steps(x, view, running, order == "group_first", epsilon,
                                          use_fast_variance)
@@ -967,7 +969,8 @@ def gn_plus(
     _check_set_size(x, axis, 1, c // g, who, "sample's group", fix=_GN_FIX)
     if running is None and axis_name is None:
         _check_set_size(x, axis, x.shape[0], 1, who, "batch", BatchSizeError)
-    if running is not None and mask is None and _is_zero(example_weight) and variant != "parallel":
+    if (running is not None and mask is None and _is_zero(example_weight) and x.ndim == 2
+            and variant != "parallel"):
         view = stats.GroupView(x.shape, axis, None, g)
         gn_first = variant == "gn_first"
         k, f1, (a2, b2) = _inference_two_steps(x, view, running, gn_first, epsilon,
