@@ -251,12 +251,31 @@ def _damage(step_dir, how):
         os.mkdir(step_dir.parent / str(int(step_dir.name) + 1))
 
 
+DAMAGED_CFG = dict(epochs=2, checkpoint_every=10, keep_checkpoints=3)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The final parameters of the damaged-checkpoint runs' config, never interrupted."""
+    full = Trainer(tiny(**DAMAGED_CFG), out_dir=tmp_path_factory.mktemp("full")).fit()
+    return jax.tree_util.tree_leaves(full.state.params)
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run folder of that config stopped at step 30 (checkpoints 10, 20, 30)."""
+    out = tmp_path_factory.mktemp("interrupted") / "run"
+    Trainer(tiny(**DAMAGED_CFG), out_dir=out, max_steps=30).fit()
+    return out
+
+
 @pytest.mark.parametrize("how", ["truncated data file", "missing state", "garbage position",
                                  "empty step folder"])
-def test_resume_skips_damaged_checkpoints(tmp_path, how, capfd):
+def test_resume_skips_damaged_checkpoints(tmp_path, how, capfd, uninterrupted, interrupted):
     out = tmp_path / "run"
-    cfg = tiny(epochs=2, checkpoint_every=10, keep_checkpoints=3)
-    Trainer(cfg, out_dir=out, max_steps=30).fit()
+    cfg = tiny(**DAMAGED_CFG)
+    shutil.copytree(interrupted, out)
+    os.remove(out / "run.lock")
     assert sorted(os.listdir(out / "checkpoints")) == ["10", "20", "30"]
     _damage(out / "checkpoints" / "30", how)
     with open(out / "metrics.jsonl", "a") as f:
@@ -272,9 +291,7 @@ def test_resume_skips_damaged_checkpoints(tmp_path, how, capfd):
         assert [s for s, _ in skipped] == [30]
         assert f"skipped damaged checkpoint {out / 'checkpoints' / '30'}" in err
     # the resumed run ends where an uninterrupted one does
-    full = Trainer(cfg, out_dir=tmp_path / "full").fit()
-    for a, b in zip(jax.tree_util.tree_leaves(full.state.params),
-                    jax.tree_util.tree_leaves(resumed.state.params)):
+    for a, b in zip(uninterrupted, jax.tree_util.tree_leaves(resumed.state.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     rows = strict_rows(out / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "eval"] == [45, 90]
