@@ -40,7 +40,12 @@ import jax
 import jax.numpy as jnp
 
 from seqnorm_jax.train.state import TrainState, step_rngs
-from seqnorm_jax.train.steps import _noise_context, cross_entropy_loss, global_norm
+from seqnorm_jax.train.steps import (
+    _noise_context,
+    apply_update,
+    cross_entropy_loss,
+    global_norm,
+)
 
 __all__ = [
     "MicroBatchStats",
@@ -146,6 +151,7 @@ def accumulated_train_step(
     lr_fn: Callable[[Any], Any] | None = None,
     *,
     output_noise: tuple[float, float] | None = None,
+    guard: jax.Array | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """:func:`seqnorm_jax.train.train_step` with the batch run as ``k`` accumulated micro-batches.
 
@@ -155,6 +161,9 @@ def accumulated_train_step(
     micro-batch statistics). For a model with BatchNorm layers this is ``train_step`` of
     the same model with ``GhostNorm(batch_groups=k)`` layers (up to the per-micro-batch
     ``"noise"``/``"dropout"`` rngs, folded from :func:`step_rngs` with the micro-batch index).
+
+    ``guard``: as ``train_step``'s (take the step only if it holds and the loss and
+    gradient are finite).
 
     Returns:
       ``(new_state, metrics)`` with ``loss``, ``accuracy`` (over the whole batch),
@@ -178,13 +187,13 @@ def accumulated_train_step(
     batch_stats = state.batch_stats if mutable else {}
     (loss, new_stats, correct), grads = accumulate_gradients(
         loss_fn, state.params, batch_stats, batch, num_micro_batches)
-    new_state = state.apply_gradients(grads=grads)
-    if mutable:
-        new_state = new_state.replace(batch_stats=new_stats)
+    grad_norm = global_norm(grads)
+    new_state = apply_update(state, grads, new_stats if mutable else None, loss, grad_norm,
+                             guard)
     n = jax.tree_util.tree_leaves(batch["label"])[0].shape[0]
     lr = jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)
-    metrics = {"loss": loss, "accuracy": jnp.sum(correct) / n,
-               "grad_norm": global_norm(grads), "lr": lr}
+    metrics = {"loss": loss, "accuracy": jnp.sum(correct) / n, "grad_norm": grad_norm,
+               "lr": lr}
     return new_state, metrics
 
 

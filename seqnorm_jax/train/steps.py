@@ -105,9 +105,29 @@ def _noise_context(output_noise: tuple[float, float] | None):
     return output_noise_scope(mean, std)
 
 
+def apply_update(state: TrainState, grads: Any, batch_stats: Any, loss: jax.Array,
+                 grad_norm: jax.Array, guard: jax.Array | None = None) -> TrainState:
+    """``state`` after the optimizer step on ``grads`` and with the new ``batch_stats``.
+
+    With ``guard`` (a traced bool) the step is taken only if ``guard`` holds and ``loss``
+    and ``grad_norm`` are finite; otherwise the state passes through unchanged. The
+    choice is a ``lax.cond`` around the update, so a step that is taken costs what an
+    unguarded one does (no select over the state).
+    """
+    def update(_):
+        new = state.apply_gradients(grads=grads)
+        return new.replace(batch_stats=batch_stats) if state.batch_stats else new
+
+    if guard is None:
+        return update(None)
+    keep = guard & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    return jax.lax.cond(keep, update, lambda _: state, None)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array],
                lr_fn: Callable[[Any], Any] | None = None, *,
-               output_noise: tuple[float, float] | None = None
+               output_noise: tuple[float, float] | None = None,
+               guard: jax.Array | None = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on ``batch`` (``{"image", "label"}``) in training mode.
 
@@ -115,7 +135,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
     (``batch_stats``); the per-step ``"noise"``/``"dropout"`` rngs come from
     :func:`step_rngs`. The loss is the mean cross-entropy, in float32 also for bfloat16
     models. ``output_noise=(mean, std)`` adds that Gaussian noise to every norm layer's
-    output (:func:`output_noise_scope`, paper 004's robustness study).
+    output (:func:`output_noise_scope`, paper 004's robustness study). ``guard`` (a
+    traced bool): take the step only if it holds and the loss and gradient are finite
+    (:func:`apply_update`; :func:`guarded_step` passes it).
 
     Returns:
       ``(new_state, metrics)`` with scalar ``loss``, ``accuracy``, ``grad_norm`` (before
@@ -136,12 +158,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
         return loss, (logits, updates)
 
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state = state.apply_gradients(grads=grads)
-    if state.batch_stats:
-        new_state = new_state.replace(batch_stats=updates["batch_stats"])
+    grad_norm = global_norm(grads)
+    new_state = apply_update(state, grads, updates.get("batch_stats"), loss, grad_norm, guard)
     accuracy = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
     lr = jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)
-    grad_norm = global_norm(grads)
     metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "lr": lr}
     return new_state, metrics
 
@@ -208,7 +228,7 @@ def reset_accumulator(acc: StepAccumulator) -> StepAccumulator:
                                                         diverged_loss=acc.diverged_loss)
 
 
-def guarded_step(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]],
+def guarded_step(step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]],
                  state: TrainState, batch: Any, acc: StepAccumulator, *,
                  stop_on_divergence: bool = True) -> tuple[TrainState, StepAccumulator]:
     """One ``step_fn`` step with its metrics recorded in ``acc`` and divergence caught on
@@ -216,17 +236,18 @@ def guarded_step(step_fn: Callable[[TrainState, Any], tuple[TrainState, dict[str
 
     A step diverges when its loss or its gradient norm is not finite. With
     ``stop_on_divergence`` (the default) that step and every later one return the state
-    unchanged (a select in the compiled step; no host round trip), so the state stays
-    the last finite one until the host sees ``acc.diverged_step`` and stops; otherwise
-    the updates are applied as computed. ``acc`` must have room for the step (the
-    caller resets it at least every ``acc.loss.shape[0]`` steps).
+    unchanged (``step_fn(state, batch, guard=...)``, a ``lax.cond`` in the compiled step;
+    no host round trip), so the state stays the last finite one until the host sees
+    ``acc.diverged_step`` and stops; otherwise the updates are applied as computed.
+    ``acc`` must have room for the step (the caller resets it at least every
+    ``acc.loss.shape[0]`` steps).
     """
-    new_state, m = step_fn(state, batch)
-    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
     live = acc.diverged_step < 0 if stop_on_divergence else jnp.ones((), bool)
     if stop_on_divergence:
-        keep = finite & live
-        new_state = jax.tree_util.tree_map(lambda n, o: jnp.where(keep, n, o), new_state, state)
+        new_state, m = step_fn(state, batch, guard=live)
+    else:
+        new_state, m = step_fn(state, batch)
+    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
     first = (acc.diverged_step < 0) & ~finite
 
     def record(buf, value):
@@ -275,11 +296,12 @@ def normalize_images(batch: dict[str, Any], image_norm: tuple[Any, Any]) -> dict
 
 def _step_fn(lr_fn, num_micro_batches, output_noise):
     if num_micro_batches == 1:
-        return lambda s, b: train_step(s, b, lr_fn, output_noise=output_noise)
+        return lambda s, b, guard=None: train_step(s, b, lr_fn, output_noise=output_noise,
+                                                   guard=guard)
     from seqnorm_jax.train.accumulation import accumulated_train_step
 
-    return lambda s, b: accumulated_train_step(s, b, num_micro_batches, lr_fn,
-                                               output_noise=output_noise)
+    return lambda s, b, guard=None: accumulated_train_step(
+        s, b, num_micro_batches, lr_fn, output_noise=output_noise, guard=guard)
 
 
 def _jit(fn, mesh, donate, axis_name=DATA_AXIS, extra_in=0):
