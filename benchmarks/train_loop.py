@@ -37,7 +37,7 @@ from seqnorm_jax.train import TrainConfig, Trainer, cross_entropy_loss, load_sou
 TARGET = 1.1
 MODELS = {  # name: (dataset, model, norm, train examples (None: all))
     "simplenet": ("fashion_mnist", "simplenet", "bn", None),
-    "cnn": ("fashion_mnist", "cnn", "bn", 12800),
+    "cnn": ("fashion_mnist", "cnn", "bn", 6400),
 }
 
 
