@@ -256,15 +256,6 @@ def _normalizer(m: Moments, epsilon: float) -> Affine:
     return a, -m.mean * a
 
 
-def _center(m: Moments) -> Array:
-    """The layer's center ``k``: each ``(n, c)`` map's own mean, as a constant.
-
-    ``y`` does not depend on ``k`` mathematically, so it carries no gradient (it
-    must be a constant everywhere it appears for the derivatives to be right).
-    """
-    return lax.stop_gradient(m.mean)
-
-
 def _centered(m: Moments, k: Array) -> Moments:
     """Moments of ``x - k``: the input of the maps above."""
     return Moments(m.mean - k, m.var)
