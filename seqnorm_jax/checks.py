@@ -1,0 +1,108 @@
+"""The small argument checks every part of seqnorm-jax shares.
+
+Each raises ``ValueError`` naming the argument, what it got and how to fix it, and
+returns the checked value, so a caller checks and reads in one line::
+
+    steps = checks.positive_int(steps, "steps", "Trainer")
+    order = checks.choice(order, ("group_first", "ghost_first"), "order", "seq_norm")
+
+``who`` (a function, layer or flag name) prefixes the message; leave it empty where
+the name says enough.
+"""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+__all__ = ["positive_int", "choice", "suggest", "divisors", "resolve_groups"]
+
+T = TypeVar("T")
+
+
+def _prefix(who: str) -> str:
+    return f"{who}: " if who else ""
+
+
+def positive_int(value: Any, name: str, who: str = "", *, allow_zero: bool = False,
+                 fix: str = "") -> int:
+    """``value`` as an ``int`` if it is a positive integer (``>= 0`` with ``allow_zero``).
+
+    Booleans are refused (``True`` is not a count); integral NumPy scalars are accepted.
+    """
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not ok or value < (0 if allow_zero else 1):
+        kind = "a non-negative int" if allow_zero else "a positive int"
+        raise ValueError(f"{_prefix(who)}{name} must be {kind}, got {value!r}"
+                         f"{'; ' + fix if fix else '.'}")
+    return int(value)
+
+
+def suggest(word: Any, choices: Iterable[Any]) -> str:
+    """``" Did you mean 'x'?"`` for the choice closest to ``word``, or ``""``."""
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), names, n=1, cutoff=0.6)
+    if not close:  # case and separators: "SeqNorm" for "seq-norm"
+        key = lambda s: s.lower().replace("-", "").replace("_", "")
+        close = [c for c in names if key(c) == key(str(word))][:1]
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def choice(value: T, choices: Iterable[Any], name: str, who: str = "") -> T:
+    """``value`` if it is one of ``choices``; otherwise the error lists them."""
+    choices = tuple(choices)
+    try:
+        ok = value in choices
+    except TypeError:  # an unhashable value in a set or dict of choices
+        ok = False
+    if not ok:
+        raise ValueError(f"{_prefix(who)}{name} must be one of {choices}, got {value!r}."
+                         f"{suggest(value, choices)}")
+    return value
+
+
+def divisors(n: int) -> list[int]:
+    """The divisors of ``n``: the group counts that split ``n`` items evenly (for messages)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_groups(
+    total: int,
+    groups: int | None,
+    size: int | None,
+    *,
+    who: str,
+    groups_name: str,
+    size_name: str,
+    what: str,
+    default: int | None = None,
+    fix: str = "",
+    error: type[ValueError] = ValueError,
+) -> int:
+    """The number of groups of ``total`` items, given a group count or a group size.
+
+    ``groups`` and ``size`` are the two ways a layer names its grouping (e.g.
+    ``batch_groups``/``ghost_size``); at most one may be given, and ``default`` (a
+    count) applies when neither is. ``what`` names the items in the message ("batch
+    size of x (shape ...)"); a count or size that does not divide ``total`` raises
+    ``error`` listing the divisors, followed by ``fix``.
+    """
+    if groups is not None and size is not None:
+        raise ValueError(
+            f"{who}: give either {groups_name} or {size_name}, not both "
+            f"(got {groups_name}={groups}, {size_name}={size})."
+        )
+    if groups is None and size is None:
+        if default is None:
+            raise ValueError(f"{who}: one of {groups_name} or {size_name} is required.")
+        groups = default
+    name, value = (size_name, size) if size is not None else (groups_name, groups)
+    value = positive_int(value, name, who)
+    if total % value:
+        raise error(
+            f"{who}: {name}={value} does not divide the {what}, {total}; "
+            f"use {name} in {divisors(total)}{fix}."
+        )
+    return total // value if size is not None else value
