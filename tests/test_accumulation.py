@@ -1,7 +1,7 @@
 """Gradient accumulation is GhostNorm (papers 000/001, 2.3).
 
 k micro-batches accumulated through BatchNorm give the loss, gradient and (with the
-rule of seqnorm_jax.train.accumulation) the running statistics of the whole batch
+rule of seqnorm_jax.train.step) the running statistics of the whole batch
 through GhostNorm(batch_groups=k), computed by the layers themselves on one batch.
 """
 
@@ -15,10 +15,9 @@ import pytest
 
 import seqnorm_jax as snj
 from seqnorm_jax.train import TrainState, train_step
-from seqnorm_jax.train.accumulation import (
+from seqnorm_jax.train.step import (
     MicroBatchStats,
     accumulate_gradients,
-    accumulated_train_step,
     init_micro_batch_stats,
     split_micro_batches,
     update_micro_batch_stats,
@@ -140,7 +139,7 @@ def test_multisteps_streaming_equals_ghostnorm_step(setup):
     chex.assert_trees_all_close(acc.batch_stats, want_stats, **TOL)
 
 
-def test_accumulated_train_step_equals_ghostnorm_train_step(setup):
+def test_train_step_micro_batches_equals_ghostnorm_train_step(setup):
     batch, bn, ghost, params, stats = setup
     tx = optax.sgd(0.1)
 
@@ -148,7 +147,7 @@ def test_accumulated_train_step_equals_ghostnorm_train_step(setup):
         return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=stats,
                                  rng=jax.random.key_data(jax.random.key(3)))
 
-    got, got_metrics = jax.jit(lambda s, b: accumulated_train_step(s, b, K))(state(bn), batch)
+    got, got_metrics = jax.jit(lambda s, b: train_step(s, b, micro_batches=K))(state(bn), batch)
     want, want_metrics = jax.jit(train_step)(state(ghost), batch)
     assert int(got.step) == int(want.step) == 1
     chex.assert_trees_all_close((got.params, got.batch_stats), (want.params, want.batch_stats),
@@ -159,12 +158,12 @@ def test_accumulated_train_step_equals_ghostnorm_train_step(setup):
 
 
 @pytest.mark.parametrize("k", [0, -2, 2.0, True])
-def test_bad_num_micro_batches(k):
-    with pytest.raises(ValueError, match="num_micro_batches must be a positive int"):
+def test_bad_micro_batches(k):
+    with pytest.raises(ValueError, match="micro_batches must be a positive int"):
         split_micro_batches({"x": jnp.zeros((4, 2))}, k)
 
 
 def test_batch_not_divisible():
-    with pytest.raises(ValueError, match=r"num_micro_batches=3 does not divide the batch size "
-                                         r"16 .*use num_micro_batches in \[1, 2, 4, 8, 16\]"):
+    with pytest.raises(ValueError, match=r"micro_batches=3 does not divide the batch size "
+                                         r"16 .*use micro_batches in \[1, 2, 4, 8, 16\]"):
         accumulate_gradients(lambda *a: (0.0, ({}, None)), {}, {}, data(), 3)

@@ -34,6 +34,7 @@ from seqnorm_jax.train import (
     linear_one_cycle,
     make_optimizer,
     make_schedule,
+    model_norm_paths,
     norm_param_labels,
     output_noise_scope,
     read_jsonl,
@@ -119,7 +120,7 @@ def test_step_decay_and_make_schedule_epochs():
 def test_schedule_errors_name_the_argument():
     with pytest.raises(ValueError, match="warmup_steps=10 must be smaller than total_steps=10"):
         warmup_cosine(1.0, 10, 10)
-    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+    with pytest.raises(ValueError, match="schedule must be one of .*got 'linear'"):
         make_schedule("linear", lr=0.1, total_steps=10, steps_per_epoch=1)
     with pytest.raises(ValueError, match="boundaries must be increasing"):
         step_decay(0.1, [20, 10])
@@ -131,14 +132,19 @@ PARAMS = {"dense": {"kernel": jnp.array([2.0, -1.0]), "bias": jnp.array([3.0])},
           "norm": {"scale": jnp.array([1.5, 0.5]), "bias": jnp.array([0.5, -2.0])}}
 
 
+NORM_PATHS = ("norm",)  # the norm layer of PARAMS
+
+
 def test_norm_param_labels_on_models():
-    assert norm_param_labels(PARAMS) == {
+    assert norm_param_labels(PARAMS, NORM_PATHS) == {
         "dense": {"kernel": "weight", "bias": "weight"},
         "norm": {"scale": "norm_scale", "bias": "norm_bias"}}
     model = TinyCNN(norm=snj.norm_factory("gn+:num_groups=2"))
+    image = fixed_batch()["image"]
     params = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                            fixed_batch()["image"])["params"]
-    assert norm_param_labels(params) == {
+                            image)["params"]
+    assert model_norm_paths(model, image) == ("norm",)
+    assert norm_param_labels(params, model_norm_paths(model, image)) == {
         "conv": {"kernel": "weight"}, "head": {"kernel": "weight", "bias": "weight"},
         "norm": {"scale": "norm_scale", "bias": "norm_bias", "lambda": "norm_other"}}
 
@@ -149,7 +155,8 @@ def test_norm_param_labels_on_models():
     ("off", [0.0, 0.0], [0.0, 0.0]),
 ])
 def test_weight_decay_towards_hand_values(mode, norm_scale, norm_bias):
-    tx = weight_decay_towards(0.1, norm_decay=mode)
+    tx = weight_decay_towards(0.1, norm_decay=mode,
+                              labels=norm_param_labels(PARAMS, NORM_PATHS))
     grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.25), PARAMS)
     updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
     expected = {"dense": {"kernel": [0.25 + 0.2, 0.25 - 0.1], "bias": [0.25 + 0.3]},
@@ -161,7 +168,8 @@ def test_weight_decay_towards_hand_values(mode, norm_scale, norm_bias):
 
 
 def test_weight_decay_towards_with_a_schedule():
-    tx = weight_decay_towards(lambda count: 0.1 * (count + 1), norm_decay="one")
+    tx = weight_decay_towards(lambda count: 0.1 * (count + 1), norm_decay="one",
+                              labels=lambda params: norm_param_labels(params, NORM_PATHS))
     zeros = jax.tree_util.tree_map(jnp.zeros_like, PARAMS)
     state = tx.init(PARAMS)
     first, state = tx.update(zeros, state, PARAMS)
@@ -189,7 +197,8 @@ def test_sgd_adam_and_adamw_weight_decay_against_references():
     chex.assert_trees_all_close(ours, ref, atol=1e-6)
     # "off" == optax's masked decay that skips the norm parameters
     mask = {"dense": {"kernel": True, "bias": True}, "norm": {"scale": False, "bias": False}}
-    ours = run(make_optimizer("adamw", 0.01, weight_decay=0.1, norm_decay="off"))
+    ours = run(make_optimizer("adamw", 0.01, weight_decay=0.1, norm_decay="off",
+                              norm_paths=NORM_PATHS))
     ref = run(optax.adamw(0.01, weight_decay=0.1, mask=mask))
     chex.assert_trees_all_close(ours, ref, atol=1e-6)
     ours = run(make_optimizer("adamw", 0.01, weight_decay=0.1, norm_decay="zero"))
@@ -218,7 +227,8 @@ def test_sgd_adam_and_adamw_weight_decay_against_references():
 
 def test_one_sgd_step_gamma_towards_one_by_hand():
     # plain SGD (no momentum), lr 0.5, wd 0.1, zero gradients: p <- p - 0.5 * 0.1 * (p - target)
-    tx = make_optimizer("sgd", 0.5, momentum=0.0, weight_decay=0.1, norm_decay="one")
+    tx = make_optimizer("sgd", 0.5, momentum=0.0, weight_decay=0.1, norm_decay="one",
+                        norm_paths=NORM_PATHS)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, PARAMS)
     updates, _ = tx.update(zeros, tx.init(PARAMS), PARAMS)
     new = optax.apply_updates(PARAMS, updates)
@@ -242,8 +252,66 @@ def test_gradient_clipping_by_global_norm():
     chex.assert_trees_all_close(updates, jax.tree_util.tree_map(jnp.negative, small), atol=1e-7)
 
 
+class Gain(nn.Module):
+    """Not a norm layer: a learned per-channel gain and shift (params ``scale``, ``bias``)."""
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        return x * scale + self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+
+
+class GainLayerNormNet(nn.Module):
+    """gain -> flax LayerNorm -> dense."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+        return nn.Dense(3, name="head")(nn.LayerNorm(name="ln")(Gain(name="gain")(x)))
+
+
+def test_only_the_registrys_norm_layers_get_the_norm_decay():
+    model, x = GainLayerNormNet(), jnp.ones((2, 4))
+    params = model.init(jax.random.key(0), x)["params"]
+    paths = model_norm_paths(model, x)
+    assert paths == ("ln",)
+    assert norm_param_labels(params, paths) == {
+        "gain": {"scale": "weight", "bias": "weight"},
+        "ln": {"scale": "norm_scale", "bias": "norm_bias"},
+        "head": {"kernel": "weight", "bias": "weight"}}
+    # "off": the gain's scale (1.0) decays like any weight, LayerNorm's does not
+    tx = make_optimizer("sgd", 1.0, momentum=0.0, weight_decay=0.1, norm_decay="off",
+                        norm_paths=paths)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    np.testing.assert_allclose(updates["gain"]["scale"], [-0.1] * 4, atol=1e-7)
+    np.testing.assert_allclose(updates["ln"]["scale"], [0.0] * 4, atol=0)
+    with pytest.raises(ValueError, match="norm_decay='off' needs the norm layers; pass "
+                                         "norm_paths=model_norm_paths"):
+        make_optimizer("sgd", 0.1, weight_decay=0.1, norm_decay="off")
+    with pytest.raises(ValueError, match="norm_decay='one' needs the norm layers' parameters"):
+        weight_decay_towards(0.1, norm_decay="one")
+
+
+def test_layer_norm_outputs_get_output_noise_and_are_analysed():
+    from seqnorm_jax import analysis
+
+    model = GainLayerNormNet()
+    x = jax.random.normal(jax.random.key(1), (8, 4))
+    variables = model.init(jax.random.key(0), x)
+    plain = model.apply(variables, x)
+    with output_noise_scope(0.5, 0.0):  # std 0: +0.5 on every norm layer's output
+        noisy = model.apply(variables, x, rngs={"output_noise": jax.random.key(2)})
+    kernel = variables["params"]["head"]["kernel"]
+    np.testing.assert_allclose(noisy - plain, jnp.broadcast_to(0.5 * kernel.sum(0), plain.shape),
+                               atol=1e-5)
+    r = analysis.output_range(model, variables, x, layer="ln")
+    assert r["layer"] == "ln" and r["set_size"] == 4
+    np.testing.assert_allclose(r["bound"], 3 ** 0.5, rtol=1e-7)
+    assert 1.0 < r["train_abs_max"] <= 3 ** 0.5 + 1e-5
+
+
 def test_make_optimizer_errors():
-    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
+    with pytest.raises(ValueError, match="optimizer must be one of .*got 'adagrad'"):
         make_optimizer("adagrad", 0.1)
     with pytest.raises(ValueError, match="grad_clip_norm must be positive"):
         make_optimizer("sgd", 0.1, grad_clip_norm=0.0)

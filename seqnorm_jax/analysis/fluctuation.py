@@ -29,16 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from seqnorm_jax import stats
+from seqnorm_jax import checks, stats
 from seqnorm_jax.analysis._recorder import DeviceRecorder
-from seqnorm_jax.analysis.output_range import (
-    _apply_paths,
-    _Interceptor,
-    feature_axes,
-    module_path,
-    resolve_layer,
-)
+from seqnorm_jax.analysis.output_range import resolve_layer
 from seqnorm_jax.analysis.plots import label_colors, pyplot, save_figure
+from seqnorm_jax.registry import feature_axes
+from seqnorm_jax.train.norm_calls import NormCallInterceptor, module_path, norm_calls
+from seqnorm_jax.train.state import step_rngs
+from seqnorm_jax.train.step import apply_model
 
 __all__ = ["STAT_NAMES", "StatisticsRecorder", "input_statistics", "plot_fluctuation"]
 
@@ -62,8 +60,6 @@ def _layer_statistics(x: jax.Array, feats: tuple[int, ...]) -> dict[str, jax.Arr
 
 
 def _statistics(state, batch, paths: tuple[str, ...] | None, neurons: int | None):
-    from seqnorm_jax.train import step_rngs
-
     found: dict[str, dict[str, jax.Array]] = {}
 
     def grab(module, args, kwargs, out):
@@ -76,12 +72,8 @@ def _statistics(state, batch, paths: tuple[str, ...] | None, neurons: int | None
             st["bn_mean"], st["bn_std"] = st["bn_mean"][:neurons], st["bn_std"][:neurons]
         found[path] = st
 
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
-    with nn.intercept_methods(_Interceptor(grab)):
-        state.apply_fn(variables, batch["image"], train=True, rngs=step_rngs(state),
-                       mutable=["batch_stats"] if state.batch_stats else [])
+    with nn.intercept_methods(NormCallInterceptor(grab)):
+        apply_model(state, batch["image"], train=True, rngs=step_rngs(state))
     return found
 
 
@@ -134,10 +126,9 @@ class StatisticsRecorder(DeviceRecorder):
                  fetch_every: int = 32):
         for name, value in (("last_steps", last_steps), ("total_steps", total_steps),
                             ("neurons", neurons)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 1):
-                raise ValueError(f"StatisticsRecorder: {name} must be a positive int or None, "
-                                 f"got {value!r}.")
+            if value is not None:
+                checks.positive_int(value, name, "StatisticsRecorder",
+                                    fix="pass a positive int or None.")
         if total_steps is not None and last_steps is None:
             raise ValueError("StatisticsRecorder: give last_steps with total_steps (the window "
                              "is the last last_steps of total_steps).")
@@ -158,11 +149,9 @@ class StatisticsRecorder(DeviceRecorder):
         return step >= self.total_steps - self.last_steps
 
     def _resolve_layers(self, state, batch) -> None:
-        variables = {"params": state.params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
         x = jax.ShapeDtypeStruct(batch["image"].shape, batch["image"].dtype)
-        paths = _apply_paths(state.apply_fn, variables, x)
+        paths = [c.path for c in norm_calls(
+            lambda s, a: apply_model(s, a, train=False), state, x)]
         if self._requested is None:
             if not paths:
                 resolve_layer(paths, -1)  # raises: no norm layer

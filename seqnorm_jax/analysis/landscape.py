@@ -32,7 +32,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
+from seqnorm_jax import checks
 from seqnorm_jax.analysis._recorder import DeviceRecorder
 from seqnorm_jax.analysis.plots import (
     mean_std,
@@ -40,6 +42,8 @@ from seqnorm_jax.analysis.plots import (
     save_figure,
     two_panel_figure,
 )
+from seqnorm_jax.train.state import step_rngs
+from seqnorm_jax.train.step import apply_model, cross_entropy_loss
 
 __all__ = [
     "PAPER_STEP_SIZES",
@@ -55,28 +59,16 @@ PAPER_STEP_SIZES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 def _loss_fn(state, rngs, batch):
     """The mean cross-entropy on ``batch`` in training mode, as a function of the params."""
-    from seqnorm_jax.train import cross_entropy_loss
 
     def loss(params):
-        variables = {"params": params}
-        if state.batch_stats:
-            variables["batch_stats"] = state.batch_stats
-        # mutable: the batch_stats update is computed and discarded (running stats unchanged).
-        logits, _ = state.apply_fn(variables, batch["image"], train=True, rngs=rngs,
-                                   mutable=["batch_stats"] if state.batch_stats else [])
+        # the batch_stats update is computed and discarded (running stats unchanged)
+        logits, _ = apply_model(state, batch["image"], train=True, params=params, rngs=rngs)
         return cross_entropy_loss(logits, batch["label"]).mean()
 
     return loss
 
 
-def _global_norm(tree: Any) -> jax.Array:
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def _probe(state, batch, step_sizes, map_batch_size):
-    from seqnorm_jax.train import step_rngs
-
     loss = _loss_fn(state, step_rngs(state), batch)
     value_and_grad = jax.value_and_grad(loss)
     loss0, grad0 = value_and_grad(state.params)
@@ -85,11 +77,11 @@ def _probe(state, batch, step_sizes, map_batch_size):
         moved = jax.tree_util.tree_map(lambda p, g: (p - eta.astype(p.dtype) * g).astype(p.dtype),
                                        state.params, grad0)
         value, grad = value_and_grad(moved)
-        distance = _global_norm(jax.tree_util.tree_map(jnp.subtract, grad0, grad))
+        distance = optax.tree.norm(jax.tree_util.tree_map(jnp.subtract, grad0, grad))
         return value.astype(jnp.float32), distance
 
     losses, distances = jax.lax.map(at, step_sizes, batch_size=map_batch_size)
-    return {"loss0": loss0.astype(jnp.float32), "grad_norm": _global_norm(grad0),
+    return {"loss0": loss0.astype(jnp.float32), "grad_norm": optax.tree.norm(grad0),
             "loss": losses, "grad_distance": distances}
 
 
@@ -173,9 +165,7 @@ class LandscapeRecorder(DeviceRecorder):
                  fetch_every: int = 32, map_batch_size: int | None = None,
                  lr_schedule: Any = None):
         for name, value in (("every", every), ("fetch_every", fetch_every)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LandscapeRecorder: {name} must be a positive int, got "
-                                 f"{value!r}.")
+            checks.positive_int(value, name, "LandscapeRecorder")
         self.step_sizes = tuple(float(s) for s in np.asarray(step_sizes, np.float64).ravel())
         if not self.step_sizes:
             raise ValueError("LandscapeRecorder: step_sizes is empty; give at least one, e.g. "

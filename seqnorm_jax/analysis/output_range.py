@@ -6,10 +6,12 @@ In training, a value normalized over a set of ``m`` values (``eps -> 0``) lies i
 norm layer in both modes, with the layer's affine undone, and :func:`plot_output_range`
 draws the ranges against the bound.
 
-The norm layers of a model are found by intercepting the ``__call__`` of every
-seqnorm-jax layer (but ``Identity``) and of flax's ``nn.BatchNorm`` and
-``nn.GroupNorm``; :func:`norm_layer_paths` lists them in call order, named by their
-module path (``"stage1_block1/norm1"``).
+The norm layers of a model are the registry's (:func:`seqnorm_jax.registry.is_norm_layer`:
+seqnorm-jax's layers but ``Identity``, flax's ``BatchNorm``, ``GroupNorm``, ``LayerNorm``,
+``RMSNorm``, ``InstanceNorm``), found by intercepting their calls
+(:func:`seqnorm_jax.train.norm_calls`); :func:`norm_layer_paths` lists them in call
+order, named by their module path (``"stage1_block1/norm1"``). Their set sizes are
+:func:`seqnorm_jax.registry.normalization_set_size`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,9 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from seqnorm_jax import functional as F
-from seqnorm_jax import linen as snl
+from seqnorm_jax import registry
 from seqnorm_jax.analysis.plots import label_colors, pyplot, save_figure
+from seqnorm_jax.train.norm_calls import (
+    NormCallInterceptor,
+    example_weight_scope,
+    module_path,
+    norm_calls,
+)
 
 __all__ = [
     "NORM_TYPES",
@@ -37,67 +44,9 @@ __all__ = [
     "plot_output_range",
 ]
 
-# The module classes treated as norm layers.
-NORM_TYPES: tuple[type, ...] = tuple(
-    cls for name, cls in snl.LAYERS.items() if name != "Identity") + (nn.BatchNorm, nn.GroupNorm)
-
-
-def is_norm_layer(module: Any) -> bool:
-    """True for a seqnorm-jax norm layer (not ``Identity``) or flax ``BatchNorm``/``GroupNorm``."""
-    return isinstance(module, NORM_TYPES)
-
-
-def module_path(module: nn.Module) -> str:
-    """``'/'.join(module.path)``: the module's name path inside the model."""
-    return "/".join(str(p) for p in module.path)
-
-
-def feature_axes(module: nn.Module, ndim: int) -> tuple[int, ...]:
-    """The (non-negative) feature axes of a norm layer's input of rank ``ndim``.
-
-    seqnorm-jax layers and ``nn.BatchNorm`` use their ``axis`` field; flax's ``GroupNorm``
-    normalizes channels-last inputs.
-    """
-    axis = getattr(module, "axis", -1) if not isinstance(module, nn.GroupNorm) else -1
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(sorted(a % ndim for a in axes))
-
-
-class _Interceptor:
-    """Runs a callback on every outermost norm-layer call (inner calls of a norm layer
-    that itself calls another, e.g. a user's wrapper, are not reported)."""
-
-    def __init__(self, callback: Callable[[nn.Module, tuple, dict, Any], Any]):
-        self.callback = callback
-        self.depth = 0
-
-    def __call__(self, next_fun, args, kwargs, context):
-        if context.method_name != "__call__" or not is_norm_layer(context.module):
-            return next_fun(*args, **kwargs)
-        self.depth += 1
-        try:
-            out = next_fun(*args, **kwargs)
-        finally:
-            self.depth -= 1
-        if self.depth == 0:
-            replaced = self.callback(context.module, args, kwargs, out)
-            if replaced is not None:
-                return replaced
-        return out
-
-
-def _apply_paths(apply_fn: Callable[..., Any], variables: Any, x: Any) -> list[str]:
-    """Paths of the norm layers called by ``apply_fn(variables, x, train=False)``, in order."""
-    paths: list[str] = []
-
-    def record(module, args, kwargs, out):
-        path = module_path(module)
-        if path not in paths:
-            paths.append(path)
-
-    with nn.intercept_methods(_Interceptor(record)):
-        jax.eval_shape(lambda v, a: apply_fn(v, a, train=False), variables, x)
-    return paths
+NORM_TYPES = registry.NORM_TYPES  # the linen classes of every norm layer
+feature_axes = registry.feature_axes
+normalization_set_size = registry.normalization_set_size
 
 
 def norm_layer_paths(model: nn.Module, variables: Any, x: Any) -> list[str]:
@@ -113,7 +62,8 @@ def norm_layer_paths(model: nn.Module, variables: Any, x: Any) -> list[str]:
       ``'/'.join(module.path)`` of each norm layer, e.g. ``["stem_norm",
       "stage1_block1/norm1", ...]`` (a layer called twice is listed once).
     """
-    return _apply_paths(model.apply, variables, x)
+    calls = norm_calls(lambda v, a: model.apply(v, a, train=False), variables, x)
+    return [c.path for c in calls]
 
 
 def resolve_layer(paths: Sequence[str], layer: int | str) -> str:
@@ -137,87 +87,6 @@ def resolve_layer(paths: Sequence[str], layer: int | str) -> str:
     return paths[int(layer)]
 
 
-# ----------------------------------------------------------------------------- set size
-
-def _groups(total: int, groups: int | None, size: int | None, who: str, groups_name: str,
-            size_name: str, what: str, default: int) -> int:
-    return F.resolve_groups(total, groups, size, who=who, groups_name=groups_name,
-                            size_name=size_name, what=what, default=default)
-
-
-def normalization_set_size(module: nn.Module, input_shape: Sequence[int]) -> int | None:
-    """``m``: how many values each output of ``module`` is normalized over, in training.
-
-    Counts for an input of shape ``(N, spatial..., C)`` (``S`` = the product of the
-    spatial sizes):
-
-    * ``BatchNorm`` (ours or flax's) and ``NoisyBatchNorm``: ``N * S`` (the noise is
-      added before normalizing, so the bound holds for the noisy input);
-    * ``GhostNorm``: ``(N / G_M) * S``; ``BatchGroupNorm``: ``(N / G_M) * S * (C / G_C)``;
-    * ``GroupNorm`` (ours or flax's): ``S * C / G``; ``BGN``: ``N * S * C / G``;
-    * ``SeqNorm``: the set of its last step, whose output it returns (before the affine):
-      the ghost step's ``(N / G_M) * S`` for ``order="group_first"``, the group step's
-      ``S * C / G_C`` for ``"ghost_first"`` (each step is scale-invariant, so the first
-      step does not change the bound of the second);
-    * ``None`` where no single set exists: ``HeterologousNorm`` (mean and variance from
-      different sets) and ``GNPlus`` (a mixture of two normalized outputs).
-
-    Args:
-      module: the layer (bound or not; only its fields are read).
-      input_shape: the shape of its input in training.
-
-    Returns:
-      ``m`` or ``None``.
-
-    Raises:
-      ValueError: the groups do not divide the batch or channels (the layer itself
-        would raise in training), or ``module`` is not a norm layer.
-    """
-    shape = tuple(int(d) for d in input_shape)
-    if len(shape) < 2:
-        raise ValueError(f"input_shape must be (N, ..., C), got {shape}.")
-    who = type(module).__name__
-    feats = feature_axes(module, len(shape))
-    n = shape[0]
-    c = math.prod(shape[a] for a in feats)
-    spatial = math.prod(d for i, d in enumerate(shape) if i != 0 and i not in feats)
-    what_n = f"batch size of the input (shape {shape})"
-    what_c = f"number of channels of the input (shape {shape})"
-
-    def batch_groups(default: int = 1) -> int:
-        return _groups(n, module.batch_groups, module.ghost_size, who, "batch_groups",
-                       "ghost_size", what_n, default)
-
-    if isinstance(module, (snl.BatchNorm, snl.NoisyBatchNorm, nn.BatchNorm)):
-        return n * spatial
-    if isinstance(module, snl.GhostNorm):
-        return n // batch_groups() * spatial
-    if isinstance(module, snl.BatchGroupNorm):
-        g_c = _groups(c, module.channel_groups, module.channel_group_size, who,
-                      "channel_groups", "channel_group_size", what_c, c)
-        return n // batch_groups() * spatial * (c // g_c)
-    if isinstance(module, (snl.GroupNorm, nn.GroupNorm)):
-        if module.reduction_axes is not None:  # flax's and ours: any reduction axes
-            return None
-        num_groups = module.num_groups if module.group_size is None else None
-        g = _groups(c, num_groups, module.group_size, who, "num_groups", "group_size", what_c, c)
-        return spatial * (c // g)
-    if isinstance(module, snl.BGN):
-        num_groups = module.num_groups if module.group_size is None else None
-        g = _groups(c, num_groups, module.group_size, who, "num_groups", "group_size", what_c, c)
-        return n * spatial * (c // g)
-    if isinstance(module, snl.SeqNorm):
-        if module.order == "ghost_first":
-            g_c = _groups(c, module.channel_groups, module.channel_group_size, who,
-                          "channel_groups", "channel_group_size", what_c, 1)
-            return spatial * (c // g_c)
-        return n // batch_groups() * spatial
-    if isinstance(module, (snl.HeterologousNorm, snl.GNPlus)):
-        return None
-    raise ValueError(f"normalization_set_size: {who} is not a norm layer; pass a seqnorm-jax "
-                     "layer or flax nn.BatchNorm / nn.GroupNorm.")
-
-
 # ----------------------------------------------------------------------------- range
 
 def _undo_affine(module: nn.Module, y: jax.Array) -> jax.Array:
@@ -233,24 +102,8 @@ def _undo_affine(module: nn.Module, y: jax.Array) -> jax.Array:
     return y
 
 
-def _layer_call(model: nn.Module, variables: Any, x: Any, path: str
-                ) -> tuple[nn.Module, tuple[int, ...]]:
-    """The (unbound) module at ``path`` and the shape of its input, by tracing inference."""
-    found: list[tuple[nn.Module, tuple[int, ...]]] = []
-
-    def record(module, args, kwargs, out):
-        if not found and module_path(module) == path:
-            found.append((module.clone(parent=None), tuple(args[0].shape)))
-
-    with nn.intercept_methods(_Interceptor(record)):
-        jax.eval_shape(lambda v, a: model.apply(v, a, train=False), variables, x)
-    return found[0]
-
-
 def _normalized_outputs(model, path, variables, x, rngs, alpha):
     """The layer's normalized output (affine undone) in training and in inference mode."""
-    from seqnorm_jax.train import example_weight_scope
-
     def capture(train: bool):
         found: list[jax.Array] = []
 
@@ -258,7 +111,7 @@ def _normalized_outputs(model, path, variables, x, rngs, alpha):
             if not found and module_path(module) == path:
                 found.append(_undo_affine(module, out))
 
-        with nn.intercept_methods(_Interceptor(grab)):
+        with nn.intercept_methods(NormCallInterceptor(grab)):
             if train:
                 model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
             else:
@@ -300,9 +153,10 @@ def output_range(model: nn.Module, variables: Mapping[str, Any], x: Any, layer: 
       (python floats) and, with ``return_values``, ``"train_values"``/``"eval_values"``
       (float32 numpy arrays of the layer's output shape).
     """
-    path = resolve_layer(norm_layer_paths(model, variables, x), layer)
-    module, shape = _layer_call(model, variables, x, path)
-    m = normalization_set_size(module, shape)
+    calls = norm_calls(lambda v, a: model.apply(v, a, train=False), variables, x)
+    path = resolve_layer([c.path for c in calls], layer)
+    call = next(c for c in calls if c.path == path)
+    m = normalization_set_size(call.module, call.input_shape)
     rng = jax.random.key(0) if rng is None else rng
     rngs = dict(zip(("noise", "dropout"), jax.random.split(rng)))
     try:

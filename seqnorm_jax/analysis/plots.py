@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from seqnorm_jax import checks
+
 __all__ = ["pyplot", "save_figure", "moving_average", "mean_std", "label_colors"]
 
 
@@ -61,9 +63,7 @@ def moving_average(values: Sequence[float] | np.ndarray, window: int = 1) -> np.
     Raises:
       ValueError: ``window`` is not a positive int.
     """
-    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
-        raise ValueError(f"smoothing window must be a positive int, got {window!r}; use 1 "
-                         "for no smoothing.")
+    checks.positive_int(window, "smoothing window", fix="use 1 for no smoothing.")
     a = np.asarray(values, np.float64)
     if window == 1 or a.size == 0:
         return a

@@ -18,36 +18,35 @@ Building blocks, usable on their own with any flax model:
   "Four Things" inference example weighing;
 * :class:`Trainer` / :func:`fit` (epochs, evaluation, metrics, Orbax checkpoints, exact
   resume), :class:`Checkpointer`, :class:`MetricsWriter`, :class:`TrainConfig`;
-* :func:`accumulated_train_step` and friends (gradient accumulation, which through
-  BatchNorm is GhostNorm; ``TrainConfig.grad_accum_steps``);
-* :func:`compare` -- one model with several layers and seeds, table and plot;
+* ``train_step(..., micro_batches=k)``, :func:`accumulate_gradients` and
+  :class:`MicroBatchStats` (gradient accumulation, which through BatchNorm is GhostNorm;
+  ``TrainConfig.grad_accum_steps``); :func:`apply_model`, the one forward pass of a
+  state; :func:`norm_calls`, the norm layers a model calls;
 * :func:`run_lock` (one writer per run folder), :class:`RunFileError` (a run's file
   cannot be written), :func:`guarded_step` / :func:`jit_loop_step` (the loop's step:
   metrics kept on the device, divergence caught inside the compiled step).
 """
 
-from seqnorm_jax.train.accumulation import (
-    MicroBatchStats,
-    accumulate_gradients,
-    accumulated_train_step,
-    init_micro_batch_stats,
-    split_micro_batches,
-    update_micro_batch_stats,
-)
 from seqnorm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
-from seqnorm_jax.train.compare import (
-    DEFAULT_NORMS,
-    CompareResult,
-    compare,
-    default_norm_specs,
-    norm_channels,
-    summarize,
-    write_outputs,
+from seqnorm_jax.train.compiled import (
+    StepAccumulator,
+    guarded_step,
+    init_accumulator,
+    jit_eval_step,
+    jit_loop_step,
+    jit_train_step,
+    reset_accumulator,
 )
 from seqnorm_jax.train.config import ON_DIVERGENCE, RESUME_SAFE_FIELDS, TrainConfig
 from seqnorm_jax.train.lock import RunLockedError, run_lock
 from seqnorm_jax.train.loop import FitResult, Trainer, build_model, evaluate, fit, load_sources
 from seqnorm_jax.train.metrics import METRIC_COLUMNS, MetricsWriter, RunFileError, read_jsonl
+from seqnorm_jax.train.norm_calls import (
+    NormCall,
+    example_weight_scope,
+    norm_calls,
+    output_noise_scope,
+)
 from seqnorm_jax.train.optim import (
     NORM_DECAY_MODES,
     OPTIMIZERS,
@@ -57,32 +56,31 @@ from seqnorm_jax.train.optim import (
     linear_one_cycle,
     make_optimizer,
     make_schedule,
+    model_norm_paths,
     norm_param_labels,
     step_decay,
     warmup_cosine,
     weight_decay_towards,
 )
 from seqnorm_jax.train.state import TrainState, create_train_state, step_rngs
-from seqnorm_jax.train.steps import (
-    StepAccumulator,
+from seqnorm_jax.train.step import (
+    MicroBatchStats,
+    accumulate_gradients,
+    apply_model,
     cross_entropy_loss,
-    guarded_step,
-    init_accumulator,
-    jit_loop_step,
-    reset_accumulator,
     eval_step,
-    example_weight_scope,
-    jit_eval_step,
-    jit_train_step,
-    output_noise_scope,
+    init_micro_batch_stats,
+    split_micro_batches,
     train_step,
+    update_micro_batch_stats,
 )
 
 __all__ = [
-    "DEFAULT_NORMS",
     "MicroBatchStats",
     "accumulate_gradients",
-    "accumulated_train_step",
+    "apply_model",
+    "NormCall",
+    "norm_calls",
     "init_micro_batch_stats",
     "split_micro_batches",
     "update_micro_batch_stats",
@@ -102,19 +100,16 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "Checkpointer",
-    "CompareResult",
     "FitResult",
     "MetricsWriter",
     "TrainConfig",
     "TrainState",
     "Trainer",
     "build_model",
-    "compare",
     "constant",
     "cosine_one_cycle",
     "create_train_state",
     "cross_entropy_loss",
-    "default_norm_specs",
     "eval_step",
     "evaluate",
     "example_weight_scope",
@@ -125,15 +120,13 @@ __all__ = [
     "load_sources",
     "make_optimizer",
     "make_schedule",
-    "norm_channels",
+    "model_norm_paths",
     "norm_param_labels",
     "output_noise_scope",
     "read_jsonl",
     "step_decay",
     "step_rngs",
-    "summarize",
     "train_step",
     "warmup_cosine",
     "weight_decay_towards",
-    "write_outputs",
 ]

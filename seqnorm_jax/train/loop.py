@@ -59,9 +59,9 @@ from seqnorm_jax.train.checkpoint import Checkpointer
 from seqnorm_jax.train.config import RESUME_SAFE_FIELDS, TrainConfig, config_changes
 from seqnorm_jax.train.lock import check_out_dir, run_lock
 from seqnorm_jax.train.metrics import MetricsWriter, RunFileError
-from seqnorm_jax.train.optim import make_optimizer, make_schedule
+from seqnorm_jax.train.optim import make_optimizer, make_schedule, model_norm_paths
 from seqnorm_jax.train.state import TrainState, create_train_state
-from seqnorm_jax.train.steps import (
+from seqnorm_jax.train.compiled import (
     init_accumulator,
     jit_eval_step,
     jit_loop_step,
@@ -299,8 +299,9 @@ class Trainer:
         self.tx = make_optimizer(
             config.optimizer, self.schedule, momentum=config.momentum,
             weight_decay=config.weight_decay, norm_decay=config.norm_weight_decay,
-            grad_clip_norm=config.grad_clip_norm, b1=config.b1, b2=config.b2)
-        step_kw = dict(num_micro_batches=config.grad_accum_steps,
+            grad_clip_norm=config.grad_clip_norm, b1=config.b1, b2=config.b2,
+            norm_paths=model_norm_paths(self.model, self._sample_input()))
+        step_kw = dict(micro_batches=config.grad_accum_steps,
                        output_noise=config.output_noise, axis_name=self.batch_axis)
         self.train_step = jit_train_step(self.mesh, self.schedule, **step_kw)
         # the loop ships uint8 pixels and normalises them inside its compiled step
@@ -317,12 +318,15 @@ class Trainer:
         check_step(self)
 
     # ------------------------------------------------------------------------ state
+    def _sample_input(self) -> np.ndarray:
+        """One zero image: what ``model.init`` runs on (only its shape matters)."""
+        return np.zeros((1, *self.train_source.info.image_shape), np.float32)
+
     def init_state(self) -> TrainState:
         """A fresh state (seeded by ``config.seed``), replicated on the mesh."""
-        sample = np.zeros((1, *self.train_source.info.image_shape), np.float32)
         with mesh_context(self.mesh):
-            state = create_train_state(self.model, jax.random.key(self.config.seed), sample,
-                                       self.tx)
+            state = create_train_state(self.model, jax.random.key(self.config.seed),
+                                       self._sample_input(), self.tx)
             return replicate(state, self.mesh)
 
     def _loader(self, epoch: int, start_step: int, normalize: bool = True

@@ -18,17 +18,23 @@ Schedules (``step`` counts optimizer updates):
 Weight decay of the normalization layers' ``scale`` (gamma) and ``bias`` (beta), paper
 002, section 3.3: ``norm_decay="zero"`` decays them towards 0 like every other weight
 (the usual setting), ``"one"`` decays gamma towards 1 (beta still towards 0) and ``"off"``
-leaves them undecayed.
+leaves them undecayed. The norm layers are the registry's
+(:func:`seqnorm_jax.registry.is_norm_layer`), named by their module paths
+(:func:`model_norm_paths`), never guessed from parameter names.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import linen as nn
+
+from seqnorm_jax import checks
+from seqnorm_jax.train.norm_calls import norm_calls
 
 __all__ = [
     "NORM_DECAY_MODES",
@@ -39,6 +45,7 @@ __all__ = [
     "linear_one_cycle",
     "make_optimizer",
     "make_schedule",
+    "model_norm_paths",
     "norm_param_labels",
     "step_decay",
     "warmup_cosine",
@@ -50,19 +57,6 @@ Schedule = Callable[[Any], Any]
 NORM_DECAY_MODES = ("zero", "one", "off")
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "one_cycle", "cosine_one_cycle", "step")
-
-# Parameter names of a normalization layer (flax's and seqnorm-jax's): a module whose
-# parameters are all among these (and which has at least one of them) is a norm layer.
-_NORM_PARAM_NAMES = frozenset({"scale", "bias", "lambda"})
-
-
-def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, jnp.integer)) or (
-            value < 0 if allow_zero else value <= 0):
-        bound = ">= 0" if allow_zero else ">= 1"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
-    return int(value)
-
 
 def constant(lr: float) -> Schedule:
     """A constant learning rate ``lr``."""
@@ -78,8 +72,8 @@ def warmup_cosine(peak_lr: float, total_steps: int, warmup_steps: int = 0, *,
     ``s = (t - warmup_steps) / (total_steps - warmup_steps)``; constant ``end_lr`` after
     ``total_steps``. With ``warmup_steps=0`` it is plain cosine decay from ``peak_lr``.
     """
-    total_steps = _positive_int("total_steps", total_steps)
-    warmup_steps = _positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    total_steps = checks.positive_int(total_steps, "total_steps", "warmup_cosine")
+    warmup_steps = checks.positive_int(warmup_steps, "warmup_steps", allow_zero=True)
     if warmup_steps >= total_steps:
         raise ValueError(f"warmup_steps={warmup_steps} must be smaller than "
                          f"total_steps={total_steps}; shorten the warm-up or train longer.")
@@ -107,7 +101,7 @@ def linear_one_cycle(total_steps: int, peak_lr: float, *, init_lr: float | None 
       pct_down: fraction spent decreasing back to ``init_lr``; the remaining
         ``1 - pct_up - pct_down`` anneals to ``final_lr``.
     """
-    total_steps = _positive_int("total_steps", total_steps)
+    total_steps = checks.positive_int(total_steps, "total_steps", "linear_one_cycle")
     if not (0 < pct_up and 0 <= pct_down and pct_up + pct_down <= 1):
         raise ValueError(f"linear_one_cycle: need 0 < pct_up, 0 <= pct_down and "
                          f"pct_up + pct_down <= 1, got pct_up={pct_up}, pct_down={pct_down}.")
@@ -130,7 +124,7 @@ def linear_one_cycle(total_steps: int, peak_lr: float, *, init_lr: float | None 
 def cosine_one_cycle(total_steps: int, peak_lr: float, *, pct_up: float = 0.3,
                      div_factor: float = 25.0, final_div_factor: float = 1e4) -> Schedule:
     """``optax.cosine_onecycle_schedule``: cosine ``peak/div -> peak -> peak/(div*final_div)``."""
-    total_steps = _positive_int("total_steps", total_steps)
+    total_steps = checks.positive_int(total_steps, "total_steps", "cosine_one_cycle")
     return optax.cosine_onecycle_schedule(total_steps, peak_lr, pct_start=pct_up,
                                           div_factor=div_factor,
                                           final_div_factor=final_div_factor)
@@ -144,10 +138,10 @@ def step_decay(lr: float, boundaries: Sequence[int], factor: float = 0.1, *,
     (``spe`` = steps per epoch). An optional linear warm-up from ``init_lr`` comes first
     (the boundaries count from step 0, warm-up included).
     """
-    bounds = [_positive_int("boundaries[i]", b) for b in boundaries]
+    bounds = [checks.positive_int(b, "boundaries[i]", "step_decay") for b in boundaries]
     if bounds != sorted(bounds):
         raise ValueError(f"step_decay: boundaries must be increasing, got {list(boundaries)}.")
-    warmup_steps = _positive_int("warmup_steps", warmup_steps, allow_zero=True)
+    warmup_steps = checks.positive_int(warmup_steps, "warmup_steps", allow_zero=True)
     decay = optax.piecewise_constant_schedule(lr, {b: factor for b in bounds})
     if not warmup_steps:
         return decay
@@ -169,7 +163,8 @@ def make_schedule(name: str, *, lr: float, total_steps: int, steps_per_epoch: in
     ``step``; the ``one_cycle_*`` arguments to ``one_cycle`` (``one_cycle_pct_up`` also to
     ``cosine_one_cycle``); ``decay_epochs`` / ``decay_factor`` to ``step``.
     """
-    spe = _positive_int("steps_per_epoch", steps_per_epoch)
+    checks.choice(name, SCHEDULES, "schedule", "make_schedule")
+    spe = checks.positive_int(steps_per_epoch, "steps_per_epoch", "make_schedule")
     warmup = int(round(warmup_epochs * spe))
     if name == "constant":
         return constant(lr)
@@ -184,39 +179,47 @@ def make_schedule(name: str, *, lr: float, total_steps: int, steps_per_epoch: in
     if name == "step":
         return step_decay(lr, [int(round(e * spe)) for e in decay_epochs], decay_factor,
                           warmup_steps=warmup, init_lr=warmup_init_lr)
-    raise ValueError(f"unknown schedule {name!r}; choose one of {list(SCHEDULES)}.")
+    raise AssertionError(name)  # unreachable: checked above
 
 
 # --------------------------------------------------------------------------------------
 # Weight decay with a switch for the norm layers' gamma / beta (paper 002, section 3.3).
 
 
-def norm_param_labels(params: Any) -> Any:
+def norm_param_labels(params: Any, norm_paths: Iterable[str]) -> Any:
     """Label every parameter ``"weight"``, ``"norm_scale"``, ``"norm_bias"`` or ``"norm_other"``.
 
-    A norm layer is recognised by its parameters: a module whose parameter names are all
-    among ``scale``, ``bias`` and ``lambda`` (flax's and seqnorm-jax's norm layers,
-    ``LayerNorm``, ``GNPlus``'s ``lambda``), with no ``kernel`` or ``embedding``. Its
-    ``scale`` is gamma, its ``bias`` beta; ``lambda`` is ``"norm_other"``. Everything else,
-    biases of ``Dense``/``Conv`` included, is ``"weight"``.
+    The norm layers are named by their module paths (``"stage1_block1/norm1"``, as
+    :func:`model_norm_paths` returns them): below such a path ``scale`` is gamma,
+    ``bias`` beta, and any other parameter (GN+'s ``lambda``) ``"norm_other"``.
+    Everything else, biases of ``Dense``/``Conv`` and modules that happen to own only a
+    ``scale`` or ``bias`` included, is ``"weight"``.
     """
+    norm = {tuple(p.split("/")) if isinstance(p, str) else tuple(p) for p in norm_paths}
 
-    def label(tree):
-        if not isinstance(tree, Mapping):
-            return "weight"
-        leaves = [k for k, v in tree.items() if not isinstance(v, Mapping)]
-        is_norm = bool(leaves) and len(leaves) == len(tree) and set(leaves) <= _NORM_PARAM_NAMES
-        out = {}
-        for k, v in tree.items():
-            if isinstance(v, Mapping):
-                out[k] = label(v)
-            elif is_norm:
-                out[k] = {"scale": "norm_scale", "bias": "norm_bias"}.get(k, "norm_other")
-            else:
-                out[k] = "weight"
-        return out
+    def label(path, leaf):
+        keys = tuple(_key_name(k) for k in path)
+        if any(keys[:i] in norm for i in range(len(keys))):
+            return {"scale": "norm_scale", "bias": "norm_bias"}.get(keys[-1], "norm_other")
+        return "weight"
 
-    return label(params)
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def _key_name(key: Any) -> str:
+    return str(getattr(key, "key", getattr(key, "name", key)))
+
+
+def model_norm_paths(model: nn.Module, sample_input: Any, **kwargs: Any) -> tuple[str, ...]:
+    """The module paths of ``model``'s norm layers (those that own parameters or not).
+
+    ``model.init`` is traced abstractly on ``sample_input`` (only its shape and dtype
+    matter; nothing is computed) with ``train=False`` and ``kwargs``; the registry
+    decides what a norm layer is (:func:`seqnorm_jax.registry.is_norm_layer`).
+    """
+    kwargs = {"train": False, **kwargs}
+    calls = norm_calls(lambda x: model.init(jax.random.key(0), x, **kwargs), sample_input)
+    return tuple(c.path for c in calls)
 
 
 class WeightDecayTowardsState(NamedTuple):
@@ -224,7 +227,7 @@ class WeightDecayTowardsState(NamedTuple):
 
 
 def weight_decay_towards(weight_decay: float | Schedule, *, norm_decay: str = "zero",
-                         labels: Callable[[Any], Any] | Any = norm_param_labels
+                         labels: Callable[[Any], Any] | Any = None
                          ) -> optax.GradientTransformation:
     """Add ``weight_decay * (param - target)`` to each update; the targets depend on the switch.
 
@@ -244,10 +247,18 @@ def weight_decay_towards(weight_decay: float | Schedule, *, norm_decay: str = "z
       weight_decay: the coefficient (a float or a schedule of the step count).
       norm_decay: ``"zero"``, ``"one"`` or ``"off"``.
       labels: a tree of labels like :func:`norm_param_labels` returns, or a callable
-        ``params -> labels`` (default :func:`norm_param_labels`).
+        ``params -> labels``; needed unless ``norm_decay="zero"`` (where every parameter
+        decays towards 0 alike).
+
+    Raises:
+      ValueError: ``norm_decay`` is not a mode, or it is ``"one"``/``"off"`` without
+        ``labels``.
     """
-    if norm_decay not in NORM_DECAY_MODES:
-        raise ValueError(f"norm_decay must be one of {list(NORM_DECAY_MODES)}, got {norm_decay!r}.")
+    checks.choice(norm_decay, NORM_DECAY_MODES, "norm_decay", "weight_decay_towards")
+    if labels is None and norm_decay != "zero":
+        raise ValueError(
+            f"weight_decay_towards: norm_decay={norm_decay!r} needs the norm layers' "
+            "parameters; pass labels=norm_param_labels(params, model_norm_paths(model, x)).")
     targets = {"weight": 0.0, "norm_scale": 1.0 if norm_decay == "one" else 0.0,
                "norm_bias": 0.0, "norm_other": 0.0}
     on = {"weight": True, "norm_scale": norm_decay != "off", "norm_bias": norm_decay != "off",
@@ -263,7 +274,10 @@ def weight_decay_towards(weight_decay: float | Schedule, *, norm_decay: str = "z
         if params is None:
             raise ValueError("weight_decay_towards needs the parameters: call "
                              "tx.update(grads, opt_state, params).")
-        tree_labels = labels(params) if callable(labels) else labels
+        if labels is None:
+            tree_labels = jax.tree_util.tree_map(lambda _: "weight", params)
+        else:
+            tree_labels = labels(params) if callable(labels) else labels
         if scheduled:
             wd = weight_decay(state.count)
             state = optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
@@ -286,7 +300,8 @@ def weight_decay_towards(weight_decay: float | Schedule, *, norm_decay: str = "z
 def make_optimizer(name: str, learning_rate: float | Schedule, *, momentum: float = 0.9,
                    weight_decay: float = 0.0, norm_decay: str = "zero",
                    grad_clip_norm: float | None = None, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
+                   eps: float = 1e-8, norm_paths: Iterable[str] | None = None
+                   ) -> optax.GradientTransformation:
     """An optax chain: ``[clip by global norm] -> [weight decay] -> optimizer``.
 
     Args:
@@ -302,9 +317,12 @@ def make_optimizer(name: str, learning_rate: float | Schedule, *, momentum: floa
       norm_decay: the switch for gamma/beta, see :func:`weight_decay_towards`.
       grad_clip_norm: clip the gradients to this global norm first (``None``: no clipping).
       b1, b2, eps: Adam's parameters.
+      norm_paths: the module paths of the model's norm layers
+        (:func:`model_norm_paths`), whose ``scale``/``bias`` follow ``norm_decay``;
+        needed with ``weight_decay`` unless ``norm_decay="zero"``.
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {list(OPTIMIZERS)}.")
+    checks.choice(name, OPTIMIZERS, "optimizer", "make_optimizer")
+    checks.choice(norm_decay, NORM_DECAY_MODES, "norm_decay", "make_optimizer")
     if name == "nesterov" and not momentum:
         raise ValueError("optimizer 'nesterov' needs momentum > 0; set momentum (e.g. 0.9) or "
                          "use optimizer 'sgd'.")
@@ -315,7 +333,15 @@ def make_optimizer(name: str, learning_rate: float | Schedule, *, momentum: floa
     parts = []
     if grad_clip_norm is not None:
         parts.append(optax.clip_by_global_norm(grad_clip_norm))
-    decay = [weight_decay_towards(weight_decay, norm_decay=norm_decay)] if weight_decay else []
+    decay = []
+    if weight_decay:
+        if norm_paths is None and norm_decay != "zero":
+            raise ValueError(
+                f"make_optimizer: norm_decay={norm_decay!r} needs the norm layers; pass "
+                "norm_paths=model_norm_paths(model, x).")
+        paths = None if norm_paths is None else tuple(norm_paths)
+        labels = None if paths is None else (lambda params: norm_param_labels(params, paths))
+        decay = [weight_decay_towards(weight_decay, norm_decay=norm_decay, labels=labels)]
     if name == "adam":
         parts += [*decay, optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
                   optax.scale_by_learning_rate(learning_rate)]

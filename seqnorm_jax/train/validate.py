@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from seqnorm_jax import registry
 from seqnorm_jax.distributed import batch_sharding, mesh_context, replicated_sharding
+from seqnorm_jax.train.compiled import init_accumulator
 from seqnorm_jax.train.state import create_train_state
-from seqnorm_jax.train.steps import _NORM_CLASSES, init_accumulator
 
 __all__ = ["check_norm_fields", "check_step"]
 
@@ -49,7 +50,7 @@ def check_norm_fields(module: nn.Module) -> None:
 
 
 def _check_fields(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and isinstance(context.module, _NORM_CLASSES):
+    if context.method_name == "__call__" and registry.is_norm_layer(context.module):
         check_norm_fields(context.module)
     return next_fun(*args, **kwargs)
 
