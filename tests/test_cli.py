@@ -97,7 +97,7 @@ def test_compare_end_to_end_tiny(tmp_path, capsys):
 
 
 def test_norms_flag_parsing():
-    from seqnorm_jax.cli import _parse_norms
+    from seqnorm_jax.cli import parse_norms as _parse_norms
 
     assert _parse_norms("bn,seqnorm:channel_groups=4,batch_groups=8,gn+") == [
         "bn", "seqnorm:channel_groups=4,batch_groups=8", "gn+"]
@@ -106,7 +106,8 @@ def test_norms_flag_parsing():
 
 
 def test_compare_default_specs_fit_the_model():
-    from seqnorm_jax.train import default_norm_specs, norm_channels
+    from seqnorm_jax.studies.compare import default_norm_specs
+    from seqnorm_jax.studies.compare import model_norm_widths as norm_channels
 
     channels = norm_channels(TrainConfig(model="simplenet"), (28, 28, 1), 10)
     assert channels == [512, 300]
@@ -145,6 +146,13 @@ def test_bad_flags_exit_2_with_one_line(argv, needle, capsys):
     (["train", *TINY, "--config", "missing.json"], "--config: no such file 'missing.json'"),
     (["compare", *TINY, "--seeds", "0", "--epochs", "1"], "--seeds '0': the count must be >= 1"),
     (["eval", "--run", "nowhere"], "'nowhere' has no config.json"),
+    # misspelled names: the closest one is suggested
+    (["train", *TINY, "--model", "mpl"], "--model: unknown model 'mpl'"),
+    (["train", *TINY, "--model", "mpl"], "Did you mean 'mlp'?"),
+    (["train", *TINY, "--dataset", "digit"], "Did you mean 'digits'?"),
+    (["train", *TINY, "--norm", "seqnorm:chanel_groups=2"], "Did you mean 'channel_groups'?"),
+    (["compare", *TINY, "--norms", "bn,ghots", "--seeds", "0,"], "Did you mean 'ghost'?"),
+    (["tune", *TINY, "--metric", "eval_acuracy"], "Did you mean 'eval_accuracy'?"),
 ])
 def test_bad_settings_exit_2_with_one_line(argv, needle, tmp_path, capsys):
     if argv[0] == "train":
@@ -165,7 +173,48 @@ def test_missing_dataset_exit_2_names_it(tmp_path, capsys):
                                 "--out", str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     assert "dataset 'cifar10' not found" in err and "Ways to get it" in err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "Traceback" not in err
+    # the message's lists keep their lines: one error line, then one line per item
+    lines = err.splitlines()
+    assert lines[0].startswith("seqnorm-jax train: error: dataset 'cifar10' not found")
+    assert [ln.split(".")[0].strip() for ln in lines if ln.startswith("  1.")
+            or ln.startswith("  2.")] == ["1", "2"]
+    assert lines[lines.index("Tried:") + 1].startswith("  - ")
+
+
+def test_digits_without_scikit_learn_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    code, _, err = run(capsys, ["train", *TINY, "--out", str(tmp_path / "o")])
+    assert code == 2 and "Traceback" not in err
+    assert "dataset 'digits' not found" in err and "scikit-learn is not importable" in err
+    assert "`pip install scikit-learn`" in err
+
+
+def test_help_shows_descriptions_and_defaults(capsys):
+    for argv in (["--help"], ["train", "--help"], ["compare", "--help"], ["tune", "--help"],
+                 ["experiment", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert "``" not in out and ":func:" not in out, argv
+        text = " ".join(out.split())  # argparse wraps help lines
+        if argv[0] == "--help":
+            assert "exit status:" in text and "seqnorm-jax experiment --list" in text
+        elif argv[0] == "train":
+            assert ("--seed N seeds the initialisation, the per-step random numbers and the "
+                    "data order (default: 0)") in text
+            assert "--lr X peak (cosine, one-cycle) or initial (step, constant) learning rate " \
+                   "(default: 0.05)" in text
+            assert "--progress, --no-progress show progress bars (default: on)" in text
+        elif argv[0] == "compare":  # compare's own defaults, not TrainConfig's
+            assert "--model NAME" in text and "(default: simplenet)" in text
+            assert "--epochs N passes over the training set (default: 4)" in text
+        elif argv[0] == "tune":
+            assert "(default: 1,2,4,8,16)" in text and "(default: eval_accuracy)" in text
+        else:
+            assert "(default: cpu)" in text
 
 
 def test_python_dash_m_entry_point():

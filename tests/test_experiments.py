@@ -1,12 +1,16 @@
-"""The paper experiment configs: every one loads at every scale and passes its smoke run.
+"""The paper experiment configs: every one loads at every scale, every smoke run's model
+and norm layer fit its mock batch, and one config of each kind passes its smoke run.
 
 The smoke run trains each run of a config for two steps of a tiny model on mock data
-(``experiments/configs/*.json``, section ``"smoke"``) and checks the outputs the real run
-writes: the results files, the plots and finite numbers.
+(``seqnorm_jax/studies/configs/*.json``, section ``"smoke"``) and checks the outputs the
+real run writes: the results files, the plots and finite numbers. Every kind's hooks,
+analysis, summary and plots run in one of them (:data:`SMOKE_RUNS`); the other configs
+differ only in settings, which the cheap fit check covers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -14,13 +18,20 @@ import os
 import numpy as np
 import pytest
 
-from seqnorm_jax import experiment
-from seqnorm_jax.experiment import Experiment, load_experiment, mock_sources, run_experiment
+from seqnorm_jax.studies import experiment
+from seqnorm_jax.studies.engine import mock_sources
+from seqnorm_jax.studies.experiment import Experiment, load_experiment, run_experiment
+from seqnorm_jax.studies.kinds import KINDS
+from seqnorm_jax.studies.report import accuracy_name
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
-CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".json")) if os.path.isdir(
-    CONFIG_DIR) else []
+CONFIG_DIR = os.path.join(os.path.dirname(experiment.__file__), "configs")
+CONFIGS = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+# One config per kind, end to end: compare with a validation hold-out and a sweep (the
+# test split scored at the end), landscape, fluctuation, example weighing with the alpha
+# chosen on validation, output range, and the tuner.
+SMOKE_RUNS = ["002_ghost_batch_size_sweep.json", "000_fig2_a3_mnist_simplenet_landscape.json",
+              "003_fluctuation_mlp4.json", "002_example_weight_sweep.json",
+              "002_output_range_bound.json", "000_tuning_strategy.json"]
 KIND_PLOTS = {"landscape": "landscape.png", "fluctuation": "fluctuation.png",
               "example_weight": "example_weight.png", "output_range": "output_range.png"}
 
@@ -30,7 +41,8 @@ def test_the_papers_tables_and_figures_all_have_a_config():
     papers = {n[:3] for n in names}
     assert {"000", "002", "003", "004"} <= papers
     kinds = {load_experiment(os.path.join(CONFIG_DIR, f)).kind for f in CONFIGS}
-    assert set(experiment.KINDS) <= kinds
+    assert set(KINDS) <= kinds
+    assert {load_experiment(os.path.join(CONFIG_DIR, f)).kind for f in SMOKE_RUNS} == set(KINDS)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -49,30 +61,81 @@ def test_config_loads_at_every_scale(name):
         assert {c.dataset for _, c in cpu.configs()} <= {"fashion_mnist", "digits"}
     smoke = exp.resolve("smoke")
     assert len(smoke.seeds) == 1 and smoke.base["epochs"] == 1
+    if exp.kind != "tune":
+        _check_smoke_runs_fit(smoke)
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+def _check_smoke_runs_fit(smoke):
+    """Each smoke run's model and norm layer on its mock batch: one abstract training
+    forward pass (the layers check their groups against the batch and the widths)."""
+    import jax
+    from flax import linen as nn
+
+    from seqnorm_jax.data import dataset_info
+    from seqnorm_jax.registry import NormSpec
+    from seqnorm_jax.train import build_model
+
+    for run, config in smoke.configs():
+        NormSpec.parse(config.norm)
+        info = dataset_info(config.dataset)
+        shape = tuple(smoke.image_shape or info.image_shape)
+        model = build_model(config, info.num_classes)
+        x = jax.ShapeDtypeStruct((config.batch_size // config.grad_accum_steps, *shape),
+                                 np.float32)
+
+        def forward(x):
+            variables = model.init(jax.random.key(0), x, train=False)
+            return model.apply(variables, x, train=True, mutable=["batch_stats"],
+                               rngs={"noise": jax.random.key(1)})
+
+        out, _ = jax.eval_shape(forward, x)
+        assert out.shape == (x.shape[0], info.num_classes), (run["label"], out.shape)
+        assert isinstance(model, nn.Module)
+
+
+def _lean(smoke):
+    """The smoke scale with fewer runs: the first run and the baseline (paired differences
+    need both); the tuner with one candidate per stage. The code paths stay the same."""
+    baseline = smoke.analysis.get("baseline")
+    runs = [r for i, r in enumerate(smoke.runs) if i == 0 or r["label"] == baseline]
+    analysis = {k: (v[:1] if k in ("batch_groups", "channel_groups") else v)
+                for k, v in smoke.analysis.items()}
+    return dataclasses.replace(smoke, runs=runs, analysis=analysis)
+
+
+@pytest.mark.parametrize("name", SMOKE_RUNS)
 def test_config_smoke_run(name, tmp_path):
     exp = load_experiment(os.path.join(CONFIG_DIR, name))
+    smoke = _lean(exp.resolve("smoke"))
     out = tmp_path / exp.name
-    payload = run_experiment(exp, "smoke", out, progress=False, command=f"smoke {name}")
+    payload = run_experiment(smoke, out_dir=out, progress=False, command=f"smoke {name}")
     assert (out / "results.json").exists()
     saved = json.loads((out / "results.json").read_text())
     assert saved["experiment"]["scale"] == "smoke"
     if exp.kind == "tune":
         tune = saved["tune"]
-        assert tune["batch_groups"] in exp.resolve("smoke").analysis["batch_groups"]
+        assert tune["batch_groups"] in smoke.analysis["batch_groups"]
         ran = [r for r in tune["stage1"] + tune["stage2"] if r["status"] == "ok"]
-        assert tune["num_runs"] == len(ran) * len(exp.resolve("smoke").seeds)
+        assert tune["num_runs"] == len(ran) * len(smoke.seeds) == 2
         return
-    labels = [r["label"] for r in exp.resolve("smoke").runs]
+    labels = [r["label"] for r in smoke.runs]
     assert [r["label"] for r in payload["summary"]] == labels
+    # a run that validates on a hold-out names its accuracy after it (not "test")
+    acc = accuracy_name("validation" if smoke.base.get("validation_size") else "test")
     for row in payload["summary"]:
-        assert 0.0 <= row["test_accuracy_mean"] <= 1.0
+        assert 0.0 <= row[f"{acc}_mean"] <= 1.0
         assert math.isfinite(row["train_loss_mean"]), row
+        if acc == "val_accuracy":
+            assert "test_accuracy_mean" not in row
+            if KINDS[exp.kind].scores_test:  # example weighing scores its chosen alpha instead
+                assert 0.0 <= row["final_test_accuracy_mean"] <= 1.0
+    if smoke.analysis.get("baseline"):  # paired by seed against the baseline run
+        assert all("delta_vs_baseline_accuracy_mean" in row for row in payload["summary"])
+    with open(out / "results.csv") as f:
+        assert f"{acc}_mean" in f.readline().split(",")
     for f in ("results.csv", "results.md", "curves.png", KIND_PLOTS.get(exp.kind, "curves.png")):
         assert (out / f).stat().st_size > 0, f
-    if any(r.get("x") is not None for r in exp.resolve("smoke").runs):
+    if any(r.get("x") is not None for r in smoke.runs):
         assert (out / "sweep.png").stat().st_size > 0
 
 
@@ -111,6 +174,21 @@ def test_scales_merge_base_runs_seeds(tmp_path):
     assert exp.base["epochs"] == 3, "resolving must not change the loaded config"
 
 
+def test_a_resolved_experiment_keeps_its_scale(tmp_path, monkeypatch):
+    exp = load_experiment(_write(tmp_path))
+    smoke = exp.resolve("smoke")
+    # scale is a field: dataclasses.replace keeps it, and the experiment runs at it
+    assert dataclasses.replace(smoke).scale == "smoke"
+    with pytest.raises(ValueError, match="already resolved at scale 'smoke'"):
+        run_experiment(smoke, "cpu")
+    monkeypatch.chdir(tmp_path)
+    run_experiment(dataclasses.replace(smoke, seeds=[3]), progress=False)
+    saved = json.loads((tmp_path / "runs" / "experiments" / "t" / "smoke" /
+                        "results.json").read_text())
+    assert saved["experiment"]["scale"] == "smoke" and saved["experiment"]["seeds"] == [3]
+    assert saved["experiment"]["base"]["epochs"] == 1 and saved["summary"][0]["seeds"] == 1
+
+
 @pytest.mark.parametrize("changes, match", [
     ({"kind": "grid"}, r"kind='grid'; choose one of \['compare'"),
     ({"name": "other"}, "name='other' must equal the file name 't'"),
@@ -141,7 +219,7 @@ def test_missing_scale_and_bad_scale(tmp_path):
     exp = load_experiment(_write(tmp_path, cpu=None))
     with pytest.raises(ValueError, match="has no 'cpu' section"):
         exp.resolve("cpu")
-    with pytest.raises(ValueError, match=r"scale='huge'"):
+    with pytest.raises(ValueError, match=r"scale must be one of .*, got 'huge'"):
         exp.resolve("huge")
 
 
@@ -192,12 +270,16 @@ def test_cpu_run_on_real_digits_writes_tables_and_sweep(tmp_path):
         run_experiment(exp, "cpu", tmp_path / "out", replot=True)
 
 
-def test_cli_experiment_list_run_and_errors(tmp_path, capsys):
+def test_cli_experiment_list_run_and_errors(tmp_path, capsys, monkeypatch):
     from seqnorm_jax.cli import main
 
     assert main(["experiment", "--list", "--configs-dir", CONFIG_DIR]) == 0
     out = capsys.readouterr().out
     assert all(f"| {os.path.splitext(f)[0]} |" in out for f in CONFIGS)
+    # the packaged configs, from any directory
+    monkeypatch.chdir(tmp_path)
+    assert main(["experiment", "--list"]) == 0
+    assert capsys.readouterr().out == out
     path = _write(tmp_path)
     assert main(["experiment", str(path), "--scale", "smoke", "--out",
                  str(tmp_path / "s")]) == 0
@@ -206,6 +288,8 @@ def test_cli_experiment_list_run_and_errors(tmp_path, capsys):
         == "bn"
     assert main(["experiment", str(tmp_path / "missing.json")]) == 2
     assert "no such experiment config" in capsys.readouterr().err
+    assert main(["experiment", "002_ghost_batch_sise_sweep", "--scale", "smoke"]) == 2
+    assert "Did you mean '002_ghost_batch_size_sweep'?" in capsys.readouterr().err
     assert main(["experiment"]) == 2
     assert "give an experiment config" in capsys.readouterr().err
     assert main(["experiment", str(path), "--seeds", "x"]) == 2

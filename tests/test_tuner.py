@@ -1,4 +1,4 @@
-"""Paper 000's sequential SeqNorm tuner (``seqnorm_jax.analysis.tuner``) and ``seqnorm-jax tune``.
+"""Paper 000's sequential SeqNorm tuner (``seqnorm_jax.studies.tune``) and ``seqnorm-jax tune``.
 
 The selection rule is checked on hand-made rows and against a brute-force reference on
 random rows; the candidate filters on their own; the tuner end to end on scikit-learn's
@@ -14,15 +14,21 @@ import numpy as np
 import pytest
 
 from seqnorm_jax import data
-from seqnorm_jax.analysis.tuner import (
+from seqnorm_jax.cli import main
+from seqnorm_jax.registry import NormSpec
+from seqnorm_jax.studies import (
     TuneResult,
     select,
     sequential_tune,
     valid_batch_groups,
     valid_channel_groups,
 )
-from seqnorm_jax.cli import main
 from seqnorm_jax.train import TrainConfig
+
+
+def spec(text):
+    """A norm spec as the tuner writes it (parsed once, printed back)."""
+    return str(NormSpec.parse(text))
 
 TINY = dict(model="mlp", model_kwargs={"features": [16]}, dataset="digits", epochs=1,
             batch_size=32, eval_batch_size=256, lr=0.2, progress=False)
@@ -162,11 +168,11 @@ def test_sequential_tune_end_to_end_digits(tmp_path):
         (1, "ok"), (2, "ok"), (32, "skipped")]
     assert "does not divide" in result.stage1[2]["reason"]
     g = result.batch_groups
-    assert all(r["spec"] == f"seqnorm:channel_groups={r['value']},batch_groups={g},momentum=0.9"
-               for r in result.stage2)
-    assert result.stage1[0]["spec"] == "ghost:batch_groups=1,momentum=0.9"
-    assert result.spec == (f"seqnorm:channel_groups={result.channel_groups},batch_groups={g},"
-                           "momentum=0.9")
+    assert all(r["spec"] == spec(f"seqnorm:channel_groups={r['value']},batch_groups={g},"
+                                 "momentum=0.9") for r in result.stage2)
+    assert result.stage1[0]["spec"] == spec("ghost:batch_groups=1,momentum=0.9")
+    assert result.spec == spec(f"seqnorm:channel_groups={result.channel_groups},"
+                               f"batch_groups={g},momentum=0.9")
     assert result.config.norm == result.spec and result.config.validation_size is None
 
     # the stage rows against the per-run metrics that compare wrote, and the choice
@@ -179,6 +185,10 @@ def test_sequential_tune_end_to_end_digits(tmp_path):
         assert written["settings"]["config"]["validation_size"] == n_val
         ok = [r for r in stage if r["status"] == "ok"]
         assert sorted(written["specs"]) == sorted(r["spec"] for r in ok)
+        # the runs validated on the hold-out: the columns say so
+        assert all(row["val_accuracy_mean"] is not None and "test_accuracy_mean" not in row
+                   for row in written["summary"])
+        assert "| validation accuracy (mean +- std) |" in (out / sub / "results.md").read_text()
         for r in ok:
             finals = [run["eval_accuracy"][-1] for run in written["runs"]
                       if run["spec"] == r["spec"]]
@@ -220,7 +230,8 @@ def test_cli_tune_digits(tmp_path, capsys):
         round(0.1 * len(data.load("digits", "train")))
     assert saved["spec"].startswith("seqnorm:channel_groups=2,batch_groups=")
     assert f"chosen: {saved['spec']} (3 runs" in stdout
-    assert "| 1 | `ghost:batch_groups=1` |" in stdout and "skipped: does not divide" in stdout
+    assert f"| 1 | `{spec('ghost:batch_groups=1')}` |" in stdout
+    assert "skipped: does not divide" in stdout
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -11,9 +11,10 @@
   4.6): the Trainer hook :class:`StatisticsRecorder`, :func:`plot_fluctuation`;
 * :mod:`~seqnorm_jax.analysis.example_weight` -- the inference example weighing sweep of
   paper 002, also retroactive on a run directory: :func:`example_weight_sweep`,
-  :func:`sweep_run`, :func:`best_example_weight`, :func:`plot_example_weight`;
-* :mod:`~seqnorm_jax.analysis.tuner` -- paper 000's sequential tuning of ``G_M`` then
-  ``G_C``: ``sequential_tune``, ``TuneResult``.
+  :func:`sweep_run`, :func:`best_example_weight`, :func:`plot_example_weight`.
+
+Paper 000's sequential tuner trains rather than analyses: it is
+:func:`seqnorm_jax.studies.sequential_tune`.
 
 Trainer hooks are passed as ``Trainer(config, step_hooks=[recorder])``; each is called
 as ``hook(state, batch, step)`` before every optimizer step.
@@ -46,7 +47,6 @@ from seqnorm_jax.analysis.output_range import (
     plot_output_range,
 )
 from seqnorm_jax.analysis.plots import mean_std, moving_average
-from seqnorm_jax.analysis.tuner import TuneResult, sequential_tune
 
 __all__ = [
     "NORM_TYPES",
@@ -54,7 +54,6 @@ __all__ = [
     "STAT_NAMES",
     "LandscapeRecorder",
     "StatisticsRecorder",
-    "TuneResult",
     "best_example_weight",
     "example_weight_sweep",
     "input_statistics",
@@ -68,7 +67,6 @@ __all__ = [
     "plot_fluctuation",
     "plot_landscape",
     "plot_output_range",
-    "sequential_tune",
     "summarize_landscape",
     "sweep_run",
 ]

@@ -1,0 +1,90 @@
+"""The ``seqnorm-jax`` command line: ``train``, ``eval``, ``compare``, ``tune`` and ``experiment``.
+
+``seqnorm-jax --help`` lists the commands with examples; ``seqnorm-jax COMMAND --help``
+lists a command's flags with their defaults. Every field of
+:class:`~seqnorm_jax.train.TrainConfig` is a flag (``--batch-size``,
+``--norm-weight-decay``, ...); ``--config FILE`` loads a JSON config first and the flags
+given override it. ``python -m seqnorm_jax`` is the same command.
+
+Exit status: 0 done; 2 an ``error:`` message on stderr -- invalid flags, configurations
+or norm specs (checked before any training), a missing dataset, a run folder in use by
+another run, a resume whose config differs, or a file that cannot be written
+(``error: <path>: <cause>``; the last checkpoint written stays usable); 3 a training run
+diverged (``diverged at step N (loss nan)`` on stderr; the last finite state is
+checkpointed); 130 interrupted. ``--traceback`` shows the Python traceback instead.
+
+Layout: :mod:`~seqnorm_jax.cli.parser` builds the parser (flags, help, defaults) and
+parses flag values; :mod:`~seqnorm_jax.cli.commands` runs each command; this module
+runs a command and turns its errors into the ``error:`` message and the exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Sequence
+
+from seqnorm_jax.cli.commands import COMMANDS, DIVERGED
+from seqnorm_jax.cli.parser import (
+    COMPARE_DEFAULTS,
+    build_parser,
+    parse_groups,
+    parse_norms,
+    parse_seeds,
+)
+
+__all__ = ["COMPARE_DEFAULTS", "DIVERGED", "build_parser", "error_text", "main",
+           "parse_groups", "parse_norms", "parse_seeds"]
+
+
+def error_text(err: BaseException) -> str:
+    """An exception's message for the ``error:`` line: blank lines and trailing spaces
+    dropped, line breaks kept (numbered lists, "Tried:" sections stay one item a line)."""
+    text = str(err) or type(err).__name__
+    return "\n".join(ln.rstrip() for ln in text.strip().splitlines() if ln.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        from absl import logging as absl_logging
+
+        # TFDS's notes about absent folders; Orbax's logs of a failed background write
+        # (the failure is reported once, as this command's error line)
+        absl_logging.set_verbosity(absl_logging.FATAL)
+    except ImportError:  # pragma: no cover - absl comes with jax's dependencies
+        pass
+    from seqnorm_jax.data import DatasetNotFoundError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, DatasetNotFoundError, FileNotFoundError) as err:
+        if args.traceback:
+            raise
+        print(f"seqnorm-jax {args.command}: error: {error_text(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file or folder of the run cannot be written
+        if args.traceback:
+            raise
+        text = (f"{err.filename}: {err.strerror}" if getattr(err, "filename", None)
+                and err.strerror else error_text(err))
+        print(f"seqnorm-jax {args.command}: error: {text}", file=sys.stderr)
+        _exit_if_stuck(2)
+        return 2
+    except KeyboardInterrupt:
+        print(f"seqnorm-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _exit_if_stuck(code: int) -> None:
+    """End the process now if a write fault left non-daemon threads behind (Orbax's
+    background writers), which would otherwise keep the interpreter from exiting."""
+    stuck = [t for t in threading.enumerate()
+             if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

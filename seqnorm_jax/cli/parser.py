@@ -1,0 +1,409 @@
+"""The ``seqnorm-jax`` argument parser: one sub-command per job, one flag per config field."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["COMPARE_DEFAULTS", "COMPARE_SEEDS", "build_parser", "parse_groups", "parse_norms",
+           "parse_seeds"]
+
+# The default `compare`: paper 000's MNIST network (SimpleNet, 784-512-300-10) on all of
+# Fashion-MNIST (60k/10k), 7 layers x 3 seeds x 4 epochs. Measured with 3 epochs on 2 CPU
+# cores shared with other jobs (load ~7): 424 s of CPU time, 11.5 min of wall time; so 4
+# epochs take ~565 s of CPU time, about 8 minutes on 2 otherwise idle cores.
+COMPARE_DEFAULTS: dict[str, Any] = dict(
+    model="simplenet", dataset="fashion_mnist", epochs=4, batch_size=128, lr=0.05,
+    optimizer="sgd", momentum=0.9, schedule="cosine", weight_decay=5e-4, log_every=100,
+    eval_batch_size=2000,
+)
+COMPARE_SEEDS = 3
+
+# The default `tune` (paper 000, 3.2.1): compare's settings, G_M then G_C, on a validation
+# set the tuner holds out of the training set (10 %) when --validation-size is not given.
+TUNE_BATCH_GROUPS = "1,2,4,8,16"
+TUNE_CHANNEL_GROUPS = "1,2,4,8,16,32"
+
+DESCRIPTION = """\
+Train and compare batch- and channel-grouped normalization layers (GhostNorm, SeqNorm,
+"Four Things", Heterologous Normalization, GN+, BGN) and reproduce the papers' tables
+and figures. `seqnorm-jax COMMAND --help` lists a command's flags and their defaults."""
+
+EPILOG = """\
+examples:
+  seqnorm-jax compare                                  # the default comparison, ~10 min on CPU
+  seqnorm-jax compare --model cnn --norms bn,ghost,seqnorm --seeds 3 --epochs 5
+  seqnorm-jax train --model cnn --norm ghost:batch_groups=8 --epochs 5 --out runs/ghost
+  seqnorm-jax train --config runs/ghost/config.json --resume --out runs/ghost
+  seqnorm-jax eval --run runs/ghost --example-weight 0 0.1 0.2
+  seqnorm-jax tune --batch-groups 1,2,4,8,16 --channel-groups 1,2,4 --seeds 3
+  seqnorm-jax experiment --list
+  seqnorm-jax experiment 002_ghost_batch_size_sweep --scale cpu
+
+exit status:
+  0    done
+  2    an error line on stderr: invalid flags, configurations or norm specs (checked
+       before any training), a missing dataset, a run folder in use, a resume whose
+       config differs, or a file that cannot be written
+  3    a training run diverged (the last finite state is checkpointed)
+  130  interrupted"""
+
+# What each TrainConfig flag sets (argparse adds the default).
+HELP: dict[str, str] = {
+    "model": "model to train: simplenet, mlp, mlp4, cnn, resnet20, resnet56, wrn28_10, "
+             "resnet18, resnet50 or vgg11",
+    "norm": "norm layer spec NAME[:KEY=VALUE,...], e.g. seqnorm:channel_groups=4,"
+            "batch_groups=8, or none",
+    "model_kwargs": "extra model fields as KEY=VALUE; a comma makes a list (features=16,32,32, "
+                    "or features=16, for one element)",
+    "dtype": "compute dtype; bfloat16 is mixed precision (float32 parameters)",
+    "dataset": "dataset: fashion_mnist, mnist, cifar10, cifar100, imagenet2012 or digits "
+               "(scikit-learn's 8x8 digits)",
+    "data_dir": "folder of the dataset (TFDS data_dir, IDX or CIFAR files)",
+    "data_source": "reader: auto, tfds, idx, cifar or digits",
+    "train_size": "train on a stratified random subset of this many examples",
+    "validation_size": "hold out this many training examples and evaluate on them instead "
+                       "of --eval-split",
+    "eval_split": "split evaluated after each epoch",
+    "augment": "training augmentation: none, flip_crop, flip_crop_cutout, imagenet or default",
+    "non_iid_classes": "non-i.i.d. batches drawn from this many classes (paper 002)",
+    "data_workers": "Grain worker processes preparing training batches (0: none)",
+    "epochs": "passes over the training set",
+    "batch_size": "global batch size, over all devices",
+    "eval_batch_size": "batch size of the evaluation",
+    "grad_accum_steps": "accumulate gradients over this many micro-batches per step",
+    "optimizer": "optimizer; adam has coupled L2, adamw decoupled weight decay",
+    "lr": "peak (cosine, one-cycle) or initial (step, constant) learning rate",
+    "momentum": "SGD momentum",
+    "b1": "Adam's first-moment decay",
+    "b2": "Adam's second-moment decay",
+    "schedule": "learning-rate schedule",
+    "warmup_epochs": "epochs of linear warm-up before the cosine decay",
+    "warmup_init_lr": "learning rate at the start of the warm-up",
+    "end_lr": "learning rate at the end of the cosine decay",
+    "one_cycle_init_lr": "one-cycle: first learning rate (none: lr / 25)",
+    "one_cycle_final_lr": "one-cycle: last learning rate (none: the initial one / 1e4)",
+    "one_cycle_pct_up": "one-cycle: share of the steps rising to lr",
+    "one_cycle_pct_down": "one-cycle: share of the steps falling back",
+    "decay_epochs": "step schedule: epochs at which lr is multiplied by --decay-factor",
+    "decay_factor": "step schedule: the factor applied at each of --decay-epochs",
+    "weight_decay": "L2 (SGD, Adam) or decoupled (AdamW) weight decay",
+    "norm_weight_decay": "decay of the norm layers' gamma/beta: towards zero, towards one "
+                         "(gamma), or off (paper 002)",
+    "grad_clip_norm": "clip gradients to this global norm (none: off)",
+    "output_noise_mean": "mean of the Gaussian noise added to every norm layer's output in "
+                         "training (paper 004)",
+    "output_noise_std": "std of that noise (0 with mean 0: off)",
+    "example_weight": "'Four Things' inference example weight alpha of the evaluation",
+    "seed": "seeds the initialisation, the per-step random numbers and the data order",
+    "log_every": "write a training metrics row every this many steps",
+    "checkpoint_every": "also checkpoint every this many steps (none: at epoch ends only)",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "progress": "show progress bars",
+    "on_divergence": "at a non-finite loss: stop (keep and checkpoint the last finite state) "
+                     "or continue",
+}
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Flags in a column wide enough for ``--one-cycle-final-lr`` and its value."""
+
+    def __init__(self, prog: str, **kwargs):
+        kwargs.setdefault("max_help_position", 32)
+        kwargs.setdefault("width", 100)
+        super().__init__(prog, **kwargs)
+
+
+class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level help: description and epilog as written (line breaks kept)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (exit status 2) and :class:`HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _none_or(cast):
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "null", "") else cast(text)
+    parse.__name__ = cast.__name__
+    return parse
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``"features=16,32"`` -> ``("features", [16, 32])``; ``"depth=20"`` -> ``("depth", 20)``
+    (values as in norm specs)."""
+    from seqnorm_jax.registry import parse_value
+
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    if "," in value:
+        return key.strip(), [parse_value(v) for v in value.split(",") if v.strip()]
+    return key.strip(), parse_value(value)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from seqnorm_jax.train import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
+    from seqnorm_jax.train.config import ON_DIVERGENCE
+
+    return {"optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+            "norm_weight_decay": NORM_DECAY_MODES, "dtype": ("float32", "bfloat16"),
+            "on_divergence": ON_DIVERGENCE}
+
+
+_METAVARS = {"int": "N", "float": "X", "str": "NAME"}
+_FIELD_METAVARS = {"norm": "SPEC", "data_dir": "DIR", "eval_split": "SPLIT"}
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, dict)) and not value:
+        return "none"
+    return "none" if value is None else str(value)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
+                     defaults: Mapping[str, Any] | None = None) -> None:
+    """One flag per TrainConfig field, its help ending with the default (``defaults`` over
+    TrainConfig's). The parsed values default to SUPPRESS, so only given flags are seen."""
+    from seqnorm_jax.train import TrainConfig
+
+    group = parser.add_argument_group("training configuration (TrainConfig fields; --config "
+                                      "loads them from JSON first)")
+    choices = _choices()
+    config = TrainConfig(**(defaults or {}))
+    types = {"int": int, "float": float, "str": str}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
+        kind = str(field.type).replace(" ", "")
+        help_ = f"{HELP[field.name]} (default: {_default_text(getattr(config, field.name))})"
+        common = dict(dest=field.name, default=argparse.SUPPRESS, help=help_)
+        if kind == "bool":
+            group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
+                               **common)
+        elif kind in types:
+            group.add_argument(_flag(field.name), type=types[kind],
+                               choices=choices.get(field.name),
+                               metavar=None if field.name in choices else
+                               _FIELD_METAVARS.get(field.name, _METAVARS[kind]), **common)
+        elif kind.endswith("|None") and kind.split("|")[0] in types:
+            group.add_argument(_flag(field.name), type=_none_or(types[kind.split("|")[0]]),
+                               metavar=_FIELD_METAVARS.get(field.name,
+                                                           _METAVARS[kind.split("|")[0]]),
+                               **common)
+        elif kind == "list[float]":
+            group.add_argument(_flag(field.name), type=float, nargs="*", metavar="EPOCH",
+                               **common)
+        elif kind == "dict[str,Any]":
+            group.add_argument(_flag(field.name), type=_key_value, nargs="+",
+                               metavar="KEY=VALUE", **common)
+        else:  # pragma: no cover - a new field type must be mapped here
+            raise TypeError(f"cli: no flag type for TrainConfig.{field.name}: {field.type}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``seqnorm-jax`` argument parser (``train``, ``eval``, ``compare``, ``tune``,
+    ``experiment``)."""
+    parser = Parser(prog="seqnorm-jax", description=DESCRIPTION, epilog=EPILOG,
+                    formatter_class=RawHelpFormatter)
+    parser.add_argument("--traceback", action="store_true",
+                        help="show Python tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
+                                metavar="COMMAND", title="commands")
+    _train_parser(sub)
+    _eval_parser(sub)
+    _compare_parser(sub)
+    _tune_parser(sub)
+    _experiment_parser(sub)
+    return parser
+
+
+def _train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train one model with one norm layer",
+                           description="Train a model with one norm layer; evaluate after "
+                                       "every epoch; write config.json, the metrics and Orbax "
+                                       "checkpoints to --out. Flags override --config.")
+    train.add_argument("--config", metavar="FILE", help="JSON TrainConfig file (flags override it)")
+    train.add_argument("--out", required=True, metavar="DIR",
+                       help="output folder (config.json, metrics, checkpoints)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the newest intact checkpoint in --out; the config "
+                            "must equal the saved one except epochs, progress, log_every, "
+                            "checkpoint_every, keep_checkpoints, data_workers, "
+                            "eval_batch_size, on_divergence, data_dir")
+    train.add_argument("--allow-change", default="", metavar="FIELD,...",
+                       help="with --resume: accept these changed config fields (e.g. lr)")
+    train.add_argument("--mesh", default="auto", choices=("auto", "explicit"),
+                       help="axis type of the data mesh over all devices; explicit is "
+                            "jax.make_mesh's default, sharding in types (default: auto)")
+    add_config_flags(train)
+
+
+def _eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint of a train run",
+                        description="Evaluate the checkpoint of a `train` output folder; one "
+                                    "JSON line per example weight.")
+    ev.add_argument("--run", required=True, metavar="DIR",
+                    help="the --out folder of a train run")
+    ev.add_argument("--split", default=None,
+                    help="split to evaluate, e.g. test or train[:1000] (default: the run's "
+                         "evaluation split)")
+    ev.add_argument("--step", type=int, default=None,
+                    help="checkpoint step (default: the newest)")
+    ev.add_argument("--example-weight", type=float, nargs="+", default=[0.0], metavar="ALPHA",
+                    help="'Four Things' example weight(s) in [0, 1]; several values are "
+                         "evaluated in turn, a line search (default: 0)")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help="evaluation batch size (default: the run's)")
+    ev.add_argument("--data-dir", default=None, metavar="DIR",
+                    help="read the dataset from here instead of the run's data folder")
+
+
+def _study_flags(parser, out: str) -> None:
+    """``--config``, ``--out`` and ``--seeds`` of the studies (compare, tune)."""
+    parser.add_argument("--config", metavar="FILE",
+                        help="JSON TrainConfig file for the shared settings")
+    parser.add_argument("--out", default=out, metavar="DIR", help=f"output folder (default: {out})")
+    parser.add_argument("--seeds", default=str(COMPARE_SEEDS), metavar="N|S,...",
+                        help="a count N (seeds 0..N-1) or a comma-separated list of seeds "
+                             f"(default: {COMPARE_SEEDS})")
+
+
+def _compare_parser(sub) -> None:
+    from seqnorm_jax.studies.compare import DEFAULT_NORMS, LABELS
+
+    cmp_ = sub.add_parser(
+        "compare", help="compare norm layers on one model over several seeds",
+        description="Train the same model with several norm layers and seeds; write "
+                    "results.json, results.csv, results.md and curves.png to --out. Its "
+                    "defaults train paper 000's SimpleNet on Fashion-MNIST.")
+    _study_flags(cmp_, "runs/compare")
+    cmp_.add_argument("--norms", default=None, metavar="LAYER,...",
+                      help=f"comma-separated layers: labels ({', '.join(LABELS)}), whose group "
+                           "settings are chosen for the model, or norm specs, e.g. "
+                           "bn,seqnorm:channel_groups=2,batch_groups=4 "
+                           f"(default: {','.join(DEFAULT_NORMS)})")
+    add_config_flags(cmp_, skip=("norm", "seed"), defaults=COMPARE_DEFAULTS)
+
+
+def _tune_parser(sub) -> None:
+    from seqnorm_jax.studies.selection import METRICS
+
+    tune = sub.add_parser(
+        "tune", help="tune SeqNorm's batch_groups then channel_groups (paper 000, 3.2.1)",
+        description="Tune G_M (batch_groups) with GhostNorm, keep the largest well-performing "
+                    "value (lowest std over seeds among similar ones), then tune G_C "
+                    "(channel_groups) of SeqNorm with it: len(G_M) + len(G_C) settings instead "
+                    "of a grid. Tuning reads a validation set, never the test set: without "
+                    "--validation-size, 10% of the training set is held out (stratified). "
+                    "Writes tune.json, tune.csv, tune.md, tune.png and one compare folder per "
+                    "stage to --out. Its defaults are compare's.")
+    _study_flags(tune, "runs/tune")
+    tune.add_argument("--batch-groups", default=TUNE_BATCH_GROUPS, dest="tune_batch_groups",
+                      metavar="G_M,...",
+                      help="comma-separated G_M candidates; values that do not fit the batch "
+                           f"are skipped (default: {TUNE_BATCH_GROUPS})")
+    tune.add_argument("--channel-groups", default=TUNE_CHANNEL_GROUPS,
+                      dest="tune_channel_groups", metavar="G_C,...",
+                      help="comma-separated G_C candidates; values that do not divide every "
+                           f"norm layer's width are skipped (default: {TUNE_CHANNEL_GROUPS})")
+    tune.add_argument("--tolerance", type=float, default=None, metavar="X",
+                      help="candidates whose mean metric is within this of the best perform "
+                           "'similarly', e.g. 0.005 = half a point of accuracy (default: the "
+                           "best candidate's standard error over the seeds)")
+    tune.add_argument("--norm-fields", default="", dest="tune_norm_fields", metavar="KEY=VALUE,...",
+                      help="fields added to every candidate's spec, e.g. momentum=0.9 "
+                           "(default: none)")
+    tune.add_argument("--metric", default="eval_accuracy",
+                      help="the validation metric to select by: "
+                           + "; ".join(f"{k}: {d}" for k, (d, _) in METRICS.items())
+                           + " (default: eval_accuracy)")
+    add_config_flags(tune, skip=("norm", "seed"), defaults=COMPARE_DEFAULTS)
+
+
+def _experiment_parser(sub) -> None:
+    exp = sub.add_parser(
+        "experiment", help="run a paper experiment config (--list shows them)",
+        description="Run one table or figure of the papers at a scale: full (the paper's "
+                    "setting, for accelerators), cpu (real data, minutes to an hour on a CPU) "
+                    "or smoke (two steps of a tiny model on mock data). Writes results.json, "
+                    "results.csv, results.md and the plots to --out.")
+    exp.add_argument("config", nargs="?", metavar="CONFIG",
+                     help="a packaged config's name (see --list) or a JSON config file")
+    exp.add_argument("--scale", default="cpu", choices=("full", "cpu", "smoke"),
+                     help="which version to run (default: cpu)")
+    exp.add_argument("--out", default=None, metavar="DIR",
+                     help="output folder (default: runs/experiments/NAME/SCALE)")
+    exp.add_argument("--seeds", default=None, metavar="N|S,...",
+                     help="override the scale's seeds: a count N (0..N-1) or a "
+                          "comma-separated list (default: the config's)")
+    exp.add_argument("--replot", action="store_true",
+                     help="train nothing: rewrite the tables and plots from --out's results.json")
+    exp.add_argument("--list", action="store_true", dest="list_configs",
+                     help="list the configs and exit")
+    exp.add_argument("--configs-dir", default=None, metavar="DIR",
+                     help="where --list looks (default: the configs shipped with the package)")
+
+
+# ---------------------------------------------------------------------------- values
+
+
+def parse_seeds(text: str, flag: str = "--seeds") -> list[int]:
+    """``"3"`` -> ``[0, 1, 2]``; ``"0,5"`` -> ``[0, 5]``; ``ValueError`` naming ``flag``."""
+    try:
+        items = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        items = None
+    if not items:
+        raise ValueError(f"{flag} {text!r}: give a count N or comma-separated integers.")
+    if len(items) == 1 and "," not in text:
+        if items[0] < 1:
+            raise ValueError(f"{flag} {text!r}: the count must be >= 1.")
+        return list(range(items[0]))
+    return items
+
+
+def parse_groups(text: str, flag: str) -> list[int]:
+    """``"1,2,4"`` -> ``[1, 2, 4]``; ``ValueError`` naming ``flag`` unless all are ints >= 1."""
+    try:
+        items = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        items = []
+    if not items or any(v < 1 for v in items):
+        raise ValueError(f"{flag} {text!r}: give comma-separated positive integers, e.g. "
+                         f"{flag} 1,2,4,8.")
+    return items
+
+
+def parse_norms(text: str | None) -> list[str]:
+    """``--norms``: labels and specs; ``KEY=VALUE`` items continue the previous spec."""
+    from seqnorm_jax.studies.compare import DEFAULT_NORMS
+
+    if text is None:
+        return list(DEFAULT_NORMS)
+    norms: list[str] = []
+    for item in (i.strip() for i in text.replace(";", ",").split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and norms and ":" in norms[-1]:
+            norms[-1] += "," + item  # KEY=VALUE continuing the previous spec's fields
+        else:
+            norms.append(item)
+    if not norms:
+        raise ValueError("--norms is empty; name at least one layer, e.g. --norms bn,ghost.")
+    return norms
