@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -58,35 +57,33 @@ def strict_rows(path):
 
 # ----------------------------------------------------------------------------- 1. faults
 
-def test_checkpoint_folder_replaced_mid_run_ends_with_one_error_line(tmp_path):
+def test_checkpoint_folder_replaced_mid_run_ends_with_one_error_line(tmp_path, capsys,
+                                                                     monkeypatch):
     out = tmp_path / "run"
     ckpt = out / "checkpoints"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "seqnorm_jax", "train", *TINY, "--epochs", "200",
-         "--checkpoint-every", "5", "--keep-checkpoints", "3", "--out", str(out)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        deadline = time.monotonic() + 240
-        while not (ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir())):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no checkpoint written"
-            time.sleep(0.2)
-        time.sleep(0.5)
-        moved = tmp_path / "kept"
-        os.rename(ckpt, moved)  # keep the good checkpoints aside
-        ckpt.write_text("not a folder")
-        _, err = proc.communicate(timeout=90)  # bounded: the process must end by itself
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 2, err
+    moved = tmp_path / "kept"
+    real_save = Checkpointer.save
+
+    def save(self, state, position):
+        # The fault lands at a fixed point: before the save of step 10, once the earlier
+        # (asynchronous) save is written, the folder is replaced by a file.
+        if int(state.step) == 10:
+            self.wait()
+            os.rename(ckpt, moved)  # keep the good checkpoints aside
+            ckpt.write_text("not a folder")
+        return real_save(self, state, position)
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    code, _, err = run(capsys, ["train", *TINY, "--epochs", "200", "--checkpoint-every", "5",
+                                "--keep-checkpoints", "3", "--out", str(out)])
+    assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("seqnorm-jax train: error: ") and str(ckpt) in lines[0], err
     # the checkpoints written before the fault restore
     steps = sorted(int(p.name) for p in moved.iterdir() if p.name.isdigit())
     assert steps and steps[-1] % 5 == 0
+    assert steps == [5]  # the fault came before step 10's save, after step 5's was written
     trainer = Trainer(tiny())
     checkpointer = Checkpointer(moved)
     state, position = checkpointer.restore(trainer.init_state())
@@ -397,3 +394,75 @@ def test_tune_checks_norm_fields_before_any_work(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert "norm_fields='momentum=2'" in err and "momentum=2: must lie in [0, 1)" in err
     assert not (tmp_path / "t").exists()
+
+
+# ------------------------------------------------------------------------- 7. run files
+
+def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
+    """Process 1 of a multi-process run trains and evaluates but writes nothing into the
+    run folder (config.json, metrics, lock): process 0 does."""
+    from seqnorm_jax.train import loop, run_files
+
+    with monkeypatch.context() as m:
+        m.setattr(jax, "process_index", lambda: 1)
+        assert not run_files.is_writer()
+    assert run_files.is_writer()
+    monkeypatch.setattr(loop, "is_writer", lambda: False)  # what process 1 sees
+    out = tmp_path / "run"
+    result = Trainer(tiny(), out_dir=out, save_checkpoints=False).fit()
+    assert len(result.eval_rows) == 1 and np.isfinite(result.eval_rows[0]["eval_loss"])
+    assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def test_evaluate_on_a_process_without_batches_runs_the_collective_steps(monkeypatch):
+    """Process 1 of 2 holds no example of a 1-example source: it still runs the one
+    (collective) evaluation step process 0 runs, on a fully masked batch."""
+    from seqnorm_jax import data
+    from seqnorm_jax.distributed import data_mesh
+    from seqnorm_jax.train import evaluate
+
+    source = data.SubsetSource(data.load("digits", "test"), np.array([0]))
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    seen = []
+
+    def step(state, batch, example_weight):  # process 0's example counts once
+        seen.append(jax.device_get(batch))
+        return {"loss_sum": jnp.float32(0.5), "correct": jnp.float32(1.0),
+                "count": jnp.float32(1.0)}
+
+    got = evaluate(None, source, batch_size=4, mesh=data_mesh(jax.devices()[:1]),
+                   eval_step=step)
+    assert len(seen) == 1
+    assert seen[0]["image"].shape == (2, *source.info.image_shape)
+    np.testing.assert_array_equal(seen[0]["mask"], [0.0, 0.0])
+    assert got == {"eval_loss": 0.5, "eval_accuracy": 1.0, "count": 1.0}
+
+
+def test_a_gs_run_folder_stays_a_url(tmp_path):
+    """out_dir="gs://bucket/run" keeps its scheme: config.json and the metrics go to the
+    bucket (here a local folder behind a mocked epath), never to a local "gs:" folder."""
+    from etils.epath import testing as epath_testing
+
+    from seqnorm_jax.train.lock import check_out_dir
+    from seqnorm_jax.train.paths import run_path
+
+    root = tmp_path / "buckets"
+
+    def local(path):
+        return os.fspath(path).replace("gs://", f"{root}/")
+
+    redirect = {name: (lambda fn, path, *a, **k: fn(local(path), *a, **k))
+                for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "open")}
+    with epath_testing.mock_epath(**redirect):
+        assert os.fspath(run_path("gs://bucket/run")) == "gs://bucket/run"
+        assert check_out_dir("gs://bucket/run", "--out") == "gs://bucket/run"
+        trainer = Trainer(tiny(), out_dir="gs://bucket/run", save_checkpoints=False)
+        assert trainer.out_dir == "gs://bucket/run"
+        result = trainer.fit()
+    run_dir = root / "bucket" / "run"
+    assert TrainConfig.from_json(run_dir / "config.json") == tiny()
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["kind"] for r in rows] == ["train"] * 5 + ["eval"]  # steps 10, ..., 40, 45
+    assert rows[-1]["eval_loss"] == result.eval_rows[-1]["eval_loss"]
+    assert not (tmp_path / "gs:").exists() and not os.path.exists("gs:")

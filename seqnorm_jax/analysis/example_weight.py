@@ -102,17 +102,19 @@ def sweep_run(run_dir: str | os.PathLike, example_weights: Sequence[float], *,
     """
     from seqnorm_jax import data
     from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer, load_sources
+    from seqnorm_jax.train.paths import run_path
 
-    run_dir = os.fspath(run_dir)
+    shown = os.fspath(run_dir)
     if split is not None and source is not None:
         raise ValueError("sweep_run: give split or source, not both.")
-    config_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"sweep_run: no config.json in {run_dir!r}; pass the out_dir of a "
+    run_dir = run_path(run_dir)  # a local folder or a URL (gs://bucket/run)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"sweep_run: no config.json in {shown!r}; pass the out_dir of a "
                                 "Trainer run.")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"sweep_run: no checkpoints/ in {run_dir!r}; train with "
+    ckpt_dir = run_dir / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(f"sweep_run: no checkpoints/ in {shown!r}; train with "
                                 "save_checkpoints=True.")
     config = TrainConfig.from_json(config_path)
     train_src, eval_src = load_sources(config)

@@ -234,8 +234,7 @@ class StatisticsRecorder(DeviceRecorder):
 def keep_neurons(recorded: Mapping[str, Any], neurons: int) -> dict[str, Any]:
     """A :meth:`StatisticsRecorder.to_dict` with the trajectories of the first ``neurons``
     neurons per layer only (the per-layer EN statistics and the summary are kept whole)."""
-    if isinstance(neurons, bool) or not isinstance(neurons, int) or neurons < 1:
-        raise ValueError(f"keep_neurons: neurons must be a positive int, got {neurons!r}.")
+    checks.positive_int(neurons, "neurons", "keep_neurons")
     stats = {p: {k: ([row[:neurons] for row in v] if k.startswith("bn_") else v)
                  for k, v in per.items()} for p, per in recorded["stats"].items()}
     return {**recorded, "stats": stats}

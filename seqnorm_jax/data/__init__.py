@@ -23,7 +23,8 @@ ImageNet from JPEG bytes, with uint8 batches normalised on the device::
 
 Modules: :mod:`~seqnorm_jax.data.info` (dataset facts and normalisation
 constants), :mod:`~seqnorm_jax.data.readers` (file readers),
-:mod:`~seqnorm_jax.data.sources` (:func:`load`, splits, image folders),
+:mod:`~seqnorm_jax.data.splits` (:func:`load`, splits) and
+:mod:`~seqnorm_jax.data.sources` (the sources, image folders),
 :mod:`~seqnorm_jax.data.augment` (NumPy augmentations and presets),
 :mod:`~seqnorm_jax.data.imagenet` (Pillow decoding, cropping and resizing),
 :mod:`~seqnorm_jax.data.loader` (:func:`make_loader`, sharding, non-i.i.d. batches, workers),
@@ -61,11 +62,8 @@ from seqnorm_jax.data.sources import (
     Source,
     SubsetSource,
     TfdsSource,
-    load,
-    load_arrays,
-    parse_split,
-    stratified_holdout,
 )
+from seqnorm_jax.data.splits import load, load_arrays, parse_split, stratified_holdout
 
 __all__ = [
     "DATASETS",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import sys
 import threading
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from seqnorm_jax.train.metrics import RunFileError
+from seqnorm_jax.train.paths import run_path
 from seqnorm_jax.train.state import TrainState
 
 __all__ = ["CLOSE_TIMEOUT_S", "Checkpointer", "CheckpointMismatchError"]
@@ -82,12 +82,13 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2):
         if keep < 1:
             raise ValueError(f"Checkpointer: keep={keep} must be >= 1.")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.path = run_path(directory)  # a local folder or a URL (gs://bucket/run)
+        self.directory = os.fspath(self.path)
         self.keep = keep
-        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+        if self.path.exists() and not self.path.is_dir():
             raise RunFileError(self.directory, "is a file, not a checkpoint folder")
         self.manager = self._guard(lambda: ocp.CheckpointManager(
-            self.directory,
+            self.path,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "position": ocp.JsonCheckpointHandler()}))
@@ -121,9 +122,9 @@ class Checkpointer:
           RunFileError: this save or the previous (asynchronous) one failed.
         """
         step = int(jax.device_get(state.step))
-        if not os.path.isdir(self.directory):
+        if not self.path.is_dir():
             self._failed = True
-            what = "is a file" if os.path.exists(self.directory) else "was removed"
+            what = "is a file" if self.path.exists() else "was removed"
             raise RunFileError(self.directory, f"checkpoint folder {what}; checkpoint not "
                                                "written")
         self._guard(lambda: self.manager.save(step, args=ocp.args.Composite(
@@ -230,18 +231,18 @@ class Checkpointer:
                          + "; ".join(f"step {s}: {why}" for s, why in skipped))
 
     def _step_folders(self) -> list[int]:
-        if not os.path.isdir(self.directory):
+        if not self.path.is_dir():
             return []
-        return sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+        return sorted(int(p.name) for p in self.path.iterdir() if p.name.isdigit())
 
     def _set_aside(self, steps: list[int]) -> None:
-        aside = self.directory + ".damaged"
-        os.makedirs(aside, exist_ok=True)
+        aside = self.path.parent / (self.path.name + ".damaged")
+        aside.mkdir(parents=True, exist_ok=True)
         for step in steps:
-            target = os.path.join(aside, str(step))
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(self.directory, str(step)), target)
+            target = aside / str(step)
+            if target.exists():
+                target.rmtree()
+            (self.path / str(step)).rename(target)
         self.manager.reload()
 
     def wait(self) -> None:

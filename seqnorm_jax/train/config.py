@@ -8,7 +8,9 @@ import math
 import os
 from typing import Any
 
+from seqnorm_jax import checks
 from seqnorm_jax.train.optim import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
+from seqnorm_jax.train.paths import run_path
 
 __all__ = ["ON_DIVERGENCE", "RESUME_SAFE_FIELDS", "TrainConfig", "config_changes"]
 
@@ -196,7 +198,8 @@ class TrainConfig:
         for field, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
                                ("norm_weight_decay", NORM_DECAY_MODES), ("dtype", _DTYPES),
                                ("on_divergence", ON_DIVERGENCE)):
-            need(getattr(self, field) in choices, field, f"choose one of {list(choices)}.")
+            need(getattr(self, field) in choices, field, f"choose one of {list(choices)}."
+                 f"{checks.suggest(getattr(self, field), choices)}")
         for f in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "log_every",
                   "keep_checkpoints"):
             need(getattr(self, f) >= 1, f, "must be an integer >= 1.")
@@ -245,16 +248,16 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
+            hints = "".join(checks.suggest(u, names) for u in unknown)
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields are "
-                             f"{sorted(names)}.")
+                             f"{sorted(names)}.{hints}")
         return cls(**data)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """The config as JSON text; also written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         if path is not None:
-            with open(path, "w") as f:
-                f.write(text)
+            run_path(path).write_text(text)
         return text
 
     @classmethod
@@ -269,11 +272,10 @@ class TrainConfig:
         where = "config"
         if not text.lstrip().startswith(("{", "[")):
             where = os.fspath(path_or_text)
-            if os.path.isdir(where):
+            if run_path(where).is_dir():
                 raise ValueError(f"{where} is a folder; give a JSON config file (e.g. "
                                  f"{os.path.join(where, 'config.json')}).")
-            with open(path_or_text) as f:
-                text = f.read()
+            text = run_path(where).read_text()
         try:
             data = json.loads(text, parse_constant=_no_constant)
         except (json.JSONDecodeError, ValueError) as e:

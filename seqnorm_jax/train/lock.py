@@ -12,7 +12,8 @@ process (a ``compare`` holds its folder while its ``Trainer`` runs lock their ow
 sub-folders; a ``Trainer`` inside a locked CLI call re-takes the same lock).
 
 Network file systems that do not implement ``flock`` across hosts cannot enforce the
-rule; the lock then only protects against runs on the same host.
+rule; the lock then only protects against runs on the same host. Run folders that are
+URLs (``gs://bucket/run``) have no lock at all.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+
+from seqnorm_jax.train.paths import is_local, run_path
 
 __all__ = ["LOCK_NAME", "RunLockedError", "check_out_dir", "run_lock"]
 
@@ -50,7 +53,14 @@ def check_out_dir(directory: str | os.PathLike, flag: str = "out_dir", *,
         created or written; the message names ``flag``, the path and the cause.
     """
     shown = os.fspath(directory)
-    path = os.path.abspath(shown)
+    if not is_local(shown):  # a URL (gs://...): nothing to check before writing
+        remote = run_path(shown)
+        if remote.exists() and not remote.is_dir():
+            raise ValueError(f"{flag} {shown!r} is a file, not a folder; choose a folder path.")
+        if create:
+            remote.mkdir(parents=True, exist_ok=True)
+        return os.fspath(remote)
+    path = os.fspath(run_path(shown))
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"{flag} {shown!r} is a file, not a folder; choose a folder path "
                          "(it is created if missing).")
@@ -77,17 +87,20 @@ def check_out_dir(directory: str | os.PathLike, flag: str = "out_dir", *,
 
 
 @contextlib.contextmanager
-def run_lock(directory: str | os.PathLike, flag: str = "out_dir") -> Iterator[str]:
+def run_lock(directory: str | os.PathLike, flag: str = "out_dir") -> Iterator[str | None]:
     """Hold the exclusive lock of run folder ``directory`` (created if needed) in the block.
 
     Yields:
-      The lock file's path.
+      The lock file's path (``None`` for a URL such as ``gs://bucket/run``: no lock).
 
     Raises:
       RunLockedError: another process holds the lock (the message names it).
       ValueError: the folder is a file or cannot be written (see :func:`check_out_dir`).
     """
     folder = check_out_dir(directory, flag)
+    if not is_local(folder):  # object stores have no flock: one writer is the user's rule
+        yield None
+        return
     path = os.path.join(os.path.realpath(folder), LOCK_NAME)
     with _guard:
         if path in _held:

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import math
 import os
 from typing import Any
 
-__all__ = ["METRIC_COLUMNS", "MetricsWriter", "RunFileError", "read_jsonl"]
+from seqnorm_jax.train.paths import is_local, run_path
+
+__all__ = ["METRIC_COLUMNS", "MetricsWriter", "RunFileError", "open_run_file", "read_jsonl"]
 
 # Train rows fill step..images_per_sec (means over the steps since the previous train row);
 # eval rows (one per epoch) fill eval_*, example_weight, epoch_time and, in loss and
@@ -51,11 +54,10 @@ def read_jsonl(path: str | os.PathLike, *, truncate_partial: bool = False
     Raises:
       ValueError: a line before the last is not valid JSON (names the file and line).
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
+    path = run_path(path)
+    if not path.exists():
         return []
-    with open(path, "rb") as f:
-        data = f.read()
+    data = path.read_bytes()
     rows, offset = [], 0
     lines = data.split(b"\n")
     for i, line in enumerate(lines):
@@ -70,8 +72,7 @@ def read_jsonl(path: str | os.PathLike, *, truncate_partial: bool = False
                     raise ValueError(f"{path}: line {i + 1} is not a JSON object ({e}); "
                                      "repair or delete the file.") from None
                 if truncate_partial:
-                    with open(path, "r+b") as f:
-                        f.truncate(offset)
+                    path.write_bytes(data[:offset])
                 break
             rows.append(_restore(row))
         offset += len(line) + 1
@@ -91,16 +92,17 @@ class RunFileError(OSError):
 
 
 @contextlib.contextmanager
-def _opened(path: str, mode: str, **kwargs):
-    """``open(path, mode)``, with any ``OSError`` of opening, writing or closing turned into
-    :class:`RunFileError` naming ``path``."""
+def open_run_file(path: str | os.PathLike, mode: str):
+    """``path`` opened (a local path or a URL, :func:`~seqnorm_jax.train.paths.run_path`),
+    with any ``OSError`` of opening, writing or closing turned into :class:`RunFileError`
+    naming ``path`` (one error line at the CLI)."""
     try:
-        with open(path, mode, **kwargs) as f:
+        with run_path(path).open(mode) as f:
             yield f
     except RunFileError:
         raise
     except OSError as e:
-        raise RunFileError(path, e.strerror or str(e)) from e
+        raise RunFileError(os.fspath(path), e.strerror or str(e)) from e
 
 
 class MetricsWriter:
@@ -124,23 +126,23 @@ class MetricsWriter:
     """
 
     def __init__(self, directory: str | os.PathLike, *, resume_step: int | None = None):
-        os.makedirs(directory, exist_ok=True)
-        self.jsonl_path = os.path.join(directory, "metrics.jsonl")
-        self.csv_path = os.path.join(directory, "metrics.csv")
+        folder = run_path(directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = os.fspath(folder / "metrics.jsonl")
+        self.csv_path = os.fspath(folder / "metrics.csv")
         kept = []
         if resume_step is not None:
             kept = [r for r in read_jsonl(self.jsonl_path, truncate_partial=True)
                     if r.get("step", 0) <= resume_step]
         self.rows = kept
         kept = [{k: _clean(v) for k, v in r.items()} for r in kept]
-        with _opened(self.jsonl_path, "w") as f:
-            for row in kept:
-                f.write(json.dumps(row, allow_nan=False) + "\n")
-        with _opened(self.csv_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            for row in kept:
-                writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+        self._text = {self.jsonl_path: "", self.csv_path: _csv_lines(None)}
+        for row in kept:
+            self._text[self.jsonl_path] += _json_line(row)
+            self._text[self.csv_path] += _csv_lines(row)
+        for path, text in self._text.items():
+            with open_run_file(path, "wb") as f:
+                f.write(text.encode())
 
     def write(self, row: dict[str, Any]) -> dict[str, Any]:
         """Append one row (keys among :data:`METRIC_COLUMNS`); returns the cleaned row."""
@@ -149,9 +151,32 @@ class MetricsWriter:
             raise ValueError(f"MetricsWriter.write: unknown column(s) {sorted(unknown)}; "
                              f"columns are {list(METRIC_COLUMNS)}.")
         clean = {k: _clean(v) for k, v in row.items()}
-        with _opened(self.jsonl_path, "a") as f:
-            f.write(json.dumps(clean, allow_nan=False) + "\n")
-        with _opened(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_COLUMNS).writerow(
-                {k: clean.get(k, "") for k in METRIC_COLUMNS})
+        self._append(self.jsonl_path, _json_line(clean))
+        self._append(self.csv_path, _csv_lines(clean))
         return row
+
+    def _append(self, path: str, text: str) -> None:
+        """Append ``text``; an object store (``gs://``) cannot append, so the file is
+        written anew there."""
+        if is_local(path):
+            with open_run_file(path, "ab") as f:
+                f.write(text.encode())
+            return
+        self._text[path] += text
+        with open_run_file(path, "wb") as f:
+            f.write(self._text[path].encode())
+
+
+def _json_line(row: dict[str, Any]) -> str:
+    return json.dumps(row, allow_nan=False) + "\n"
+
+
+def _csv_lines(row: dict[str, Any] | None) -> str:
+    """The CSV line of ``row`` (the header for ``None``)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS)
+    if row is None:
+        writer.writeheader()
+    else:
+        writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+    return out.getvalue()

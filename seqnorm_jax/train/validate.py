@@ -12,6 +12,7 @@ fields are range-checked on the way (``momentum`` in ``[0, 1)``, ``epsilon > 0``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -23,9 +24,10 @@ from flax import linen as nn
 from seqnorm_jax import registry
 from seqnorm_jax.distributed import batch_sharding, mesh_context, replicated_sharding
 from seqnorm_jax.train.compiled import init_accumulator
+from seqnorm_jax.train.optim import model_norm_paths
 from seqnorm_jax.train.state import create_train_state
 
-__all__ = ["check_norm_fields", "check_step"]
+__all__ = ["check_norm_fields", "check_step", "checked_norm_paths", "fit_errors"]
 
 # field -> (test, what it must be)
 _FIELD_RULES = {
@@ -75,17 +77,33 @@ def check_step(trainer: Any, flag: str = "TrainConfig.norm (--norm)") -> None:
     batch = {"image": jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.uint8, sharding=bat),
              "label": jax.ShapeDtypeStruct((c.batch_size,), jnp.int32, sharding=bat)}
     rep = replicated_sharding(mesh)
+    with fit_errors(trainer, flag), mesh_context(mesh), nn.intercept_methods(_check_fields):
+        state = jax.eval_shape(
+            lambda x: create_train_state(trainer.model, jax.random.key(0), x, trainer.tx),
+            sample)
+        state = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
+        acc = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+            jax.eval_shape(lambda: init_accumulator(c.log_every)))
+        jax.eval_shape(trainer.loop_step, state, batch, acc)
+
+
+def checked_norm_paths(trainer: Any, sample_input: Any) -> tuple[str, ...]:
+    """:func:`~seqnorm_jax.train.model_norm_paths` of ``trainer.model``, with the norm
+    layers' fields checked and any error named as :func:`check_step` names it (the
+    optimizer needs the paths before the step can be traced)."""
+    with fit_errors(trainer), nn.intercept_methods(_check_fields):
+        return model_norm_paths(trainer.model, sample_input)
+
+
+@contextlib.contextmanager
+def fit_errors(trainer: Any, flag: str = "TrainConfig.norm (--norm)"):
+    """Turn a norm layer's error inside the block into one line naming ``flag``, the spec,
+    the run's model, batch and devices, and the layer's own message."""
+    c, mesh = trainer.config, trainer.mesh
     try:
-        with mesh_context(mesh), nn.intercept_methods(_check_fields):
-            state = jax.eval_shape(
-                lambda x: create_train_state(trainer.model, jax.random.key(0), x, trainer.tx),
-                sample)
-            state = jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
-            acc = jax.tree_util.tree_map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-                jax.eval_shape(lambda: init_accumulator(c.log_every)))
-            jax.eval_shape(trainer.loop_step, state, batch, acc)
+        yield
     except Exception as e:  # noqa: BLE001 - jax's sharding type errors are not public
         if not isinstance(e, (ValueError, TypeError, IndexError)) \
                 and type(e).__name__ != "ShardingTypeError":

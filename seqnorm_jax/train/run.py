@@ -1,0 +1,220 @@
+"""One :meth:`~seqnorm_jax.train.Trainer.fit` while it runs: epochs, metric windows, divergence.
+
+The compiled step adds each step's metrics to a device-side accumulator; every
+``log_every`` steps the run swaps in a fresh one and starts copying the old one to the
+host without waiting, and reads it one window later (at epoch ends, checkpoints and
+stops: at once). So the host never waits for the device inside an epoch, and a
+divergence (flagged by the step itself, which then leaves the state unchanged) is seen
+at most two windows after it happened.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+
+from seqnorm_jax.distributed import replicate
+from seqnorm_jax.train.compiled import init_accumulator, reset_accumulator
+from seqnorm_jax.train.metrics import MetricsWriter
+
+__all__ = ["Logger", "Run", "empty_window"]
+
+
+def empty_window() -> dict[str, float]:
+    return {"loss": 0.0, "accuracy": 0.0, "n": 0, "lr": 0.0,
+            "epoch_loss": 0.0, "epoch_accuracy": 0.0, "epoch_n": 0}
+
+
+class Run:
+    """The mutable part of one :meth:`Trainer.fit`: state, metric windows, divergence.
+
+    The compiled step adds each step's metrics to a device-side accumulator; every
+    ``log_every`` steps the loop swaps in a fresh one and starts copying the old one to
+    the host without waiting, and reads it one window later (at epoch ends, checkpoints
+    and stops: at once). So the host never waits for the device inside an epoch, and a
+    divergence (flagged by the step itself, which then leaves the state unchanged) is
+    seen at most two windows after it happened.
+    """
+
+    def __init__(self, trainer: Any, state, window, log, checkpointer):
+        self.t, self.state, self.window, self.log = trainer, state, window, log
+        self.checkpointer = checkpointer
+        # room for a window: rows every log_every steps; flushes at checkpoints come sooner
+        self.acc = replicate(init_accumulator(trainer.config.log_every), trainer.mesh)
+        self.pending: list[tuple[Any, dict[str, Any]]] = []
+        self.diverged: dict[str, Any] | None = None
+        self.skipped: list[tuple[int, str]] = []
+        self.t_window = time.perf_counter()
+
+    def loop(self, epoch: int, step_in_epoch: int) -> None:
+        from tqdm.auto import tqdm
+
+        t, c = self.t, self.t.config
+        self.bar = tqdm(total=t.total_steps, initial=int(jax.device_get(self.state.step)),
+                        desc=t.desc, disable=not c.progress, unit="step", dynamic_ncols=True,
+                        leave=False)
+        try:
+            while epoch < c.epochs:
+                stopped = self._epoch(epoch, step_in_epoch)
+                if stopped:
+                    break
+                epoch, step_in_epoch = epoch + 1, 0
+        finally:
+            self.bar.close()
+
+    # -------------------------------------------------------------- metric windows
+    def _end_window(self, step: int, epoch_frac: float, n_steps: int) -> None:
+        """Queue the current accumulator (copy to host started) and swap in a fresh one."""
+        acc = self.acc
+        for leaf in acc:
+            leaf.copy_to_host_async()
+        now = time.perf_counter()
+        self.pending.append((acc, dict(step=step, epoch=epoch_frac, n_steps=n_steps,
+                                       seconds=now - self.t_window)))
+        self.t_window = now
+        self.acc = _reset(acc)
+
+    def _drain(self, keep: int) -> None:
+        """Read queued accumulators (all but the newest ``keep``) and write their rows."""
+        t, c = self.t, self.t.config
+        while len(self.pending) > keep:
+            acc, meta = self.pending.pop(0)
+            a = jax.device_get(acc)
+            n = int(a.steps)
+            w = self.window
+            for loss, accuracy in zip(a.loss[:n].tolist(), a.accuracy[:n].tolist()):
+                w["loss"] += loss
+                w["accuracy"] += accuracy
+                w["n"] += 1
+                w["epoch_loss"] += loss
+                w["epoch_accuracy"] += accuracy
+                w["epoch_n"] += 1
+            if n:
+                w["lr"] = float(a.lr)
+            if int(a.diverged_step) >= 0 and self.diverged is None:
+                self.diverged = {"step": int(a.diverged_step),
+                                 "loss": float(a.diverged_loss)}
+            if not meta.get("row") or w["n"] == 0:
+                continue
+            secs = meta["seconds"]
+            ips = meta["n_steps"] * c.batch_size / secs if secs > 0 else None
+            step, epoch = meta["step"], meta["epoch"]
+            if self.diverged is not None and c.on_divergence == "stop" \
+                    and self.diverged["step"] < step:
+                # the steps after the diverging one did nothing: the row ends there
+                step = self.diverged["step"]
+                epoch = step / t.steps_per_epoch
+            row = self.log.write(dict(
+                kind="train", step=step, epoch=epoch, loss=w["loss"] / w["n"],
+                accuracy=w["accuracy"] / w["n"], lr=w["lr"], images_per_sec=ips,
+                wall_time=time.time()))
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.3f}",
+                                 img_s=f"{ips:.0f}" if ips else "-", refresh=False)
+            w.update(loss=0.0, accuracy=0.0, n=0)
+
+    def _flush(self, step: int, epoch_frac: float, n_steps: int, row: bool) -> None:
+        """End the window and read everything queued (the host waits for the device)."""
+        self._end_window(step, epoch_frac, n_steps)
+        self.pending[-1][1]["row"] = row
+        self._drain(0)
+
+    # -------------------------------------------------------------------- epochs
+    def _epoch(self, epoch: int, start: int) -> bool:
+        t, c = self.t, self.t.config
+        t_epoch = time.perf_counter()
+        self.t_window = t_epoch
+        step0 = int(jax.device_get(self.state.step))
+        spe = t.steps_per_epoch
+        step_in_epoch, n_window = start, 0
+        stop_on_divergence = c.on_divergence == "stop"
+        for batch in t._device_batches(epoch, start):
+            if step_in_epoch >= spe:
+                break
+            step = step0 + step_in_epoch - start
+            if t.step_hooks:
+                normalized = t._hook_batch(batch)  # hooks see the model's input
+                for hook in t.step_hooks:
+                    hook(self.state, normalized, step)
+            self.state, self.acc = t.loop_step(self.state, batch, self.acc)
+            step_in_epoch += 1
+            n_window += 1
+            self.bar.update(1)
+            step += 1
+            at_end = step_in_epoch == spe
+            if step % c.log_every == 0:
+                self._end_window(step, epoch + step_in_epoch / spe, n_window)
+                self.pending[-1][1]["row"] = True
+                n_window = 0
+                self._drain(1)
+                if self.diverged is not None and stop_on_divergence:
+                    return self._stop_diverged()
+            if t.max_steps is not None and step >= t.max_steps and not at_end:
+                self._flush(step, epoch + step_in_epoch / spe, n_window, False)
+                n_window = 0
+                if self.diverged is not None and stop_on_divergence:
+                    return self._stop_diverged()
+                t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window)
+                return True
+            if c.checkpoint_every and step % c.checkpoint_every == 0 and not at_end:
+                self._flush(step, epoch + step_in_epoch / spe, n_window, False)
+                n_window = 0
+                if self.diverged is not None and stop_on_divergence:
+                    return self._stop_diverged()
+                t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window)
+        if step_in_epoch != spe:
+            raise RuntimeError(f"the loader gave {step_in_epoch - start} batches in epoch {epoch} "
+                               f"after step {start}; expected {spe - start}.")
+        end_step = step0 + spe - start
+        self._flush(end_step, float(epoch + 1), n_window, True)
+        if self.diverged is not None and stop_on_divergence:
+            return self._stop_diverged()
+        epoch_time = time.perf_counter() - t_epoch
+        metrics = t.evaluate(self.state)
+        w = self.window
+        train_loss = w["epoch_loss"] / max(w["epoch_n"], 1)
+        self.log.write(dict(kind="eval", step=end_step, epoch=epoch + 1,
+                            eval_loss=metrics["eval_loss"],
+                            eval_accuracy=metrics["eval_accuracy"],
+                            example_weight=c.example_weight, loss=train_loss,
+                            accuracy=w["epoch_accuracy"] / max(w["epoch_n"], 1),
+                            epoch_time=epoch_time, wall_time=time.time()))
+        w.update(epoch_loss=0.0, epoch_accuracy=0.0, epoch_n=0)
+        if c.progress:
+            self.bar.write(f"{t.desc} epoch {epoch + 1}/{c.epochs}: train loss "
+                           f"{train_loss:.4f}, eval loss {metrics['eval_loss']:.4f}, eval "
+                           f"accuracy {metrics['eval_accuracy']:.4f} ({epoch_time:.1f} s)")
+        for hook in t.step_hooks:
+            if hasattr(hook, "on_epoch_end"):
+                hook.on_epoch_end(self.state, epoch)
+        t._save(self.checkpointer, self.state, epoch + 1, 0, w)
+        return t.max_steps is not None and end_step >= t.max_steps
+
+    def _stop_diverged(self) -> bool:
+        """Stop a diverged run: read what is queued, checkpoint the last finite state."""
+        self._drain(0)
+        t = self.t
+        last = int(jax.device_get(self.state.step))  # the step loop left it unchanged since
+        epoch, step_in_epoch = divmod(last, t.steps_per_epoch)
+        t._save(self.checkpointer, self.state, epoch, step_in_epoch, empty_window())
+        self.diverged["last_finite_step"] = last
+        if t.config.progress:
+            self.bar.write(f"{t.desc}: diverged at step {self.diverged['step']} (loss "
+                           f"{self.diverged['loss']}); kept the state of step {last}")
+        return True
+
+
+_reset = jax.jit(reset_accumulator)
+
+
+class Logger:
+    def __init__(self, writer: MetricsWriter | None, rows: list[dict[str, Any]]):
+        self.writer, self.rows = writer, rows
+
+    def write(self, row: dict[str, Any]) -> dict[str, Any]:
+        row = {k: v for k, v in row.items() if v is not None}
+        if self.writer is not None:
+            row = self.writer.write(row)
+        self.rows.append(row)
+        return row
