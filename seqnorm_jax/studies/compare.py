@@ -38,12 +38,12 @@ LABELS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+", "bgn", "fourthing
 
 def model_norm_widths(config: TrainConfig, image_shape: Sequence[int],
                       num_classes: int) -> list[int]:
-    """The norm layers' feature widths of ``config.model`` (:func:`norm_widths` of the
-    model as ``config`` builds it, with ``Identity`` where its norm layers go: the widths
-    do not depend on the layer, and no layer's settings have to fit yet)."""
+    """The norm layers' feature widths of ``config.model`` (:func:`norm_widths`), computed
+    once per study. The widths do not depend on the layer: the model is traced with
+    BatchNorm, which fits any width, so no candidate's group settings have to fit yet."""
     from seqnorm_jax.train import build_model
 
-    return norm_widths(build_model(config.replace(norm="none"), num_classes), image_shape)
+    return norm_widths(build_model(config.replace(norm="bn"), num_classes), image_shape)
 
 
 def _largest_divisor(candidates: Sequence[int], values: Sequence[int]) -> int:

@@ -46,36 +46,23 @@ class Setting:
 
 
 def norm_widths(model, input_shape: Sequence[int]) -> list[int]:
-    """The feature width of every norm-layer call of ``model``, in call order.
+    """The feature width of each norm layer of ``model``, in call order.
 
-    One abstract ``model.init`` (under :func:`jax.eval_shape`: nothing is computed or
-    allocated) on a batch of two examples of ``input_shape``, with an interceptor that
-    records the feature size of each call to a norm layer
-    (:func:`seqnorm_jax.registry.is_norm_layer`) or to the ``Identity`` that stands
-    where a norm layer goes in a model built without normalization.
+    One abstract ``model.init`` on a batch of two examples of ``input_shape``
+    (:func:`seqnorm_jax.train.norm_calls.norm_calls`: under :func:`jax.eval_shape`,
+    nothing is computed or allocated), each norm layer's width read from its input
+    shape and feature axes (:func:`seqnorm_jax.registry.feature_axes`).
     """
     import jax
-    from flax import linen as nn
 
     from seqnorm_jax import registry
-    from seqnorm_jax.linen import Identity
+    from seqnorm_jax.train.norm_calls import norm_calls
 
-    widths: list[int] = []
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == "__call__" and (
-                registry.is_norm_layer(module) or isinstance(module, Identity)):
-            x = args[0]
-            axes = registry.feature_axes(module, x.ndim) if registry.is_norm_layer(module) \
-                else (x.ndim - 1,)
-            widths.append(math.prod(int(x.shape[a]) for a in axes))
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                       jax.ShapeDtypeStruct((2, *input_shape), np.float32))
-    return widths
+    x = jax.ShapeDtypeStruct((2, *input_shape), np.float32)
+    calls = norm_calls(lambda x: model.init(jax.random.key(0), x, train=False), x)
+    return [math.prod(c.input_shape[a]
+                      for a in registry.feature_axes(c.module, len(c.input_shape)))
+            for c in calls]
 
 
 def mock_sources(dataset: str, *, num_train: int, num_eval: int, image_shape=None,

@@ -311,11 +311,8 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str | None = None
       The content of ``results.json``: ``experiment`` (the resolved config),
       ``environment``, ``summary`` (one row per run label), ``runs`` and ``seconds``.
     """
-    if not isinstance(exp, Experiment):
-        exp = load_experiment(exp)
-    if scale is None:
-        scale = "cpu" if exp.scale == "full" else exp.scale
-    exp = exp.resolve(scale)
+    exp = exp if isinstance(exp, Experiment) else load_experiment(exp)
+    exp = exp.resolve(scale or ("cpu" if exp.scale == "full" else exp.scale))
     if seeds is not None:
         exp.seeds = [int(s) for s in seeds]
         exp.validate()
