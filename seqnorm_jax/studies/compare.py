@@ -26,6 +26,7 @@ import seqnorm_jax.studies.report as report
 from seqnorm_jax.registry import NormSpec
 from seqnorm_jax.studies.engine import Setting, SourceCache, norm_widths, run_settings
 from seqnorm_jax.train.config import TrainConfig
+from seqnorm_jax.train.run_files import is_writer
 
 __all__ = ["DEFAULT_NORMS", "LABELS", "CompareResult", "compare", "default_norm_specs",
            "format_table", "model_norm_widths", "write_outputs"]
@@ -130,15 +131,16 @@ def write_outputs(result: CompareResult, out_dir: str | os.PathLike) -> dict[str
       ``{"json", "csv", "markdown", "plot"}``: the paths written.
     """
     paths = report.result_paths(os.fspath(out_dir), "results", "curves.png")
+    if not is_writer():  # a multi-process run: process 0 writes
+        return paths
     report.write_json(paths["json"], {"settings": result.settings, "specs": result.specs,
                                       "summary": result.summary, "runs": result.runs})
     report.write_csv(paths["csv"], result.summary)
     s = result.settings
     title = (f"{s['model']} on {s['dataset']} ({s['train_size'] or 'all'} train examples), "
              f"batch {s['batch_size']}, {s['epochs']} epochs, seeds {s['seeds']}")
-    with report.opened(paths["markdown"], "w") as f:
-        f.write(f"# Normalization layers compared\n\n{title}.\n\n"
-                f"{format_table(result.summary, _split(s))}\n")
+    report.write_text(paths["markdown"], f"# Normalization layers compared\n\n{title}.\n\n"
+                                         f"{format_table(result.summary, _split(s))}\n")
     report.plot_curves(result.runs, paths["plot"], title, _split(s))
     return paths
 

@@ -8,12 +8,10 @@ changes), the seeds, and two scaled-down versions: ``"cpu"`` (real data, minutes
 laptop-class CPU) and ``"smoke"`` (a few steps of a tiny model on mock data, for CI).
 ``seqnorm-jax experiment`` is the command-line front end.
 
-Every kind writes the accuracy table ``results.md``/``results.csv``, ``results.json`` and
-``curves.png`` (``sweep.png`` when the runs carry ``x`` and ``series``) plus its own
-files. With ``analysis.baseline`` (a run label) the table adds each run's accuracy minus
-the baseline's, paired by seed, and on how many seeds it is higher. When the runs
-validate on a hold-out (``validation_size``), the test split is scored once at the end
-(``final_test_accuracy``) and the paired differences use it.
+Every kind writes ``results.md``/``.csv``/``.json`` and ``curves.png`` (``sweep.png`` when
+runs carry ``x``) plus its own files. With ``analysis.baseline`` (a run label) the table adds
+each run's accuracy minus the baseline's, paired by seed. Runs that validate on a hold-out
+(``validation_size``) score the test split once at the end (``final_test_accuracy``).
 
 Scales: ``full`` is the config as written; ``cpu`` and ``smoke`` update ``base`` with their
 own ``base`` (``model_kwargs`` replaced whole), replace ``runs``/``seeds`` when given and
@@ -39,6 +37,8 @@ import seqnorm_jax.studies.report as report
 from seqnorm_jax.studies.engine import Setting, SourceCache, run_settings
 from seqnorm_jax.studies.kinds import KINDS
 from seqnorm_jax.train.config import TrainConfig
+from seqnorm_jax.train.paths import run_path
+from seqnorm_jax.train.run_files import is_writer
 
 __all__ = ["SCALES", "Experiment", "config_path", "environment", "list_experiments",
            "load_experiment", "run_experiment"]
@@ -328,7 +328,8 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str | None = None
             payload = {"experiment": _describe(exp), "environment": environment(),
                        **kind.run(exp, out_dir, progress),
                        "seconds": round(time.perf_counter() - t0, 1), "command": command}
-            report.write_json(os.path.join(out_dir, "results.json"), payload, compact=True)
+            if is_writer():
+                report.write_json(os.path.join(out_dir, "results.json"), payload, compact=True)
             return payload
         records = _run(exp, out_dir, progress)
         return _write(exp, out_dir, records, time.perf_counter() - t0, command)
@@ -448,18 +449,20 @@ def _write(exp, out_dir, records, seconds, command, env=None,
            replot_command=None) -> dict[str, Any]:
     kind = KINDS[exp.kind]
     records = kind.prepare(exp, records)
-    for r in records:  # each run's analysis as runs/<label>_seed<k>/<kind>.json
-        out = {k: r[k] for k in (exp.kind, "example_weight_test") if k in r}
-        if out:
-            run_dir = os.path.join(out_dir, "runs", report.run_dir_name(r["label"], r["seed"]))
-            os.makedirs(run_dir, exist_ok=True)
-            with report.opened(os.path.join(run_dir, f"{exp.kind}.json"), "w") as f:
-                json.dump(report.jsonable(out), f)
     summary = _summary(exp, records)
     env = env or environment()
     payload = {"experiment": _describe(exp), "environment": env, "summary": summary,
                "runs": report.jsonable(records), "seconds": round(seconds, 1),
                "command": command}
+    if not is_writer():  # a multi-process run: process 0 writes
+        return payload
+    for r in records:  # each run's analysis as runs/<label>_seed<k>/<kind>.json
+        out = {k: r[k] for k in (exp.kind, "example_weight_test") if k in r}
+        if out:
+            run_dir = run_path(out_dir) / "runs" / report.run_dir_name(r["label"], r["seed"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            report.write_text(os.fspath(run_dir / f"{exp.kind}.json"),
+                              json.dumps(report.jsonable(out)))
     report.write_json(os.path.join(out_dir, "results.json"), payload, compact=True)
     report.write_csv(os.path.join(out_dir, "results.csv"), summary)
     b = exp.base
@@ -483,16 +486,14 @@ def _write(exp, out_dir, records, seconds, command, env=None,
                 for lab in dict.fromkeys(r["label"] for r in ok)}
     kind_plots, extra_md = kind.report(exp, out_dir, by_label, summary, title)
     plots += kind_plots
-    with report.opened(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(f"# {exp.name}: {exp.title}\n\n")
-        f.write(f"Paper {exp.paper}, {exp.ref}; scale `{exp.scale}`; {title}.\n\n")
-        if command:
-            f.write(f"Command: `{command}`\n\n")
-        if replot_command:
-            f.write(f"Tables and plots redrawn from `results.json` by `{replot_command}`.\n\n")
-        f.write(f"Machine: {env['cpu']} ({env['cpu_count']} cores), {env['backend']} backend, "
-                f"Python {env['python']}, jax {env['jax']}, flax {env['flax']}; "
-                f"{seconds / 60:.1f} min.\n\n")
-        f.write(_table(exp, summary) + extra_md + "\n\n")
-        f.write("".join(f"![{p}]({p})\n" for p in plots))
+    machine = (f"Machine: {env['cpu']} ({env['cpu_count']} cores), {env['backend']} backend, "
+               f"Python {env['python']}, jax {env['jax']}, flax {env['flax']}; "
+               f"{seconds / 60:.1f} min.\n\n")
+    report.write_text(os.path.join(out_dir, "results.md"), "".join([
+        f"# {exp.name}: {exp.title}\n\n",
+        f"Paper {exp.paper}, {exp.ref}; scale `{exp.scale}`; {title}.\n\n",
+        f"Command: `{command}`\n\n" if command else "",
+        f"Tables and plots redrawn from `results.json` by `{replot_command}`.\n\n"
+        if replot_command else "", machine, _table(exp, summary) + extra_md + "\n\n",
+        *(f"![{p}]({p})\n" for p in plots)]))
     return payload

@@ -18,7 +18,6 @@ A new kind is one new entry of :data:`KINDS`.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from seqnorm_jax.studies.report import jsonable, markdown_table, mean_std, opened
+from seqnorm_jax.studies.report import jsonable, markdown_table, mean_std, write_csv
 
 __all__ = ["KINDS", "Kind"]
 
@@ -138,10 +137,7 @@ def _fluctuation_report(exp, out_dir, by_label, summary, title):
                 for key in FLUCTUATION_KEYS for stat in ("mean", "std")}}
             for row in summary if row["label"] in by_label
             for i, layer in enumerate(by_label[row["label"]][0]["fluctuation"]["summary"])]
-    with opened(os.path.join(out_dir, "fluctuation.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]))
-        writer.writeheader()
-        writer.writerows(flat)
+    write_csv(os.path.join(out_dir, "fluctuation.csv"), flat)
     plot_fluctuation({k: v[0]["fluctuation"] for k, v in by_label.items()},
                      os.path.join(out_dir, "fluctuation.png"))
     table = markdown_table(
@@ -227,13 +223,10 @@ def _example_weight_report(exp, out_dir, by_label, summary, title):
 
     plot_example_weight({k: [r["example_weight"] for r in v] for k, v in by_label.items()},
                         os.path.join(out_dir, "example_weight.png"), title=title)
-    with opened(os.path.join(out_dir, "example_weight.csv"), "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run", "seed", "example_weight", "eval_accuracy", "eval_loss"])
-        for r in (r for rs in by_label.values() for r in rs):
-            for row in r["example_weight"]:
-                writer.writerow([r["label"], r["seed"], row["example_weight"],
-                                 row["eval_accuracy"], row["eval_loss"]])
+    write_csv(os.path.join(out_dir, "example_weight.csv"), [
+        {"run": r["label"], "seed": r["seed"], **{k: row[k] for k in (
+            "example_weight", "eval_accuracy", "eval_loss")}}
+        for rs in by_label.values() for r in rs for row in r["example_weight"]])
     return ["example_weight.png"], "\n\n" + _example_weight_table(by_label)
 
 

@@ -15,8 +15,8 @@ summary names its columns after it (:func:`accuracy_name`): ``test_accuracy_*`` 
 
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,7 +29,6 @@ __all__ = [
     "final_accuracy",
     "jsonable",
     "mean_std",
-    "opened",
     "result_paths",
     "paired_differences",
     "plot_curves",
@@ -42,6 +41,7 @@ __all__ = [
     "summarize",
     "write_csv",
     "write_json",
+    "write_text",
 ]
 
 SPLIT_NAMES = {"test": "test", "validation": "val"}
@@ -155,21 +155,6 @@ def paired_differences(records: Sequence[Mapping[str, Any]],
 # ---------------------------------------------------------------------------- files
 
 
-@contextlib.contextmanager
-def opened(path: str, mode: str = "w", **kwargs):
-    """``open(path, mode)``; an ``OSError`` of opening, writing or closing becomes a
-    :class:`~seqnorm_jax.train.RunFileError` naming ``path`` (one error line at the CLI)."""
-    from seqnorm_jax.train.metrics import RunFileError
-
-    try:
-        with open(path, mode, **kwargs) as f:
-            yield f
-    except RunFileError:
-        raise
-    except OSError as e:
-        raise RunFileError(path, e.strerror or str(e)) from e
-
-
 def strict_json(value: Any) -> Any:
     """``value`` with every non-finite float replaced by ``None`` (JSON ``null``), so that
     it serialises as strict JSON (a diverged run's losses)."""
@@ -198,10 +183,21 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+def write_text(path: str, text: str) -> None:
+    """``text`` into ``path`` (:func:`~seqnorm_jax.train.metrics.open_run_file`: a local
+    path or a URL; a failed write is a :class:`~seqnorm_jax.train.RunFileError` naming it)."""
+    from seqnorm_jax.train.metrics import open_run_file
+
+    with open_run_file(path, "w") as f:
+        f.write(text)
+
+
 def result_paths(out_dir: str, stem: str, plot: str) -> dict[str, str]:
     """``{"json", "csv", "markdown", "plot"}``: a study's result files in ``out_dir``
     (created): ``<stem>.json``, ``<stem>.csv``, ``<stem>.md`` and ``plot``."""
-    os.makedirs(out_dir, exist_ok=True)
+    from seqnorm_jax.train.paths import run_path
+
+    run_path(out_dir).mkdir(parents=True, exist_ok=True)
     return {"json": os.path.join(out_dir, f"{stem}.json"),
             "csv": os.path.join(out_dir, f"{stem}.csv"),
             "markdown": os.path.join(out_dir, f"{stem}.md"), "plot": os.path.join(out_dir, plot)}
@@ -210,18 +206,18 @@ def result_paths(out_dir: str, stem: str, plot: str) -> dict[str, str]:
 def write_json(path: str, payload: Any, *, compact: bool = False) -> None:
     """``payload`` as strict JSON (non-finite floats as ``null``); ``compact`` for files
     whose runs hold long lists."""
-    with opened(path, "w") as f:
-        json.dump(strict_json(jsonable(payload)), f, allow_nan=False,
-                  **({"separators": (",", ":")} if compact else {"indent": 2}))
-        f.write("\n")
+    write_text(path, json.dumps(strict_json(jsonable(payload)), allow_nan=False,
+                                **({"separators": (",", ":")} if compact else {"indent": 2}))
+               + "\n")
 
 
 def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
     """``rows`` as CSV, the first row's keys as the header."""
-    with opened(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def percent(mean: float, std: float | None = None) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 import seqnorm_jax.studies.report as report
 from seqnorm_jax.studies.selection import METRICS, STAGES, best_and_tolerance
 from seqnorm_jax.train.config import TrainConfig
+from seqnorm_jax.train.run_files import is_writer
 
 __all__ = ["TuneResult", "format_stage"]
 
@@ -92,12 +93,13 @@ class TuneResult:
           ``{"json", "csv", "markdown", "plot"}``: the paths written.
         """
         paths = report.result_paths(os.fspath(out_dir), "tune", "tune.png")
+        if not is_writer():  # a multi-process run: process 0 writes
+            return paths
         report.write_json(paths["json"], self.to_dict())
         report.write_csv(paths["csv"], [
             {**r, "values": "" if r["values"] is None else ";".join(f"{v:.6g}" for v in r["values"])}
             for r in self.stage1 + self.stage2])
-        with report.opened(paths["markdown"], "w") as f:
-            f.write(self.markdown())
+        report.write_text(paths["markdown"], self.markdown())
         _plot(self, paths["plot"])
         return paths
 
