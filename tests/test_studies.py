@@ -3,6 +3,7 @@ the kinds registry and the packaged configs (no training)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import tomllib
 from importlib import resources
@@ -112,3 +113,26 @@ def test_configs_are_package_data():
         (root / "seqnorm_jax" / "studies" / "configs").resolve()
     assert json.loads((root / "experiments" / "configs" / packaged[0]).read_text())["name"] \
         == packaged[0].removesuffix(".json")
+
+
+def test_compare_outputs_written_by_process_0_only(tmp_path, monkeypatch):
+    # the module (the package's ``compare`` is the function)
+    compare_module = importlib.import_module("seqnorm_jax.studies.compare")
+
+    settings = dict(model="mlp", dataset="digits", train_size=None, batch_size=32, epochs=2,
+                    seeds=[0, 1, 2], config={"validation_size": 100})
+    result = compare_module.CompareResult(specs={"BN": "bn", "GN": "gn"}, runs=RECORDS,
+                                          summary=summarize(RECORDS, "validation"),
+                                          settings=settings)
+    monkeypatch.setattr(compare_module, "is_writer", lambda: False)
+    compare_module.write_outputs(result, tmp_path / "other")
+    assert not list((tmp_path / "other").iterdir())
+    monkeypatch.setattr(compare_module, "is_writer", lambda: True)
+    paths = compare_module.write_outputs(result, tmp_path / "first")
+    saved = json.loads(open(paths["json"]).read())  # strict JSON: the NaN loss is null
+    assert saved["runs"][-1]["diverged"] == {"step": 3, "loss": None}
+    assert open(paths["csv"]).readline().startswith(
+        "label,spec,seeds,diverged,val_accuracy_mean,val_accuracy_std,best_val_accuracy_mean")
+    md = open(paths["markdown"]).read()
+    assert "| GN | `gn` | 77.50 +- 10.61 % (diverged 1/3) |" in md
+    assert open(paths["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
