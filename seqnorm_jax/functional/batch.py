@@ -1,0 +1,211 @@
+"""The batch family: statistics per (sample group, channel group) over the batch.
+
+:func:`batch_group_norm` ("Four Things") is the general case; :func:`batch_norm`,
+:func:`ghost_norm`, :func:`bgn` and :func:`noisy_batch_norm` are its settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqnorm_jax import stats
+from seqnorm_jax.functional._call import (GHOST_FIX, GROUP_FIX, BatchSizeError, Call, any_mesh,
+                                          output, setup)
+from seqnorm_jax.functional._maps import batch_set, finish, finish_view, normalizer
+from seqnorm_jax.stats import GROUPINGS, Moments
+
+Array = jax.Array
+
+
+def _batch_groups_norm(call: Call, x: Array, scale, bias, *, batch_groups: int | None,
+                       ghost_size: int | None, channel_groups: int, grouping: str,
+                       return_stats: bool, single_sets: bool = False):
+    """:func:`batch_group_norm` of a resolved call with ``channel_groups`` resolved.
+
+    ``single_sets``: accept one-element sets (flax's BatchNorm returns the bias there).
+    """
+    call.choice(grouping, GROUPINGS, "grouping")
+    g_c, c = channel_groups, call.c
+    if call.training:
+        g_m = call.batch_groups(batch_groups, ghost_size)
+        if call.axis_name is None and not (single_sets and g_c == c):
+            call.check_set_size(call.n // g_m, c // g_c, "group's", BatchSizeError,
+                                GHOST_FIX if g_c == c else GROUP_FIX)
+    else:
+        g_m = 1  # unused in inference: any batch size works
+    if call.training and call.whole_local_batch and (g_c == c or call.dense):
+        # Straight to the (G_M, G_C) group statistics: one reduction of x, and no
+        # per-sample moments (on dense inputs those would be as large as x). Channel
+        # groups of feature maps go through per-sample moments instead: XLA:CPU's
+        # backward of a reduction over a split channel axis is 2-5x slower.
+        view = stats.GroupView(x.shape, call.axis, g_m, g_c, grouping)
+        k, st = stats.group_moments(x, view, use_fast_variance=call.use_fast_variance)
+        y = finish_view(call, x, view, normalizer(st, call.epsilon), k, scale, bias)
+        update = Moments(view.per_channel(k + st.mean), view.per_channel(st.var))
+        return output(y, update, return_stats)
+    if call.plain_inference:  # one multiply-add pass, no reduction over x
+        m, k = None, lax.stop_gradient(call.running.mean)
+    else:
+        k, m = stats.sample_moments_about(x, axis=call.axis,
+                                          use_fast_variance=call.use_fast_variance,
+                                          mask=call.mask)
+    st, update = batch_set(call, m, batch_groups=g_m, channel_groups=g_c, grouping=grouping,
+                           k=k, offset=None if m is None else k)
+    y = finish(call, x, normalizer(st, call.epsilon), k, scale, bias)
+    return output(y, update, return_stats)
+
+
+@any_mesh
+def batch_group_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    batch_groups: int | None = None,
+    ghost_size: int | None = None,
+    channel_groups: int | None = None,
+    channel_group_size: int | None = None,
+    grouping: str = "contiguous",
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    example_weight: float | Array = 0.0,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    dtype: Any = None,
+    return_stats: bool = False,
+    mask: Array | None = None,
+):
+    """Batch/group normalization of "Four Things" (paper 002, section 4).
+
+    Statistics per (sample group, channel group), over the samples of the group,
+    the spatial axes and the channels of the group. ``channel_groups=C`` (the
+    default) is GhostNorm; ``batch_groups=N`` is GroupNorm (in training);
+    both 1 pools everything. Running statistics: the average over sample groups
+    of each group's mean and biased variance, per channel (equal within a channel
+    group).
+    """
+    call = setup("batch_group_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
+                 use_fast_variance=use_fast_variance, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
+                 running_var=running_var, example_weight=example_weight)
+    return _batch_groups_norm(
+        call, x, scale, bias, batch_groups=batch_groups, ghost_size=ghost_size,
+        channel_groups=call.channel_groups(channel_groups, channel_group_size),
+        grouping=grouping, return_stats=return_stats)
+
+
+@any_mesh
+def batch_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *, epsilon: float = 1e-5,
+    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
+):
+    """BatchNorm: statistics per channel over the batch and spatial axes (Ioffe & Szegedy).
+
+    Equal to ``flax.linen.BatchNorm`` to float32 rounding, including its inputs: a
+    rank-1 ``(C,)`` input is one sample (flax reduces over no axis: the output is
+    ``bias``), and ``mask`` takes the statistics over the entries where it is True.
+    """
+    rank1 = jnp.ndim(x) == 1  # one sample of C features
+    if rank1:
+        mask = None if mask is None else jnp.broadcast_to(mask, jnp.shape(x))[None]
+        x, axis = x[None], -1
+    call = setup("batch_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
+                 use_fast_variance=use_fast_variance, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
+                 running_var=running_var, example_weight=example_weight)
+    out = _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
+                             channel_groups=call.c, grouping="contiguous",
+                             return_stats=return_stats, single_sets=True)
+    if not rank1:
+        return out
+    return (out[0][0], out[1]) if return_stats else out[0]
+
+
+@any_mesh
+def ghost_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    batch_groups: int | None = None, ghost_size: int | None = None,
+    grouping: str = "contiguous", epsilon: float = 1e-5, axis: int = -1,
+    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
+):
+    """GhostNorm (Hoffer et al. 2017; papers 000/001): BatchNorm per ghost batch.
+
+    The batch is split into ``batch_groups`` groups ("ghost batches") of
+    ``ghost_size`` samples, contiguous by default (``grouping="strided"`` for
+    Keras' ``virtual_batch_size`` layout), each normalized with its own
+    per-channel statistics. Running statistics move towards the whole-batch mean
+    and the mean of the per-ghost biased variances.
+    """
+    call = setup("ghost_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
+                 use_fast_variance=use_fast_variance, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
+                 running_var=running_var, example_weight=example_weight)
+    return _batch_groups_norm(call, x, scale, bias, batch_groups=batch_groups,
+                              ghost_size=ghost_size, channel_groups=call.c, grouping=grouping,
+                              return_stats=return_stats)
+
+
+@any_mesh
+def bgn(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    num_groups: int | None = None, group_size: int | None = None, epsilon: float = 1e-5,
+    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
+):
+    """Batch Group Normalization (Zhou et al. 2020): channel groups over the whole batch.
+
+    Statistics per group of ``C / num_groups`` contiguous channels over the batch,
+    the spatial axes and the channels of the group. ``num_groups=C`` is
+    BatchNorm; ``num_groups=1`` pools everything. Running statistics per group.
+    """
+    call = setup("bgn", x, axis=axis, epsilon=epsilon, dtype=dtype,
+                 use_fast_variance=use_fast_variance, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
+                 running_var=running_var, example_weight=example_weight)
+    groups = call.channel_groups(num_groups, group_size, groups_name="num_groups",
+                                 size_name="group_size")
+    return _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
+                              channel_groups=groups, grouping="contiguous",
+                              return_stats=return_stats)
+
+
+@any_mesh
+def noisy_batch_norm(
+    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    noise_std: float = 3e-4, rng: Array | None = None, epsilon: float = 1e-5, axis: int = -1,
+    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
+    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
+    mask=None,
+):
+    """BatchNorm with Gaussian noise ``N(0, noise_std^2)`` added to its input in training.
+
+    The noise (paper 000's ablation; best ``noise_std=3e-4``) needs ``rng`` in
+    training; inference (running statistics given) adds none.
+    """
+    call = setup("noisy_batch_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
+                 use_fast_variance=use_fast_variance, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
+                 running_var=running_var, example_weight=example_weight)
+    if call.training and noise_std:
+        if rng is None:
+            raise ValueError(
+                f"{call.who}: training with noise_std={noise_std} needs an rng key; pass rng= "
+                "(in linen: rngs={'noise': key} to apply)."
+            )
+        noise = jax.random.normal(rng, x.shape, stats.stat_dtype(x.dtype)) * noise_std
+        x = (x.astype(noise.dtype) + noise).astype(x.dtype)
+    return _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
+                              channel_groups=call.c, grouping="contiguous",
+                              return_stats=return_stats)
