@@ -346,7 +346,7 @@ def test_whole_array_batches_equal_per_example_batches(kw):
     kw = {"shard_index": 0, "shard_count": 1, **kw}
     # a padded subset of an in-memory source, as load(..., split="...[a:b]", pad=2) builds it
     sub = data.SubsetSource(base, np.arange(3, 203, 1))
-    padded = data.sources._PaddedSource(sub, 2)
+    padded = data.sources.PaddedSource(sub, 2)
     for src in (base, padded):
         fast = data.make_loader(src, batch_size=16, seed=1, epoch=2, **kw)
         slow = data.make_loader(_Opaque(src), batch_size=16, seed=1, epoch=2, **kw)

@@ -33,7 +33,6 @@ constants), :mod:`~seqnorm_jax.data.readers` (file readers),
 
 from seqnorm_jax.data.augment import (
     PRESETS,
-    Preprocess,
     center_crop,
     center_crop_geometry,
     cutout,
@@ -44,6 +43,7 @@ from seqnorm_jax.data.augment import (
     random_resized_crop_box,
     resize,
 )
+from seqnorm_jax.data.preprocess import Preprocess
 from seqnorm_jax.data.device import normalize_on_device, prefetch_to_device
 from seqnorm_jax.data.imagenet import decode_image, random_resized_crop_flip, resize_center_crop
 from seqnorm_jax.data.info import DATASETS, DatasetInfo, dataset_info

@@ -23,7 +23,8 @@ What the papers do, and the presets that reproduce it:
   get a random-resized crop (area fraction uniform in ``(0.08, 1)``, aspect ratio
   log-uniform in ``(3/4, 4/3)``) resized to 224x224 and a random horizontal flip;
   evaluation images are resized so that their shorter side is 256 and
-  center-cropped to 224x224. :class:`Preprocess` runs this preset with Pillow
+  center-cropped to 224x224. :class:`~seqnorm_jax.data.preprocess.Preprocess` runs
+  this preset with Pillow
   (:mod:`seqnorm_jax.data.imagenet`: JPEG bytes or arrays, reduced-size
   decoding, crop and resize in one step); :func:`random_resized_crop` and
   :func:`center_crop` here are the NumPy reference of the same geometry.
@@ -42,7 +43,8 @@ import numpy as np
 
 __all__ = [
     "PRESETS",
-    "Preprocess",
+    "normalize_batch",
+    "check_rng",
     "center_crop",
     "center_crop_geometry",
     "cutout",
@@ -65,7 +67,7 @@ def _check_image(image: np.ndarray, fn: str) -> np.ndarray:
     return image
 
 
-def _check_rng(rng, fn: str) -> None:
+def check_rng(rng, fn: str) -> None:
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"{fn}: `rng` must be a numpy.random.Generator "
                         f"(e.g. np.random.default_rng(seed)), got {type(rng).__name__}.")
@@ -83,7 +85,7 @@ def random_flip(image: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> 
       The flipped image (a copy) or ``image`` itself.
     """
     image = _check_image(image, "random_flip")
-    _check_rng(rng, "random_flip")
+    check_rng(rng, "random_flip")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"random_flip: `p` must be in [0, 1], got {p}.")
     if rng.random() < p:
@@ -107,7 +109,7 @@ def pad_and_crop(image: np.ndarray, rng: np.random.Generator, pad: int = 4,
       An array of the input's shape and dtype.
     """
     image = _check_image(image, "pad_and_crop")
-    _check_rng(rng, "pad_and_crop")
+    check_rng(rng, "pad_and_crop")
     if not isinstance(pad, (int, np.integer)) or pad < 0:
         raise ValueError(f"pad_and_crop: `pad` must be a non-negative int, got {pad!r}.")
     if mode not in ("zero", "reflect"):
@@ -143,7 +145,7 @@ def cutout(image: np.ndarray, rng: np.random.Generator, size: int = 16,
       A copy of ``image`` with the square filled.
     """
     image = _check_image(image, "cutout")
-    _check_rng(rng, "cutout")
+    check_rng(rng, "cutout")
     if not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"cutout: `size` must be a positive int, got {size!r}.")
     height, width = image.shape[:2]
@@ -211,7 +213,7 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
     Returns:
       ``(top, left, crop_height, crop_width)``.
     """
-    _check_rng(rng, "random_resized_crop_box")
+    check_rng(rng, "random_resized_crop_box")
     if not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"random_resized_crop_box: `scale` must satisfy 0 < min <= max <= 1, "
                          f"got {scale}.")
@@ -296,148 +298,11 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     if shapes != ((image.shape[-1],),) * 2:
         raise ValueError(f"normalize: `mean` and `std` need one value per channel "
                          f"({image.shape[-1]}), got {shapes[0]} and {shapes[1]}.")
-    return _normalize(image, mean, std)
+    return normalize_batch(image, mean, std)
 
 
-def _normalize(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def normalize_batch(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """:func:`normalize` of any ``(..., C)`` array, unchecked (also whole batches)."""
     mean = np.asarray(mean, np.float32)
     std = np.asarray(std, np.float32)
     return (images.astype(np.float32) * np.float32(1 / 255) - mean) / std
-
-
-class Preprocess:
-    """One example's preprocessing: a preset's augmentation, then normalisation.
-
-    A picklable callable (so Grain worker processes can run it):
-    ``fn(example, rng)`` in training (random augmentation), ``fn(example)`` in
-    evaluation. ``example`` is ``{"image": ..., "label": int}`` where the image
-    is a uint8 ``(H, W, C)`` (or ``(H, W)``) array or the encoded bytes of one
-    (JPEG, PNG, ...); the result is ``{"image": float32 HWC, "label": np.int32}``,
-    or a uint8 image with ``normalize=False``.
-
-    The ``"imagenet"`` preset runs :func:`~seqnorm_jax.data.imagenet.random_resized_crop_flip`
-    (training) or :func:`~seqnorm_jax.data.imagenet.resize_center_crop`
-    (evaluation): Pillow decoding (reduced-size for JPEG bytes when the crop
-    allows), crop and resize in one step. Their crop boxes are those of
-    :func:`random_resized_crop` / :func:`center_crop`; the pixels differ from
-    those NumPy references by Pillow's resampling (see
-    :mod:`seqnorm_jax.data.imagenet`). Other presets decode bytes in full first.
-
-    Args:
-      preset: one of :data:`PRESETS`.
-      mean, std: per-channel normalisation constants (``[0, 1]`` scale).
-      image_shape: the ``(H, W, C)`` every output image must have; a mismatch
-        (e.g. variable-size ImageNet images without the ``"imagenet"`` preset)
-        raises a clear error instead of failing later in batching.
-      train: random augmentation (True) or the deterministic evaluation path.
-      pad: pad-and-crop padding (``"flip_crop"``, ``"flip_crop_cutout"``).
-      pad_mode: ``"zero"`` or ``"reflect"``.
-      cutout_size: Cutout square side (``"flip_crop_cutout"``).
-      crop_size, resize_size: ImageNet crop and evaluation resize sizes.
-      normalize: normalise on the host (float32 out), or hand over uint8 images
-        to normalise on the device with :func:`~seqnorm_jax.data.normalize_on_device`.
-        Cutout then fills its square with the mean colour rounded to uint8
-        (``round(255 * mean)``), which normalises to within ``0.5 / (255 * std)``
-        of the exact 0 (under 0.01 for the supported datasets).
-    """
-
-    def __init__(self, preset: str, mean: Sequence[float], std: Sequence[float],
-                 image_shape: Sequence[int], *, train: bool, pad: int = 4,
-                 pad_mode: str = "zero", cutout_size: int = 16, crop_size: int = 224,
-                 resize_size: int = 256, normalize: bool = True):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown augmentation preset {preset!r}; choose one of {PRESETS}.")
-        self.preset = preset
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
-        self.image_shape = tuple(int(d) for d in image_shape)
-        if len(self.image_shape) != 3 or len(self.mean) != self.image_shape[-1] \
-                or len(self.std) != self.image_shape[-1]:
-            raise ValueError(f"Preprocess: `image_shape` must be (H, W, C) and `mean`/`std` "
-                             f"need C values each, got image_shape={self.image_shape}, "
-                             f"{len(self.mean)} means and {len(self.std)} stds.")
-        self.train = bool(train)
-        self.pad = pad
-        self.pad_mode = pad_mode
-        self.cutout_size = cutout_size
-        self.crop_size = crop_size
-        self.resize_size = resize_size
-        self.normalize = bool(normalize)
-
-    def __repr__(self) -> str:
-        return (f"Preprocess(preset={self.preset!r}, train={self.train}, "
-                f"normalize={self.normalize})")
-
-    @property
-    def per_example(self) -> bool:
-        """Whether examples need individual work (random augmentation, decoding, cropping).
-
-        When False, :meth:`batch` transforms a whole stacked batch at once.
-        """
-        return self.preset == "imagenet" or (self.train and self.preset != "none")
-
-    def __call__(self, example: dict, rng: np.random.Generator | None = None) -> dict:
-        image = example["image"]
-        channels = self.image_shape[-1]
-        encoded = isinstance(image, (bytes, bytearray, memoryview, np.bytes_))
-        if encoded or self.preset == "imagenet":
-            from seqnorm_jax.data import imagenet  # Pillow: only for images that need it
-        if encoded:
-            if self.preset != "imagenet":
-                image = imagenet.decode_image(image, channels)
-        else:
-            image = np.asarray(image)
-            if image.ndim == 2:
-                image = image[..., None]
-        if self.train and self.preset != "none" and rng is None:
-            raise ValueError(f"Preprocess(preset={self.preset!r}, train=True) needs an `rng`.")
-        if self.preset == "imagenet":
-            if self.train:
-                image = imagenet.random_resized_crop_flip(image, rng, self.crop_size,
-                                                          channels=channels)
-            else:
-                image = imagenet.resize_center_crop(image, self.crop_size, self.resize_size,
-                                                    channels=channels)
-        elif self.train and self.preset in ("flip_crop", "flip_crop_cutout"):
-            image = random_flip(pad_and_crop(image, rng, self.pad, self.pad_mode), rng)
-        if image.shape != self.image_shape:
-            raise ValueError(
-                f"an image of shape {image.shape} reached batching, expected "
-                f"{self.image_shape}; variable-size images (ImageNet) need augment='imagenet', "
-                f"which crops them to {self.image_shape[:2]}.")
-        if self.normalize:
-            image = normalize(image, self.mean, self.std)
-            fill = 0.0
-        else:
-            fill = np.rint(np.asarray(self.mean) * 255).astype(np.uint8)
-        if self.train and self.preset == "flip_crop_cutout":
-            image = cutout(image, rng, self.cutout_size, fill=fill)
-        return {"image": image, "label": np.int32(example["label"])}
-
-    def batch(self, images: np.ndarray, labels: np.ndarray) -> dict:
-        """The evaluation transform of a whole batch (presets without per-example work).
-
-        Args:
-          images: uint8 ``(B, H, W, C)``.
-          labels: integer ``(B,)``.
-
-        Returns:
-          ``{"image", "label"}`` equal to stacking :meth:`__call__`'s results.
-
-        Raises:
-          ValueError: this preset needs per-example work (:attr:`per_example`), or
-            the images do not have ``image_shape``.
-        """
-        if self.per_example:
-            raise ValueError(f"Preprocess(preset={self.preset!r}, train={self.train}) works "
-                             f"example by example; call it on each example instead of "
-                             f"Preprocess.batch.")
-        if images.shape[1:] != self.image_shape:
-            raise ValueError(
-                f"images of shape {images.shape[1:]} reached batching, expected "
-                f"{self.image_shape}; variable-size images (ImageNet) need augment='imagenet', "
-                f"which crops them to {self.image_shape[:2]}.")
-        if self.normalize:
-            images = _normalize(images, self.mean, self.std)
-        return {"image": images, "label": np.asarray(labels, dtype=np.int32)}

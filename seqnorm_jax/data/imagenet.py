@@ -50,7 +50,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from seqnorm_jax.data.augment import (_check_rng, center_crop_geometry,
+from seqnorm_jax.data.augment import (check_rng, center_crop_geometry,
                                       random_resized_crop_box)
 
 __all__ = ["decode_image", "random_resized_crop_flip", "resize_center_crop"]
@@ -137,7 +137,7 @@ def random_resized_crop_flip(image, rng: np.random.Generator, size: int = 224,
       allows).
     """
     mode = _check_channels(channels, "random_resized_crop_flip")
-    _check_rng(rng, "random_resized_crop_flip")
+    check_rng(rng, "random_resized_crop_flip")
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"random_resized_crop_flip: `size` must be a positive int, got "
                          f"{size!r}.")

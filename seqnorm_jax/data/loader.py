@@ -75,7 +75,8 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from seqnorm_jax.data.augment import PRESETS, Preprocess
+from seqnorm_jax.data.augment import PRESETS
+from seqnorm_jax.data.preprocess import Preprocess
 from seqnorm_jax.data.sources import Source, SubsetSource, in_memory_view, pad_images
 
 __all__ = ["Loader", "make_loader", "non_iid_indices", "steps_per_epoch"]

@@ -297,4 +297,3 @@ def in_memory_images(src: Source) -> np.ndarray | None:
     return pad_images(root.images if rows is None else root.images[rows], pad)
 
 
-_PaddedSource = PaddedSource  # the name tests/test_input_pipeline.py still uses
