@@ -451,7 +451,7 @@ def test_registry_presets():
     (lambda: get_model("resnet20", depth=2), r"depth=2 is not of the form 6n \+ 2"),
     (lambda: get_model("wrn", depth=28.0), r"depth=28.0 is not of the form 6n \+ 4"),
     (lambda: get_model("wrn", depth=27), r"depth=27 is not of the form 6n \+ 4"),
-    (lambda: get_model("wrn", widen_factor=0), r"widen_factor must be a positive integer"),
+    (lambda: get_model("wrn", widen_factor=0), r"widen_factor must be a positive int"),
     (lambda: get_model("wrn", dropout_rate=1.0), r"dropout_rate must be in \[0, 1\)"),
     (lambda: get_model("resnet18", widht=3), r"has no field\(s\) \['widht'\]; its fields are"),
     (lambda: get_model("resnet18", stem="tiny"), r"stem='tiny' is not valid; choose one of"),
@@ -460,8 +460,8 @@ def test_registry_presets():
     (lambda: get_model("resnet20", shortcut="C"), r"shortcut='C' is not valid"),
     (lambda: get_model("vgg11", head="big"), r"head='big' is not valid"),
     (lambda: get_model("vgg11", layers=(64, "P")), r"layers\[1\] \(a width, or 'M'"),
-    (lambda: get_model("mlp", features=(8, -1)), r"features\[1\] must be a positive integer"),
-    (lambda: get_model("cnn", num_classes=0), r"num_classes must be a positive integer"),
+    (lambda: get_model("mlp", features=(8, -1)), r"features\[1\] must be a positive int"),
+    (lambda: get_model("cnn", num_classes=0), r"num_classes must be a positive int"),
     (lambda: get_model("cnn", norm="ghostly"), r"unknown norm layer 'ghostly'"),
 ])
 def test_errors(call, match):

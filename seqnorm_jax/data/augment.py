@@ -41,6 +41,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from seqnorm_jax import checks
+
 __all__ = [
     "PRESETS",
     "normalize_batch",
@@ -146,8 +148,7 @@ def cutout(image: np.ndarray, rng: np.random.Generator, size: int = 16,
     """
     image = _check_image(image, "cutout")
     check_rng(rng, "cutout")
-    if not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f"cutout: `size` must be a positive int, got {size!r}.")
+    checks.positive_int(size, "`size`", "cutout")
     height, width = image.shape[:2]
     cy = int(rng.integers(0, height))
     cx = int(rng.integers(0, width))
@@ -184,8 +185,7 @@ def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
     """
     image = _check_image(image, "resize")
     for arg, value in (("height", height), ("width", width)):
-        if not isinstance(value, (int, np.integer)) or value <= 0:
-            raise ValueError(f"resize: `{arg}` must be a positive int, got {value!r}.")
+        checks.positive_int(value, f"`{arg}`", "resize")
     in_h, in_w = image.shape[:2]
     if (in_h, in_w) == (height, width):
         return image

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from seqnorm_jax import checks
+
 __all__ = ["normalize_on_device", "prefetch_to_device"]
 
 
@@ -71,8 +73,7 @@ def prefetch_to_device(iterator: Iterable, size: int = 2,
     Yields:
       The batches, in order, as ``jax.Array`` pytrees.
     """
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"prefetch_to_device: `size` must be a positive int, got {size!r}.")
+    checks.positive_int(size, "`size`", "prefetch_to_device")
     if sharding is None:
         put = jax.device_put
     else:

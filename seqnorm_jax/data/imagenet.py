@@ -50,6 +50,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from seqnorm_jax import checks
 from seqnorm_jax.data.augment import (check_rng, center_crop_geometry,
                                       random_resized_crop_box)
 
@@ -138,9 +139,7 @@ def random_resized_crop_flip(image, rng: np.random.Generator, size: int = 224,
     """
     mode = _check_channels(channels, "random_resized_crop_flip")
     check_rng(rng, "random_resized_crop_flip")
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
-        raise ValueError(f"random_resized_crop_flip: `size` must be a positive int, got "
-                         f"{size!r}.")
+    checks.positive_int(size, "`size`", "random_resized_crop_flip")
     pil, encoded = _open(image, "random_resized_crop_flip")
     width, height = pil.size
     top, left, h, w = random_resized_crop_box(rng, height, width, scale, ratio)

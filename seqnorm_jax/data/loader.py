@@ -75,6 +75,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
+from seqnorm_jax import checks
 from seqnorm_jax.data.augment import PRESETS
 from seqnorm_jax.data.preprocess import Preprocess
 from seqnorm_jax.data.sources import Source, SubsetSource, in_memory_view, pad_images
@@ -90,9 +91,7 @@ def _derived_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def _check_nonneg_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
-    return int(value)
+    return checks.positive_int(value, name, allow_zero=True)
 
 
 def _resolve_shards(shard_index, shard_count) -> tuple[int, int]:
@@ -101,9 +100,7 @@ def _resolve_shards(shard_index, shard_count) -> tuple[int, int]:
 
         shard_count = jax.process_count() if shard_count is None else shard_count
         shard_index = jax.process_index() if shard_index is None else shard_index
-    if isinstance(shard_count, bool) or not isinstance(shard_count, (int, np.integer)) \
-            or shard_count < 1:
-        raise ValueError(f"shard_count must be a positive int, got {shard_count!r}.")
+    shard_count = checks.positive_int(shard_count, "shard_count")
     if isinstance(shard_index, bool) or not isinstance(shard_index, (int, np.integer)) \
             or not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be an int in [0, {shard_count}), got "
@@ -129,9 +126,7 @@ def steps_per_epoch(src: Source | int, batch_size: int, drop_remainder: bool = T
       fall to ``shard_index``.
     """
     n = src if isinstance(src, (int, np.integer)) else len(src)
-    batch_size = _check_nonneg_int(batch_size, "batch_size")
-    if batch_size == 0:
-        raise ValueError("batch_size must be a positive int, got 0.")
+    batch_size = checks.positive_int(batch_size, "batch_size")
     shard_index, shard_count = _resolve_shards(shard_index, shard_count)
     if drop_remainder:
         return int(n) // (batch_size * shard_count)
@@ -308,9 +303,7 @@ def make_loader(src: Source, *, batch_size: int, train: bool, seed: int = 0, epo
     if not isinstance(src, Source):
         raise TypeError(f"make_loader: `src` must be a seqnorm_jax.data Source (from "
                         f"seqnorm_jax.data.load), got {type(src).__name__}.")
-    batch_size = _check_nonneg_int(batch_size, "batch_size")
-    if batch_size == 0:
-        raise ValueError("batch_size must be a positive int, got 0.")
+    batch_size = checks.positive_int(batch_size, "batch_size")
     seed = _check_nonneg_int(seed, "seed")
     epoch = _check_nonneg_int(epoch, "epoch")
     if num_workers is not None:

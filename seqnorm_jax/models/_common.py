@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from seqnorm_jax import checks
 from seqnorm_jax.linen import Identity
 
 ModuleDef = Callable[..., nn.Module]
@@ -98,7 +99,8 @@ def check_float(model: str, x: jax.Array) -> None:
 def check_choice(model: str, name: str, value: Any, choices: Sequence[Any]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{model}: {name}={value!r} is not valid; choose one of {list(choices)}.")
+        raise ValueError(f"{model}: {name}={value!r} is not valid; choose one of {list(choices)}."
+                         f"{checks.suggest(value, choices)}")
 
 
 def is_int(value: Any) -> bool:
@@ -109,8 +111,7 @@ def is_int(value: Any) -> bool:
 def check_positive(model: str, **values: Any) -> None:
     """Raise ``ValueError`` unless every value is a positive int."""
     for name, value in values.items():
-        if not is_int(value) or value < 1:
-            raise ValueError(f"{model}: {name} must be a positive integer, got {value!r}.")
+        checks.positive_int(value, name, model)
 
 
 def check_rate(model: str, name: str, value: float) -> None:
