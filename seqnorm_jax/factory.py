@@ -37,6 +37,6 @@ def norm_factory(spec: str | NormSpec | Callable[..., nn.Module],
       ValueError: an unknown layer name, an unknown field, or a malformed item,
         with the valid choices (and the closest one) in the message.
     """
-    if callable(spec) and not isinstance(spec, NormSpec):
+    if callable(spec):
         return functools.partial(spec, **overrides)
     return NormSpec.parse(spec).factory(**overrides)

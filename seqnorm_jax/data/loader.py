@@ -90,10 +90,6 @@ def _derived_seed(seed: int, epoch: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, np.uint32)[0])
 
 
-def _check_nonneg_int(value, name: str) -> int:
-    return checks.positive_int(value, name, allow_zero=True)
-
-
 def _resolve_shards(shard_index, shard_count) -> tuple[int, int]:
     if shard_count is None or shard_index is None:
         import jax
@@ -304,11 +300,11 @@ def make_loader(src: Source, *, batch_size: int, train: bool, seed: int = 0, epo
         raise TypeError(f"make_loader: `src` must be a seqnorm_jax.data Source (from "
                         f"seqnorm_jax.data.load), got {type(src).__name__}.")
     batch_size = checks.positive_int(batch_size, "batch_size")
-    seed = _check_nonneg_int(seed, "seed")
-    epoch = _check_nonneg_int(epoch, "epoch")
+    seed = checks.positive_int(seed, "seed", allow_zero=True)
+    epoch = checks.positive_int(epoch, "epoch", allow_zero=True)
     if num_workers is not None:
-        num_workers = _check_nonneg_int(num_workers, "num_workers")
-    start_step = _check_nonneg_int(start_step, "start_step")
+        num_workers = checks.positive_int(num_workers, "num_workers", allow_zero=True)
+    start_step = checks.positive_int(start_step, "start_step", allow_zero=True)
     shard_index, shard_count = _resolve_shards(shard_index, shard_count)
     preset = src.info.default_augment if augment == "default" else augment
     if preset not in PRESETS:
