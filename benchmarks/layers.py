@@ -153,9 +153,12 @@ def measure(runs: dict[str, Callable], rounds: int, warmup: int = 3) -> dict[str
 FLOOR_BYTES = {"fwd": 2, "fwd+bwd": 5, "infer": 2}  # x-sized arrays each mode must move
 
 
-def bench_shape(name: str, shape, dtype, rounds: int) -> dict[str, Any]:
+def bench_shape(name: str, shape, dtype, rounds: int, only: str | None = None) -> dict[str, Any]:
     x = (jax.random.normal(jax.random.key(2), shape) * 2.0 + 1.0).astype(dtype)
     configs = layers(shape)
+    if only:
+        keep = ("flax BatchNorm",) + tuple(only.split(","))
+        configs = {k: v for k, v in configs.items() if k.split("(")[0] in keep}
     runs = {"copy": copy_fn(x)}
     for lname, (module, has_running) in configs.items():
         for mode, run in compile_layer(module, x, has_running).items():
@@ -237,6 +240,8 @@ def targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                             "met": met})
                 print(f"  {'PASS' if met else 'MISS'} {res['dtype']:8s} {res['shape']:9s} "
                       f"{mode:7s} {prefix:18s} {m['ratio']:5.2f}x (target <= {bound:.2f}x)")
+        if "naive SeqNorm" not in rows or "SeqNorm" not in rows:
+            continue
         naive = rows["naive SeqNorm"]["fwd+bwd"]["ms"] / rows["SeqNorm"]["fwd+bwd"]["ms"]
         print(f"       {res['dtype']:8s} {res['shape']:9s} SeqNorm fwd+bwd is {naive:.2f}x "
               "faster than the naive GroupNorm -> GhostNorm")
@@ -252,6 +257,8 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--rounds", type=int, default=15, help="interleaved repetitions (median)")
     p.add_argument("--quick", action="store_true", help="cifar-256 float32, 5 rounds")
+    p.add_argument("--layers", help="comma-separated name prefixes to time (flax BatchNorm, "
+                   "the reference, always runs), e.g. BatchNorm,GhostNorm")
     p.add_argument("--json", help="write the figures to this file")
     args = p.parse_args(argv)
     shapes = ["cifar-256"] if args.quick else args.shapes.split(",")
@@ -264,7 +271,7 @@ def main(argv=None) -> None:
     results = []
     for dtype in dtypes:
         for s in shapes:
-            res = bench_shape(s, SHAPES[s], jnp.dtype(dtype), rounds)
+            res = bench_shape(s, SHAPES[s], jnp.dtype(dtype), rounds, args.layers)
             print_table(res)
             results.append(res)
     summary = targets(results)

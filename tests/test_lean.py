@@ -17,6 +17,7 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 import seqnorm_jax as snj
+from plain_sums import plain_first  # noqa: F401 (a fixture)
 from seqnorm_jax import functional as F
 
 SHAPE = (8, 4, 4, 16)  # N * C = 128 statistics entries; x has 2048 elements
@@ -70,7 +71,7 @@ def check_lean(residuals, x_size: int, nc: int) -> None:
 
 @pytest.mark.parametrize("name,fn,kw", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_backward_keeps_only_x_and_statistics(name, fn, kw, dtype):
+def test_backward_keeps_only_x_and_statistics(name, fn, kw, dtype, plain_first):
     x = jax.random.normal(jax.random.key(0), SHAPE, dtype) + 3
     c = SHAPE[-1]
     gamma, beta = jnp.ones(c), jnp.zeros(c)
@@ -109,7 +110,7 @@ def test_module_training_step_keeps_only_x(name):
     check_lean([r for r in res if r[2] != "from a constant"], x.size, SHAPE[0] * SHAPE[-1])
 
 
-def test_custom_rule_gradients_match_plain_autodiff_float64():
+def test_custom_rule_gradients_match_plain_autodiff_float64(plain_first):
     """The moments' custom JVP (and its transpose) against autodiff of the plain
     two-pass formula, first and second order, in float64."""
     from seqnorm_jax import stats

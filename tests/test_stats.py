@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 import seqnorm_jax as snj
+from plain_sums import plain_first  # noqa: F401 (a fixture)
 from seqnorm_jax import functional as F
 from seqnorm_jax import stats
+from seqnorm_jax.stats import moments
 
 
 def rel_err(got, want):
@@ -17,7 +19,7 @@ def rel_err(got, want):
 
 
 @pytest.mark.parametrize("fast_variance", [True, False], ids=["fastvar", "twopass"])
-def test_large_mean_small_std_float32(fast_variance):
+def test_large_mean_small_std_float32(fast_variance, plain_first):
     """A float32 input with mean 1e4 and std 1: variances within 1e-3 of float64 (measured
     1.04e-4 at worst with jax 0.8, 0.10 and 0.12, asserted at 2e-4)."""
     rng = np.random.default_rng(0)
@@ -45,6 +47,45 @@ def test_large_mean_small_std_float32(fast_variance):
     y = F.batch_norm(x, use_fast_variance=fast_variance)
     want = (xd - xd.mean(axis=(0, 1, 2))) / np.sqrt(xd.var(axis=(0, 1, 2)) + 1e-5)
     np.testing.assert_allclose(np.asarray(y, np.float64), want, atol=2e-3)
+
+
+def test_plain_sums_only_where_every_group_is_well_conditioned():
+    """XLA:CPU's plain sums (E[x^2] - E[x]^2) are kept only when every group has
+    mean^2 <= 16 var; one ill-conditioned channel sends the whole call to the shifted sums.
+    Both branches against float64 of the same float32 values."""
+    rng = np.random.default_rng(3)
+    red = (0, 1, 2)
+    well = rng.normal(size=(32, 8, 8, 6)) * rng.uniform(0.5, 2, 6) + rng.uniform(-3, 3, 6)
+    for offset, branch in ((0.0, "plain"), (1e4, "shifted")):
+        x = np.array(well)
+        x[..., 2] += offset  # one channel with |mean| >> std, or none
+        xf = jnp.asarray(x, jnp.float32)
+        xd = np.asarray(xf, np.float64)
+        mean, var = xd.mean(axis=red), xd.var(axis=red)
+        took_plain = bool(np.all(mean ** 2 <= moments.PLAIN_SUMS_MAX_MEAN2_OVER_VAR * var))
+        assert took_plain == (branch == "plain")
+        k, s1, v = jax.jit(moments._plain_then_shifted, static_argnums=1)(xf, red)
+        got_mean = np.asarray(k, np.float64) + np.asarray(s1, np.float64)
+        np.testing.assert_allclose(got_mean.reshape(-1), mean, rtol=1e-6, atol=1e-5)
+        assert rel_err(v.reshape(-1), var) < 2e-5, (branch, rel_err(v.reshape(-1), var))
+        # the plain sums alone lose the variance of the offset channel entirely
+        if branch == "shifted":
+            plain = np.asarray(jnp.mean(xf * xf, red) - jnp.mean(xf, red) ** 2, np.float64)
+            assert abs(plain[2] - var[2]) / var[2] > 1e-2
+
+
+def test_plain_sums_first_on_one_cpu_device_only():
+    """The test process has 4 CPU devices: statistics take the shifted sums (no cond in the
+    program); forced on, a training forward stages a cond and stays equal to the shifted one."""
+    assert not moments.plain_sums_first()
+    x = jax.random.normal(jax.random.key(0), (16, 4, 4, 8)) * 2 + 1
+    # a new function for each trace: tracing caches key on the function, not on the setting
+    assert "cond" not in str(jax.make_jaxpr(lambda x: F.batch_norm(x))(x))
+    shifted = F.batch_norm(x)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(moments, "plain_sums_first", lambda: True)
+        assert "cond" in str(jax.make_jaxpr(lambda x: F.batch_norm(x))(x))
+        np.testing.assert_allclose(F.batch_norm(x), shifted, atol=2e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])

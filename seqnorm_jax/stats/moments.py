@@ -70,31 +70,89 @@ def _to_nc(a: Array, ndim: int, axis: int) -> Array:
     return a.reshape(a.shape[0], a.shape[feature_axis(ndim, axis)])
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def _moments_over(x: Array, red: tuple[int, ...], use_fast_variance: bool,
-                  shape: tuple[int, ...] | None = None) -> tuple[Array, Array, Array]:
-    """``(k, mean, var)`` of ``x`` over the axes ``red`` (kept as size 1), in the
-    statistics dtype: ``k`` is the first value along ``red`` and the moments are those
-    of ``x - k``.
+# Plain sums are used where they are exact enough: every group's squared mean at most this
+# many times its variance, so E[v^2] - E[v]^2 loses at most ~5 bits more than the shifted
+# sums (float32: relative variance error ~1e-5 for typical group sizes, see _moments_of).
+PLAIN_SUMS_MAX_MEAN2_OVER_VAR = 16.0
 
-    Both sums are shifted by ``k``, so they neither cancel nor lose the low digits of
-    the mean. (Measured on XLA:CPU: two plain reductions of ``x - k`` beat one variadic
-    reduction of both sums, whose loop emitter is 1.3-2x slower than the vectorized
-    reduction, see benchmarks/RESULTS.md.) The custom JVP below keeps the backward
-    pass lean whatever the forward does. ``shape``: reduce ``x.reshape(shape)`` (a view,
-    taken inside so that reverse mode keeps ``x`` itself).
-    """
-    x = x if shape is None else x.reshape(shape)
-    xf = x.astype(stat_dtype(x.dtype))
-    index = tuple(slice(0, 1) if i in red else slice(None) for i in range(x.ndim))
-    k = lax.stop_gradient(xf[index])
-    d = xf - k
+
+def _first(v: Array, red: tuple[int, ...]) -> Array:
+    """The first value of each group of ``v`` along ``red`` (dims kept), as a constant."""
+    index = tuple(slice(0, 1) if i in red else slice(None) for i in range(v.ndim))
+    return lax.stop_gradient(v[index])
+
+
+def _shifted_moments(v: Array, red: tuple[int, ...], use_fast_variance: bool):
+    """``(k, mean of v - k, var)`` over ``red``, with ``k`` each group's first value: both
+    sums are shifted, so they neither cancel nor lose the low digits of the mean."""
+    k = _first(v, red)
+    d = v - k
     s1 = jnp.mean(d, axis=red, keepdims=True)
     if use_fast_variance:
         var = jnp.maximum(jnp.mean(d * d, axis=red, keepdims=True) - s1 * s1, 0.0)
     else:
         var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
     return k, s1, var
+
+
+def _plain_then_shifted(v: Array, red: tuple[int, ...]):
+    """:func:`_shifted_moments` (fast variance) from the plain sums of ``v`` and ``v * v``
+    when every group is well conditioned, else from the shifted sums: XLA:CPU reduces
+    ``v`` and ``v * v`` in one fused read, but writes ``v - k`` out once and reads it
+    back (1.2-1.5x a training forward, benchmarks/RESULTS.md). The check costs a few
+    group-sized operations; the shifted pass runs only when a group fails it."""
+    m = jnp.mean(v, axis=red, keepdims=True)
+    var = jnp.mean(v * v, axis=red, keepdims=True) - m * m
+    well = jnp.all(m * m <= PLAIN_SUMS_MAX_MEAN2_OVER_VAR * var)  # False for NaN too
+    k = _first(v, red)
+    return lax.cond(well, lambda: (k, m - k, var),
+                    lambda: _shifted_moments(v, red, True))
+
+
+def plain_sums_first() -> bool:
+    """Whether XLA:CPU tries the plain sums first (:func:`_moments_of`): in a process with one
+    CPU device. With several, ``x`` may be sharded over them and the check of all groups
+    would add a collective, so the shifted sums run, as on accelerators (the collectives
+    pinned by ``tests/test_hlo_collectives.py``)."""
+    return jax.device_count("cpu") == 1
+
+
+def _sums(use_fast_variance: bool) -> str:
+    """How :func:`_moments_of` sums: ``"two-pass"``, ``"shifted"`` or ``"plain-first"``. A
+    static argument of the traced functions, so that each way has its own trace."""
+    if not use_fast_variance:
+        return "two-pass"
+    return "plain-first" if plain_sums_first() else "shifted"
+
+
+def _moments_of(v: Array, red: tuple[int, ...], sums: str):
+    """``(k, mean of v - k, var)`` over the axes ``red`` of ``v`` (dims kept), where ``k``
+    is each group's first value, a constant near the group's values; ``sums`` from
+    :func:`_sums`.
+
+    The shifted sums stay exact when ``|mean| >> std``, where ``E[v^2] - E[v]^2`` (flax's
+    fast variance) cancels. On XLA:CPU (one CPU device, :func:`plain_sums_first`), with the
+    fast variance, the plain sums are taken first and kept when every group has
+    ``mean^2 <= 16 var`` (:func:`_plain_then_shifted`; their error then is at most ~50
+    float32 roundings of the variance, against ~3 for the shifted sums). GPU and TPU fuse
+    ``v - k`` into the reduction and always shift.
+    """
+    if sums != "plain-first":
+        return _shifted_moments(v, red, sums == "shifted")
+    return lax.platform_dependent(
+        cpu=lambda: _plain_then_shifted(v, red),
+        default=lambda: _shifted_moments(v, red, True))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
+def _moments_over(x: Array, red: tuple[int, ...], sums: str,
+                  shape: tuple[int, ...] | None = None) -> tuple[Array, Array, Array]:
+    """:func:`_moments_of` ``x`` in the statistics dtype. The custom JVP below keeps the
+    backward pass lean whatever the forward does. ``shape``: reduce ``x.reshape(shape)``
+    (a view, taken inside so that reverse mode keeps ``x`` itself).
+    """
+    x = x if shape is None else x.reshape(shape)
+    return _moments_of(x.astype(stat_dtype(x.dtype)), red, sums)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4, 5))
@@ -108,9 +166,9 @@ def _centered_mean_product(x: Array, k: Array, mean: Array, t: Array,
 
 
 @_moments_over.defjvp
-def _moments_over_jvp(red, use_fast_variance, shape, primals, tangents):
+def _moments_over_jvp(red, sums, shape, primals, tangents):
     (x,), (dx,) = primals, tangents
-    k, mean, var = _moments_over(x, red, use_fast_variance, shape)
+    k, mean, var = _moments_over(x, red, sums, shape)
     dx = (dx if shape is None else dx.reshape(shape)).astype(mean.dtype)
     # d mean = mean(dx); d var = 2 mean((x - k - mean) dx): what autodiff would derive,
     # written so that the backward pass keeps x, not an x-sized difference. k is a constant.
@@ -203,29 +261,28 @@ def group_moments(x: Array, view: GroupView, *, use_fast_variance: bool = True,
     ``axes`` (from :meth:`GroupView.axes`) picks a finer granularity than the view's.
     """
     red = view.reduce if axes is None else axes
-    k, mean, var = _moments_over(x, red, use_fast_variance, view.view_shape)
+    k, mean, var = _moments_over(x, red, _sums(use_fast_variance), view.view_shape)
     return lax.stop_gradient(k), Moments(mean, var)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6))
 def moments_of_affine(x: Array, k: Array, a: Array, b: Array, red: tuple[int, ...],
                       use_fast_variance: bool = True,
                       shape: tuple[int, ...] | None = None) -> Moments:
     """Moments over ``red`` of ``z = (x - k) * a + b`` (on ``x.reshape(shape)``), an already
     normalized (order-1) map of ``x``, without keeping ``z``: checkpointed, so the backward
     pass recomputes it from ``x`` (the second step of SeqNorm and GN+ on dense inputs)."""
+    return _moments_of_affine(x, k, a, b, red, _sums(use_fast_variance), shape)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(4, 5, 6))
+def _moments_of_affine(x: Array, k: Array, a: Array, b: Array, red: tuple[int, ...], sums: str,
+                       shape: tuple[int, ...] | None) -> Moments:
     xv = x if shape is None else x.reshape(shape)
     z = (xv.astype(a.dtype) - k) * a + b
-    # Shifted by the group's first value of z, for the same reason as _moments_over: a
-    # group of z whose spread is much smaller than its mean (two close channels).
-    index = tuple(slice(0, 1) if i in red else slice(None) for i in range(z.ndim))
-    d = z - lax.stop_gradient(z[index])
-    s1 = jnp.mean(d, axis=red, keepdims=True)
-    if use_fast_variance:
-        var = jnp.maximum(jnp.mean(d * d, axis=red, keepdims=True) - s1 * s1, 0.0)
-    else:
-        var = jnp.mean(jnp.square(d - s1), axis=red, keepdims=True)
-    return Moments(lax.stop_gradient(z[index]) + s1, var)
+    # Shifted like _moments_over's sums, for the same reason: a group of z whose spread is
+    # much smaller than its mean (two close channels).
+    kz, s1, var = _moments_of(z, red, sums)
+    return Moments(kz + s1, var)
 
 
 def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True,
@@ -271,7 +328,7 @@ def sample_moments_about(x: Array, *, axis: int = -1, use_fast_variance: bool = 
         k, mean, var = _masked_spatial_moments(x, jnp.broadcast_to(mask, x.shape), axis,
                                                use_fast_variance)
     else:
-        k, mean, var = _moments_over(x, red, use_fast_variance)
+        k, mean, var = _moments_over(x, red, _sums(use_fast_variance))
     nc = lambda a: _to_nc(a, x.ndim, axis)
     return lax.stop_gradient(nc(k)), Moments(nc(mean), nc(var))
 
