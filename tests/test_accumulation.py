@@ -5,6 +5,8 @@ rule of seqnorm_jax.train.step) the running statistics of the whole batch
 through GhostNorm(batch_groups=k), computed by the layers themselves on one batch.
 """
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -52,10 +54,22 @@ def data(seed=0, n=N):
 def setup():
     batch = data()
     bn, ghost = Net("bn"), Net(f"ghost:batch_groups={K}")
-    variables = bn.init(jax.random.key(0), batch["image"], train=False)
-    # Move the running statistics off their initial values so the EMA is visible.
-    _, upd = bn.apply(variables, data(seed=9)["image"], train=True, mutable=["batch_stats"])
-    return batch, bn, ghost, variables["params"], upd["batch_stats"]
+
+    @jax.jit  # one compilation instead of a dispatch (and compilation) per operation
+    def init(x, x_stats):
+        variables = bn.init(jax.random.key(0), x, train=False)
+        # Move the running statistics off their initial values so the EMA is visible.
+        _, upd = bn.apply(variables, x_stats, train=True, mutable=["batch_stats"])
+        return variables["params"], upd["batch_stats"]
+
+    return batch, bn, ghost, *init(batch["image"], data(seed=9)["image"])
+
+
+@functools.cache  # one compilation per model for all the tests
+def grad_of(model):
+    """The jitted loss, auxiliaries and gradient of ``model`` on a whole batch: the
+    reference the accumulated micro-batches are checked against."""
+    return jax.jit(jax.value_and_grad(loss_of(model), has_aux=True))
 
 
 def loss_of(model):
@@ -79,16 +93,14 @@ def test_accumulated_bn_equals_full_batch_ghostnorm(setup):
     batch, bn, ghost, params, stats = setup
     (loss, new_stats, logits), grads = jax.jit(
         lambda p, s, b: accumulate_gradients(loss_of(bn), p, s, b, K))(params, stats, batch)
-    (want_loss, (want_stats, want_logits)), want_grads = jax.value_and_grad(
-        loss_of(ghost), has_aux=True)(params, stats, batch)
+    (want_loss, (want_stats, want_logits)), want_grads = grad_of(ghost)(params, stats, batch)
 
     chex.assert_trees_all_close(loss, want_loss, **TOL)
     chex.assert_trees_all_close(grads, want_grads, **TOL)
     chex.assert_trees_all_close(new_stats, want_stats, **TOL)
     chex.assert_trees_all_close(logits.reshape(want_logits.shape), want_logits, **TOL)
     # The accumulation is not plain full-batch BatchNorm: the micro-batch statistics differ.
-    (_, (bn_stats, _)), bn_grads = jax.value_and_grad(loss_of(bn), has_aux=True)(
-        params, stats, batch)
+    (_, (bn_stats, _)), bn_grads = grad_of(bn)(params, stats, batch)
     assert not np.allclose(grads["Dense_0"]["kernel"], bn_grads["Dense_0"]["kernel"], atol=1e-4)
     assert not np.allclose(new_stats["norm1"]["var"], bn_stats["norm1"]["var"], atol=1e-4)
 
@@ -98,9 +110,9 @@ def test_accumulated_seqnorm_multiplies_batch_groups(setup):
     batch, _, _, params, stats = setup
     small = Net("seqnorm:channel_groups=2,batch_groups=2")
     large = Net("seqnorm:channel_groups=2,batch_groups=4")
-    (loss, new_stats, _), grads = accumulate_gradients(loss_of(small), params, stats, batch, 2)
-    (want_loss, (want_stats, _)), want_grads = jax.value_and_grad(
-        loss_of(large), has_aux=True)(params, stats, batch)
+    (loss, new_stats, _), grads = jax.jit(
+        lambda p, s, b: accumulate_gradients(loss_of(small), p, s, b, 2))(params, stats, batch)
+    (want_loss, (want_stats, _)), want_grads = grad_of(large)(params, stats, batch)
     chex.assert_trees_all_close((loss, grads, new_stats), (want_loss, want_grads, want_stats),
                                 **TOL)
 
@@ -132,8 +144,7 @@ def test_multisteps_streaming_equals_ghostnorm_step(setup):
     assert isinstance(acc, MicroBatchStats) and int(acc.mini_step) == 0
     chex.assert_trees_all_equal(acc.total, jax.tree_util.tree_map(jnp.zeros_like, stats))
 
-    (_, (want_stats, _)), g = jax.value_and_grad(loss_of(ghost), has_aux=True)(
-        params, stats, batch)
+    (_, (want_stats, _)), g = grad_of(ghost)(params, stats, batch)
     updates, _ = tx.update(g, tx.init(params), params)
     chex.assert_trees_all_close(p, optax.apply_updates(params, updates), **TOL)
     chex.assert_trees_all_close(acc.batch_stats, want_stats, **TOL)
