@@ -30,7 +30,11 @@ TIMEOUT_S = 100
 def run_workers(tmp_path: Path) -> list[dict]:
     port = portpicker.pick_unused_port()
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(DEVICES_PER_PROCESS), "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
+    # No device-count flag of the developer's; only tests/conftest.py's compile-time flags
+    # (LLVM -O0, classic emitters: the same computation, compiled in a fraction of the time).
+    compile_flags = ("--xla_backend_optimization_level", "--xla_cpu_use_fusion_emitters")
+    env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                                if f.split("=")[0] in compile_flags)
     outs = [tmp_path / f"process{i}.npz" for i in range(NUM_PROCESSES)]
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(NUM_PROCESSES)]
     procs = [
