@@ -95,14 +95,28 @@ def _shifted_moments(v: Array, red: tuple[int, ...], use_fast_variance: bool):
     return k, s1, var
 
 
+def _plain_mean(a: Array, red: tuple[int, ...]) -> Array:
+    """``mean(a, red)`` (dims kept) with the leading axes of ``red`` reduced first and the
+    last axis after, when both are reduced: XLA:CPU's vectorized reductions keep the last
+    axis, and reduce a view such as ``(G_M, N/G_M, G_C, C/G_C)`` over axes 1 and 3 in one
+    loop 6x slower than in these two steps (dense BatchGroupNorm, benchmarks/RESULTS.md).
+    Plain sums only: the shifted sums of one group share their ``k``."""
+    last = a.ndim - 1
+    if last in red and len(red) > 1:
+        a = jnp.mean(a, axis=tuple(i for i in red if i != last), keepdims=True)
+        red = (last,)
+    return jnp.mean(a, axis=red, keepdims=True)
+
+
 def _plain_then_shifted(v: Array, red: tuple[int, ...]):
     """:func:`_shifted_moments` (fast variance) from the plain sums of ``v`` and ``v * v``
     when every group is well conditioned, else from the shifted sums: XLA:CPU reduces
-    ``v`` and ``v * v`` in one fused read, but writes ``v - k`` out once and reads it
-    back (1.2-1.5x a training forward, benchmarks/RESULTS.md). The check costs a few
-    group-sized operations; the shifted pass runs only when a group fails it."""
-    m = jnp.mean(v, axis=red, keepdims=True)
-    var = jnp.mean(v * v, axis=red, keepdims=True) - m * m
+    ``v`` and ``v * v`` straight from ``v``, but writes ``v - k`` out once and reads it
+    back for the shifted sums (1.2-1.5x a training forward, benchmarks/RESULTS.md). The
+    check costs a few group-sized operations; the shifted pass runs only when a group
+    fails it."""
+    m = _plain_mean(v, red)
+    var = _plain_mean(v * v, red) - m * m
     well = jnp.all(m * m <= PLAIN_SUMS_MAX_MEAN2_OVER_VAR * var)  # False for NaN too
     k = _first(v, red)
     return lax.cond(well, lambda: (k, m - k, var),
