@@ -14,6 +14,9 @@ Numerical conventions
 * Pooling uses Chan's parallel merge of (mean, variance) pairs, so it never
   subtracts two large raw second moments: a float32 input with mean 1e4 and
   standard deviation 1 gives variances within 1e-5 relative of float64.
+* Sums are shifted by a value of each group (exact at ``|mean| >> std``), except on
+  XLA:CPU with one device, where the plain sums are kept when every group has
+  ``mean^2 <= 16 var`` (faster there; see ``moments._moments_of``).
 
 Everything here is a pure function of arrays: no Flax, no state. The moments are in
 :mod:`seqnorm_jax.stats.moments`, pooling and the cross-device reductions in

@@ -309,7 +309,9 @@ def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True,
       axis: the feature axis.
       use_fast_variance: if True, one pass over ``x`` with sums shifted by the
         first spatial value of each ``(n, c)`` map (fast and stable unless that
-        value is an outlier far from the map's mean); if False, two passes
+        value is an outlier far from the map's mean; on one XLA:CPU device the
+        plain sums when every map is well conditioned, see :func:`_moments_of`);
+        if False, two passes
         (exact mean first, then squared deviations), stable for any data.
       mask: optional boolean array broadcastable to ``x`` (flax's ``mask``): the
         moments are taken over the entries where it is True only; the others
