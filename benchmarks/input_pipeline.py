@@ -264,6 +264,16 @@ def bench_in_memory(rounds: int) -> dict:
             rates["per-example"].append(epoch(PerExample(src))[0])
         out[name] = {"preset": preset, "examples": n, "whole_batches": whole,
                      **{k: statistics.median(v) for k, v in rates.items()}}
+        if preset != "none":  # the preset alone, one image per call, in this process
+            fn = data.Preprocess(preset, info.mean, info.std, info.image_shape, train=True)
+            images, draw = src.images[:5000], np.random.default_rng(1)
+            per_s = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for image in images:
+                    fn({"image": image, "label": 0}, draw)
+                per_s.append(len(images) / (time.perf_counter() - t0))
+            out[name]["preset_per_core"] = statistics.median(per_s)
     return out
 
 
@@ -343,6 +353,9 @@ def main(argv=None) -> None:
             print(f"  {name:13s} ({m['examples']} random images, augment={m['preset']!r}): "
                   f"loader {m['loader']:9.0f} ({how}), per example {m['per-example']:8.0f}, "
                   f"{m['loader'] / m['per-example']:.1f}x")
+            if "preset_per_core" in m:
+                print(f"  {'':13s} the {m['preset']!r} preset alone, one image per call: "
+                      f"{m['preset_per_core']:.0f} images/s per core")
         print()
         for line in lines:
             print(line)
