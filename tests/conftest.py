@@ -22,8 +22,8 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-_FAST_COMPILE = {"--xla_backend_optimization_level": "0",
-                 "--xla_cpu_use_fusion_emitters": "false"}
+FAST_COMPILE = {"--xla_backend_optimization_level": "0",
+                "--xla_cpu_use_fusion_emitters": "false"}
 _flags = os.environ.get("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] = " ".join(
-    [_flags, *(f"{k}={v}" for k, v in _FAST_COMPILE.items() if k not in _flags)]).strip()
+    [_flags, *(f"{k}={v}" for k, v in FAST_COMPILE.items() if k not in _flags)]).strip()

@@ -20,6 +20,7 @@ import portpicker
 import pytest
 
 import multiprocess_worker as worker
+from conftest import FAST_COMPILE  # the compile flags the suite runs with
 from seqnorm_jax import distributed
 
 NUM_PROCESSES = 2
@@ -32,9 +33,8 @@ def run_workers(tmp_path: Path) -> list[dict]:
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(DEVICES_PER_PROCESS), "JAX_PLATFORMS": "cpu"}
     # No device-count flag of the developer's; only tests/conftest.py's compile-time flags
     # (LLVM -O0, classic emitters: the same computation, compiled in a fraction of the time).
-    compile_flags = ("--xla_backend_optimization_level", "--xla_cpu_use_fusion_emitters")
     env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
-                                if f.split("=")[0] in compile_flags)
+                                if f.split("=")[0] in FAST_COMPILE)
     outs = [tmp_path / f"process{i}.npz" for i in range(NUM_PROCESSES)]
     logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(NUM_PROCESSES)]
     procs = [
