@@ -156,7 +156,7 @@ def _folds_small(a: Array, view: stats.GroupView, scale, bias) -> bool:
     into an ``(N, C)`` one on a dense input 1.2x slower)."""
     if scale is None and bias is None:
         return True
-    channels = view.channels(jnp.zeros(view.shape[view.axis])).shape
+    channels = view.channels(jnp.asarray(scale if scale is not None else bias)).shape
     return math.prod(jnp.broadcast_shapes(a.shape, channels)) < math.prod(view.shape)
 
 
