@@ -76,7 +76,7 @@ class Preprocess:
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.normalize = bool(normalize)
-        # float32 constants made once (augment.normalize re-checks them: CIFAR 7 % slower)
+        # float32 constants made once: augment.normalize re-checks them on every image
         self._mean_std = (np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32))
 
     def __repr__(self) -> str:

@@ -1,0 +1,151 @@
+"""Alternatives measured for the per-sample channel-group misses of ``layers.py`` (the
+reasons in ``benchmarks/RESULTS.md``). Every ratio is to flax BatchNorm in the same
+interleaved rounds (median), float32.
+
+1. GroupNorm's statistics from one fused two-stage reduction of ``x`` to ``(N, G)``
+   (``stats.GroupView`` + ``stats.group_moments``) applied as ``(N, C)`` maps, against the
+   library's GroupNorm (per-sample moments pooled with Chan's merge) and the hand-written
+   reference of ``layers.py``: training forward and forward+backward.
+2. GN+ (``gn_first``) inference with its blended map composed into one ``(N, C)`` map,
+   factored into an ``(N, C)`` map followed by a per-channel one, and materialised by a
+   ``lax.cond`` before the output pass (hand-written jnp, the same statistics).
+3. The HLO instructions in the entry computation of the GroupNorm training forward, the
+   library's against the hand-written reference.
+
+    python benchmarks/alternatives.py                      # cifar-64 and cifar-256
+    python benchmarks/alternatives.py --shapes cifar-256 --rounds 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from layers import SHAPES, HandWrittenGroupNorm, compile_layer, machine_info, measure
+
+import seqnorm_jax as snj
+from seqnorm_jax import stats
+from seqnorm_jax.functional._call import setup
+from seqnorm_jax.functional._maps import finish, normalizer
+
+GROUPS = 32
+
+
+class GroupStatsAsMaps(nn.Module):
+    """GroupNorm whose ``(N, G)`` statistics come straight from the group view (one fused
+    two-stage reduction), broadcast to ``(N, C)`` maps for the library's output pass."""
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        call = setup("group_norm", x, axis=-1, epsilon=1e-6, dtype=None,
+                     use_fast_variance=True, axis_name=None, axis_index_groups=None, mask=None)
+        view = stats.GroupView(x.shape, call.axis, None, GROUPS)
+        k, st = stats.group_moments(x, view)
+        a, b = normalizer(st, 1e-6)
+        spatial = view.axes(batch=False, channels=False)
+        kept = tuple(1 if i in spatial else d for i, d in enumerate(view.view_shape))
+        nc = lambda v: jnp.broadcast_to(v, kept).reshape(x.shape[0], c)
+        return finish(call, x, (nc(a), nc(b)), nc(k), scale, bias)
+
+
+def gn_plus_inference(shape) -> dict:
+    """Jitted GN+ inference variants (and flax BatchNorm's map) on one input of ``shape``."""
+    x = jax.random.normal(jax.random.key(0), shape)
+    n, c = shape[0], shape[-1]
+    spatial = tuple(range(1, len(shape) - 1))
+    gamma, beta = jnp.linspace(0.5, 1.5, c), jnp.linspace(-1, 1, c)
+    mu, sigma, s = jnp.linspace(-0.1, 0.1, c), jnp.linspace(0.9, 1.1, c), 0.3
+    ex = lambda v: v.reshape(n, *(1,) * len(spatial), c)
+
+    def group_map(x):  # per-sample group statistics as (N, C) maps, centred at k
+        m, sq = x.mean(spatial), (x * x).mean(spatial)
+        mg = m.reshape(n, GROUPS, -1).mean(-1)
+        r = lax.rsqrt(sq.reshape(n, GROUPS, -1).mean(-1) - mg * mg + 1e-5)
+        per_c = lambda v: jnp.repeat(v, c // GROUPS, axis=1)
+        return m, per_c(r), (m - per_c(mg)) * per_c(r)  # centred at k = the (n, c) mean
+
+    def composed(x):
+        k, a, b = group_map(x)
+        a2, b2 = (1 - s) / sigma, -(1 - s) * mu / sigma
+        big_a, big_b = a * (s + a2) * gamma, (b * (s + a2) + b2) * gamma + beta
+        return (x - ex(k)) * ex(big_a) + ex(big_b)
+
+    def factored(x):
+        k, a, b = group_map(x)
+        a2, b2 = gamma * (s + (1 - s) / sigma), beta - gamma * (1 - s) * mu / sigma
+        return ((x - ex(k)) * ex(a) + ex(b)) * a2 + b2
+
+    def materialised(x):  # the composed map out of a cond XLA cannot fold away
+        k, a, b = group_map(x)
+        a2, b2 = (1 - s) / sigma, -(1 - s) * mu / sigma
+        big_a, big_b = a * (s + a2) * gamma, (b * (s + a2) + b2) * gamma + beta
+        big_a, big_b = lax.cond(jnp.isfinite(big_a[0, 0]), lambda: (big_a, big_b),
+                                lambda: (big_b, big_a))
+        return (x - ex(k)) * ex(big_a) + ex(big_b)
+
+    def flax_bn(x):  # flax BatchNorm's inference: one per-channel map
+        return (x - mu) * (gamma / sigma) + beta
+
+    fns = {"flax BatchNorm map": flax_bn, "composed": composed, "factored": factored,
+           "materialised (cond)": materialised}
+    jitted = {name: jax.jit(f) for name, f in fns.items()}
+    return {name: (lambda f=f: f(x)) for name, f in jitted.items()}
+
+
+def hlo_instructions(module: nn.Module, x) -> int:
+    """Instructions of the compiled training forward's entry computation, without
+    parameters, constants, bitcasts and tuple accesses."""
+    v = module.init(jax.random.key(0), x, use_running_average=False)
+    f = jax.jit(lambda v, x: module.apply(v, x, use_running_average=False,
+                                          mutable=["batch_stats"]))
+    text = f.lower(v, x).compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    entry = entry[:entry.index("\n}")]
+    skip = r"parameter\(|constant\(|bitcast\(|get-tuple-element\("
+    return sum(1 for line in entry.splitlines()[1:] if line.strip() and not re.search(skip, line))
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="cifar-64,cifar-256",
+                   help=f"comma-separated names among {list(SHAPES)} (feature maps)")
+    p.add_argument("--rounds", type=int, default=15, help="interleaved repetitions (median)")
+    args = p.parse_args(argv)
+    shapes = args.shapes.split(",")
+    for name in shapes:
+        if name not in SHAPES or len(SHAPES[name]) != 4:
+            p.error(f"--shapes: {name!r} is not one of the feature-map shapes "
+                    f"{[k for k, v in SHAPES.items() if len(v) == 4]}")
+    machine_info(args.rounds)  # prints the header
+    for name in shapes:
+        shape = SHAPES[name]
+        x = jax.random.normal(jax.random.key(2), shape) * 2.0 + 1.0
+        modules = {"flax BatchNorm": nn.BatchNorm(), "GroupNorm (library)":
+                   snj.GroupNorm(num_groups=GROUPS), "group stats as (N, C) maps":
+                   GroupStatsAsMaps(), "hand-written GroupNorm": HandWrittenGroupNorm(GROUPS)}
+        runs = {f"{lname}|{mode}": run for lname, module in modules.items()
+                for mode, run in compile_layer(module, x, False).items()}
+        runs.update({f"GN+ {k}|infer": run for k, run in gn_plus_inference(shape).items()})
+        med = measure(runs, args.rounds)
+        print(f"\n{name} {shape} float32, ratio to flax BatchNorm:")
+        for lname in modules:
+            print(f"  {lname:30s} fwd {med[f'{lname}|fwd'] / med['flax BatchNorm|fwd']:5.2f}x"
+                  f"   fwd+bwd {med[f'{lname}|fwd+bwd'] / med['flax BatchNorm|fwd+bwd']:5.2f}x")
+        base = med["GN+ flax BatchNorm map|infer"]
+        for k in ("composed", "factored", "materialised (cond)"):
+            print(f"  GN+ inference, map {k:20s} {med[f'GN+ {k}|infer'] / base:5.2f}x")
+        print(f"  HLO instructions, training forward: library GroupNorm "
+              f"{hlo_instructions(modules['GroupNorm (library)'], x)}, hand-written "
+              f"{hlo_instructions(modules['hand-written GroupNorm'], x)}")
+
+
+if __name__ == "__main__":
+    main()
