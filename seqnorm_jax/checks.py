@@ -17,7 +17,11 @@ import numbers
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-__all__ = ["positive_int", "choice", "suggest", "divisors", "resolve_groups"]
+import jax
+import jax.numpy as jnp
+
+__all__ = ["positive_int", "choice", "suggest", "divisors", "resolve_groups", "static_number",
+           "example_weight", "static_bool"]
 
 T = TypeVar("T")
 
@@ -38,6 +42,41 @@ def positive_int(value: Any, name: str, who: str = "", *, allow_zero: bool = Fal
         raise ValueError(f"{_prefix(who)}{name} must be {kind}, got {value!r}"
                          f"{'; ' + fix if fix else '.'}")
     return int(value)
+
+
+def static_number(value: Any) -> bool:
+    """A Python or NumPy real number (not a traced or device array): checkable now."""
+    return isinstance(value, numbers.Real) and not isinstance(value, jax.Array)
+
+
+def example_weight(value: Any, who: str = "") -> Any:
+    """The inference example weight (alpha of "Four Things"), in ``[0, 1]``.
+
+    A static number outside ``[0, 1]`` is refused. A traced one (under ``jax.jit``)
+    cannot raise, so it is clipped to ``[0, 1]``: ``-0.5`` acts as 0 (the running
+    statistics) and ``1.5`` as 1 (the example's own), never as an extrapolation whose
+    variance may be negative.
+    """
+    if static_number(value):
+        if not 0 <= value <= 1:
+            raise ValueError(
+                f"{_prefix(who)}example_weight must be in [0, 1] (0: the running statistics, "
+                f"1: the example's own), got {value!r}; pass a weight in [0, 1]."
+            )
+        return value
+    return jnp.clip(value, 0, 1)
+
+
+def static_bool(value: Any, name: str, who: str = "", *, fix: str = "") -> bool:
+    """``value`` as a ``bool`` if it is known when tracing; a traced value (under
+    ``jax.jit``) is refused with an error naming ``name`` and the fix."""
+    try:
+        return bool(value)
+    except jax.errors.ConcretizationTypeError:  # TracerBoolConversionError included
+        raise ValueError(
+            f"{_prefix(who)}{name} must be a Python bool known when the function is traced, "
+            f"got a traced value; {fix or f'mark it static: jax.jit(f, static_argnames={name!r})'}."
+        ) from None
 
 
 def suggest(word: Any, choices: Iterable[Any]) -> str:

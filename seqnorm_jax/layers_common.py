@@ -19,12 +19,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from seqnorm_jax import checks
 from seqnorm_jax import functional as F
 from seqnorm_jax import stats
 from seqnorm_jax.stats import Moments
@@ -41,6 +42,7 @@ __all__ = [
     "check_epsilon",
     "check_momentum",
     "check_example_weight",
+    "check_mode",
     "noise_rng_error",
     "batch_norm",
     "ghost_norm",
@@ -58,14 +60,9 @@ __all__ = [
 # ----------------------------------------------------------------------------
 
 
-def _static_number(value: Any) -> bool:
-    """A Python or NumPy real number (not a traced or device array): checkable now."""
-    return isinstance(value, numbers.Real) and not isinstance(value, jax.Array)
-
-
 def check_epsilon(who: str, epsilon: Any) -> None:
     """``epsilon`` must be a positive number (it keeps ``1/sqrt(var + epsilon)`` finite)."""
-    if _static_number(epsilon) and not (epsilon > 0 and math.isfinite(epsilon)):
+    if checks.static_number(epsilon) and not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(
             f"{who}: epsilon must be a positive finite number, got {epsilon!r}; it is added to "
             "the variance before 1/sqrt, so use a small positive value such as 1e-5."
@@ -74,7 +71,7 @@ def check_epsilon(who: str, epsilon: Any) -> None:
 
 def check_momentum(who: str, momentum: Any) -> None:
     """``momentum`` must lie in [0, 1]: the running statistics' weight in the EMA."""
-    if _static_number(momentum) and not 0 <= momentum <= 1:
+    if checks.static_number(momentum) and not 0 <= momentum <= 1:
         raise ValueError(
             f"{who}: momentum must be in [0, 1] (the weight of the old running statistics in "
             f"the moving average), got {momentum!r}; flax's default is 0.99 (PyTorch's "
@@ -83,20 +80,23 @@ def check_momentum(who: str, momentum: Any) -> None:
 
 
 def check_example_weight(who: str, example_weight: Any, training: bool) -> None:
-    """``example_weight`` (alpha of "Four Things"): in [0, 1], and inference only.
-
-    Checked when it is a static number; a traced weight is the caller's to keep in range.
-    """
-    if _static_number(example_weight) and not 0 <= example_weight <= 1:
-        raise ValueError(
-            f"{who}: example_weight must be in [0, 1] (0: the running statistics, 1: the "
-            f"example's own), got {example_weight!r}; pass a weight in [0, 1]."
-        )
-    if training and not (_static_number(example_weight) and example_weight == 0):
+    """``example_weight`` (alpha of "Four Things"): in [0, 1] (:func:`checks.example_weight`),
+    and inference only."""
+    checks.example_weight(example_weight, who)
+    if training and not (checks.static_number(example_weight) and example_weight == 0):
         raise ValueError(
             f"{who}: example_weight={example_weight!r} applies at inference only; call with "
             "use_running_average=True (or leave example_weight at 0)."
         )
+
+
+def check_mode(who: str, use_running_average: Any) -> bool:
+    """``use_running_average`` as a bool: it picks the computation, so it must be static."""
+    return checks.static_bool(
+        use_running_average, "use_running_average", who,
+        fix="it selects batch or running statistics, so it must be known when tracing: "
+        "pass a Python bool (mark it static, e.g. jax.jit(f, static_argnames="
+        "'use_running_average'), or jit one function per mode)")
 
 
 def num_features(x: Array, axis: int) -> int:
@@ -168,7 +168,8 @@ def normalize(
     * inference (``use_running_average``): the running statistics, blended with each
       example's own by ``example_weight``; any batch size;
     * training: the batch's statistics (across ``axis_name`` devices), and the running
-      statistics move towards them by ``momentum``;
+      statistics move towards them by ``momentum`` (not at all when ``mask`` keeps no
+      entry of the batch);
     * ``initializing`` (linen's ``init``): as flax, no ``axis_name`` and no update; a
       dummy batch the grouping cannot split (e.g. batch 1 for
       ``GhostNorm(batch_groups=8)``) is normalized with the running statistics.
@@ -187,8 +188,12 @@ def normalize(
             y, _ = norm(x, scale, bias, **common, **inference)
         return y, None
     y, target = norm(x, scale, bias, **common, axis_name=settings.axis_name)
-    return y, Moments(stats.ema(running.mean, target.mean, settings.momentum),
-                      stats.ema(running.var, target.var, settings.momentum))
+    new = Moments(stats.ema(running.mean, target.mean, settings.momentum),
+                  stats.ema(running.var, target.var, settings.momentum))
+    if mask is not None:  # a batch whose mask keeps nothing has no statistics to move towards
+        kept = stats.any_kept(mask, settings.axis_name, settings.axis_index_groups)
+        new = Moments(*(jnp.where(kept, a, b) for a, b in zip(new, running)))
+    return y, new
 
 
 # ----------------------------------------------------------------------------

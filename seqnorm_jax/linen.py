@@ -132,8 +132,8 @@ class _RunningNorm(_BatchNormFields):
         who = type(self).__name__
         _check_float32_reductions(self)
         settings = common.Settings.of(who, self)
-        use_ra = nn.merge_param("use_running_average", self.use_running_average,
-                                use_running_average)
+        use_ra = common.check_mode(who, nn.merge_param(
+            "use_running_average", self.use_running_average, use_running_average))
         c = common.num_features(x, self.axis)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))

@@ -88,7 +88,7 @@ def _mode(who: str, call: bool | None, attribute: bool | None) -> bool:
             "call, or use model.train() / model.eval() or "
             "nnx.view(model, use_running_average=True)."
         )
-    return mode
+    return common.check_mode(who, mode)
 
 
 class _RunningNorm(nnx.Module):

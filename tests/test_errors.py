@@ -15,8 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
+from flax import nnx
 
 import seqnorm_jax as snj
+import seqnorm_jax.nnx  # noqa: F401 - snj.nnx
 from seqnorm_jax import functional as F
 
 KEY = jax.random.key(0)
@@ -604,3 +607,142 @@ def test_dummy_dense_batch_one_init_every_running_module(name):
     y, state = module.apply(variables, rand((16, 4), seed=31), use_running_average=False,
                             mutable=["batch_stats"], rngs=NOISE)
     chex.assert_tree_all_finite((y, state))
+
+
+# ----------------------------------------------------------------------------
+# edge inputs with a defined result: a traced example_weight out of range, an
+# all-False mask, an empty batch, a traced use_running_average, rank-1 GhostNorm
+# ----------------------------------------------------------------------------
+
+
+def _trained(name, x):
+    """A module with running statistics moved away from their initial (0, 1)."""
+    module = RUNNING_MODULES[name]()
+    variables = module.init(KEY, x, use_running_average=False)
+    _, upd = module.apply(variables, x * 3 + 2, use_running_average=False,
+                          mutable=["batch_stats"], rngs=NOISE)
+    return module, {**variables, **upd}
+
+
+@pytest.mark.parametrize("name", sorted(RUNNING_MODULES))
+@pytest.mark.parametrize("weight, clipped", [(-0.5, 0.0), (1.5, 1.0), (0.25, 0.25)])
+def test_traced_example_weight_is_clipped_to_unit_interval(name, weight, clipped):
+    x = rand((4, 3, 3, 4))
+    module, variables = _trained(name, x)
+    infer = lambda w: module.apply(variables, x, use_running_average=True, example_weight=w)
+    got = jax.jit(infer)(jnp.float32(weight))
+    chex.assert_tree_all_finite(got)
+    np.testing.assert_allclose(got, infer(clipped), rtol=1e-5, atol=1e-5)
+    if weight != clipped:  # a static weight out of range is refused, naming it
+        with pytest.raises(ValueError, match=pat(
+                f"example_weight must be in [0, 1]", f"got {weight}")):
+            infer(weight)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODULES))
+def test_all_false_mask_is_finite_and_keeps_running_statistics(name):
+    x = rand((4, 3, 3, 4)) + 5
+    module = ALL_MODULES[name]()
+    variables = module.init(KEY, x, use_running_average=False)
+    none = jnp.zeros(x.shape, bool)
+    y, upd = module.apply(variables, x, use_running_average=False, mask=none,
+                          mutable=["batch_stats"], rngs=NOISE)
+    chex.assert_tree_all_finite(y)
+    # Every set is empty: its mean and variance are 0, so a one-step layer gives
+    # x / sqrt(epsilon) (scale 1, bias 0); two-step layers (SeqNorm, GN+) compose two such
+    # steps, and NoisyBatchNorm's input noise is amplified by the same 1 / sqrt(epsilon).
+    if name not in ("SeqNorm", "GNPlus", "NoisyBatchNorm"):
+        eps = 1e-6 if name == "GroupNorm" else 1e-5
+        np.testing.assert_allclose(y, x / np.sqrt(eps), rtol=1e-5)
+    # the running statistics do not move towards statistics that do not exist
+    chex.assert_trees_all_equal(upd.get("batch_stats", {}), variables.get("batch_stats", {}))
+    # masked-in results are unchanged by the rule: a mask keeping the first sample only
+    # moves the running statistics as the first sample alone does
+    if name in ("BatchNorm", "NoisyBatchNorm", "HeterologousNorm", "BGN"):
+        first = jnp.zeros(x.shape, bool).at[:1].set(True)
+        _, masked = module.apply(variables, x, use_running_average=False, mask=first,
+                                 mutable=["batch_stats"], rngs=NOISE)
+        _, alone = module.apply(variables, x[:1], use_running_average=False,
+                                mutable=["batch_stats"], rngs=NOISE)
+        if name != "NoisyBatchNorm":  # its noise differs with the batch shape
+            chex.assert_trees_all_close(masked, alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(RUNNING_MODULES))
+def test_all_false_mask_on_one_device_moves_the_running_statistics_of_all(name):
+    # Under shard_map, a device whose mask keeps nothing still takes the statistics of
+    # the others: every device ends with the same running statistics.
+    if name in ("GhostNorm", "SeqNorm", "BatchGroupNorm"):
+        make = lambda: RUNNING_MODULES[name]().clone(axis_name="d", batch_groups=1)
+    else:
+        make = lambda: RUNNING_MODULES[name](axis_name="d")
+    module = make()
+    x = rand((4, 3, 3, 4)) + 5
+    mask = jnp.ones(x.shape, bool).at[:2].set(False)  # devices 0 and 1 keep nothing
+    variables = module.init(KEY, x, use_running_average=False)
+    mesh = jax.make_mesh((4,), ("d",), axis_types=(jax.sharding.AxisType.Explicit,))
+    spec = jax.sharding.PartitionSpec("d")
+
+    def step(x, mask):
+        _, upd = module.apply(variables, x, use_running_average=False, mask=mask,
+                              mutable=["batch_stats"], rngs={"noise": jax.random.key(2)})
+        return jax.tree.map(lambda a: a[None], upd["batch_stats"])
+
+    x, mask = (jax.device_put(a, jax.sharding.NamedSharding(mesh, spec)) for a in (x, mask))
+    per_device = jax.device_get(
+        jax.shard_map(step, mesh=mesh, in_specs=(spec, spec), out_specs=spec)(x, mask))
+    for leaf in jax.tree.leaves(per_device):
+        chex.assert_tree_all_finite(leaf)
+        np.testing.assert_allclose(leaf, np.broadcast_to(leaf[2], leaf.shape), rtol=1e-6)
+    assert not np.allclose(per_device["mean"][0], variables["batch_stats"]["mean"])
+
+
+@pytest.mark.parametrize("name", sorted(ALL_MODULES))
+def test_empty_batch(name):
+    x = rand((0, 3, 3, 4))
+    module = ALL_MODULES[name]()
+    variables = module.init(KEY, rand((4, 3, 3, 4)), use_running_average=False)
+    # inference (and GroupNorm, per sample) has an empty output, as flax's layers
+    y = module.apply(variables, x, use_running_average=True)
+    assert y.shape == x.shape
+    if name == "GroupNorm":
+        assert module.apply(variables, x).shape == x.shape
+        return
+    # training needs the batch's statistics: refused, naming x's shape and the fix
+    with pytest.raises(ValueError, match=pat("x has an empty batch (shape (0, 3, 3, 4))",
+                                             "use_running_average=True")):
+        module.apply(variables, x, use_running_average=False, mutable=["batch_stats"],
+                     rngs=NOISE)
+
+
+@pytest.mark.parametrize("name", sorted(RUNNING_MODULES))
+def test_traced_use_running_average_names_the_argument(name):
+    x = rand((4, 3, 3, 4))
+    module = RUNNING_MODULES[name]()
+    variables = module.init(KEY, x, use_running_average=False)
+    step = jax.jit(lambda v, x, mode: module.apply(v, x, use_running_average=mode,
+                                                   mutable=["batch_stats"], rngs=NOISE))
+    with pytest.raises(ValueError, match=pat(
+            f"{name}: use_running_average must be a Python bool known when the function is "
+            "traced", "static_argnames='use_running_average'")):
+        step(variables, x, True)
+    nnx_layer = getattr(snj.nnx, name)(4, rngs=nnx.Rngs(0), **_NNX_KW.get(name, {}))
+    with pytest.raises(ValueError, match=pat(f"{name}: use_running_average must be a Python bool")):
+        nnx.jit(lambda layer, x, mode: layer(x, use_running_average=mode))(nnx_layer, x, True)
+
+
+_NNX_KW = {"GhostNorm": {"batch_groups": 2}, "SeqNorm": {"channel_groups": 2, "batch_groups": 2},
+           "BatchGroupNorm": {"batch_groups": 2, "channel_groups": 2},
+           "GNPlus": {"num_groups": 2}, "BGN": {"num_groups": 2}}
+
+
+@pytest.mark.parametrize("kw", [{"batch_groups": 1}, {"ghost_size": 1}, {}])
+def test_ghost_norm_of_one_group_takes_rank1_input_as_batch_norm(kw):
+    x = rand((6,)) * 2 + 1
+    ours = snj.GhostNorm(**kw)
+    flax_bn = nn.BatchNorm()
+    got, got_upd = train(ours, x)
+    want, want_upd = train(flax_bn, x)
+    np.testing.assert_allclose(got, want, atol=1e-6)  # the bias: one-element sets
+    chex.assert_trees_all_close(got_upd, want_upd, rtol=1e-6)
+    np.testing.assert_allclose(F.ghost_norm(x, **kw), F.batch_norm(x), atol=0)

@@ -52,7 +52,8 @@ class Call:
       mask: the boolean mask (broadcastable to ``x``), or ``None``.
       running: the running statistics as ``(1, C)`` moments in the statistics dtype;
         ``None`` in training.
-      example_weight: the inference example weight (alpha of "Four Things").
+      example_weight: the inference example weight (alpha of "Four Things"); a traced
+        one is clipped to ``[0, 1]`` (:func:`seqnorm_jax.checks.example_weight`).
     """
 
     who: str
@@ -142,8 +143,17 @@ class Call:
         )
 
     def check_set_size(self, samples: int, channels: int, what: str,
-                       error: type[ValueError] = ValueError, fix: str = "") -> None:
-        """Refuse normalization sets of one element (variance 0, output undefined)."""
+                       error: type[ValueError] = ValueError, fix: str = "", *,
+                       per_sample: bool = False) -> None:
+        """Refuse normalization sets of one element (variance 0, output undefined), and
+        an empty batch in training unless the sets are ``per_sample`` (an empty batch
+        then has an empty output)."""
+        if self.n == 0 and self.training and not per_sample:
+            raise error(
+                f"{self.who}: x has an empty batch (shape {self.shape}): training normalizes "
+                "with the batch's statistics and an empty batch has none. Skip empty "
+                "batches, or normalize with the running statistics (use_running_average=True)."
+            )
         if samples * self.spatial * channels < 2:
             raise error(
                 f"{self.who}: each {what} normalization set has a single element "
@@ -175,16 +185,13 @@ def setup(
     check_input(who, x, mask)
     shape = tuple(x.shape)
     feature = stats.feature_axis(len(shape), axis)
-    if isinstance(example_weight, (int, float)) and not 0 <= example_weight <= 1:
-        raise ValueError(f"{who}: example_weight must be in [0, 1] (0: the running "
-                         f"statistics, 1: the example's own), got {example_weight!r}.")
     return Call(
         who=who, shape=shape, axis=feature, given_axis=axis, epsilon=epsilon,
         dtype=jnp.dtype(x.dtype if dtype is None else dtype),
         use_fast_variance=use_fast_variance, axis_name=axis_name,
         axis_index_groups=axis_index_groups, mask=mask,
         running=_running(who, x, feature, running_mean, running_var),
-        example_weight=example_weight,
+        example_weight=checks.example_weight(example_weight, who),
     )
 
 

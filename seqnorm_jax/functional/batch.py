@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -23,16 +24,18 @@ Array = jax.Array
 
 def _batch_groups_norm(call: Call, x: Array, scale, bias, *, batch_groups: int | None,
                        ghost_size: int | None, channel_groups: int, grouping: str,
-                       return_stats: bool, single_sets: bool = False):
+                       return_stats: bool):
     """:func:`batch_group_norm` of a resolved call with ``channel_groups`` resolved.
 
-    ``single_sets``: accept one-element sets (flax's BatchNorm returns the bias there).
+    Settings that are BatchNorm (one sample group, one channel per group) accept
+    one-element sets, as flax's BatchNorm does (the output there is the bias).
     """
     call.choice(grouping, GROUPINGS, "grouping")
     g_c, c = channel_groups, call.c
     if call.training:
         g_m = call.batch_groups(batch_groups, ghost_size)
-        if call.axis_name is None and not (single_sets and g_c == c):
+        batch_norm_sets = g_m == 1 and g_c == c
+        if call.axis_name is None and (call.n == 0 or not batch_norm_sets):
             call.check_set_size(call.n // g_m, c // g_c, "group's", BatchSizeError,
                                 GHOST_FIX if g_c == c else GROUP_FIX)
     else:
@@ -101,7 +104,26 @@ def batch_group_norm(
         grouping=grouping, return_stats=return_stats)
 
 
+def _rank1_is_one_sample(fn):
+    """A rank-1 ``(C,)`` ``x`` is one sample of ``C`` features, as in flax's BatchNorm
+    (which reduces over no axis there: the output is ``bias``), wherever ``fn`` is
+    BatchNorm: one sample group."""
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, mask=None, return_stats=False, **kwargs):
+        one_group = all(kwargs.get(k) in (None, 1) for k in ("batch_groups", "ghost_size"))
+        if jnp.ndim(x) != 1 or not one_group:
+            return fn(x, *args, mask=mask, return_stats=return_stats, **kwargs)
+        mask = None if mask is None else jnp.broadcast_to(mask, jnp.shape(x))[None]
+        out = fn(x[None], *args, mask=mask, return_stats=return_stats,
+                 **dict(kwargs, axis=-1))
+        return (out[0][0], out[1]) if return_stats else out[0]
+
+    return wrapper
+
+
 @any_mesh
+@_rank1_is_one_sample
 def batch_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *, epsilon: float = 1e-5,
     axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
@@ -114,23 +136,17 @@ def batch_norm(
     rank-1 ``(C,)`` input is one sample (flax reduces over no axis: the output is
     ``bias``), and ``mask`` takes the statistics over the entries where it is True.
     """
-    rank1 = jnp.ndim(x) == 1  # one sample of C features
-    if rank1:
-        mask = None if mask is None else jnp.broadcast_to(mask, jnp.shape(x))[None]
-        x, axis = x[None], -1
     call = setup("batch_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
                  use_fast_variance=use_fast_variance, axis_name=axis_name,
                  axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
                  running_var=running_var, example_weight=example_weight)
-    out = _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
-                             channel_groups=call.c, grouping="contiguous",
-                             return_stats=return_stats, single_sets=True)
-    if not rank1:
-        return out
-    return (out[0][0], out[1]) if return_stats else out[0]
+    return _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
+                              channel_groups=call.c, grouping="contiguous",
+                              return_stats=return_stats)
 
 
 @any_mesh
+@_rank1_is_one_sample
 def ghost_norm(
     x: Array, scale: Array | None = None, bias: Array | None = None, *,
     batch_groups: int | None = None, ghost_size: int | None = None,
@@ -145,7 +161,8 @@ def ghost_norm(
     ``ghost_size`` samples, contiguous by default (``grouping="strided"`` for
     Keras' ``virtual_batch_size`` layout), each normalized with its own
     per-channel statistics. Running statistics move towards the whole-batch mean
-    and the mean of the per-ghost biased variances.
+    and the mean of the per-ghost biased variances. ``batch_groups=1`` is
+    :func:`batch_norm`, rank-1 input included.
     """
     call = setup("ghost_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
                  use_fast_variance=use_fast_variance, axis_name=axis_name,

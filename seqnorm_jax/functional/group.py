@@ -49,7 +49,7 @@ def group_norm(
     g = call.channel_groups(num_groups, group_size, groups_name="num_groups",
                             size_name="group_size")
     if axis_name is None:
-        call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX)
+        call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX, per_sample=True)
     if call.whole_local_batch and call.dense:
         # Dense: straight to the (N, G) statistics (per-sample moments would be x itself).
         view = stats.GroupView(x.shape, call.axis, None, g)

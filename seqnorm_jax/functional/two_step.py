@@ -50,7 +50,8 @@ def seq_norm(
     call.choice(grouping, GROUPINGS, "grouping")
     g_c = call.channel_groups(channel_groups, channel_group_size, default=1)
     call.check_set_size(1, call.c // g_c, "sample's channel group",
-                        fix="Use fewer channel_groups (a larger channel_group_size).")
+                        fix="Use fewer channel_groups (a larger channel_group_size).",
+                        per_sample=True)
     g_m = 1
     if call.training:
         g_m = call.batch_groups(batch_groups, ghost_size)
@@ -115,7 +116,7 @@ def gn_plus(
     call.choice(variant, GN_PLUS_VARIANTS, "variant")
     g = call.channel_groups(num_groups, group_size, groups_name="num_groups",
                             size_name="group_size")
-    call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX)
+    call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX, per_sample=True)
     if call.training and axis_name is None:
         call.check_set_size(call.n, 1, "batch", BatchSizeError)
     gn_first = variant == "gn_first"

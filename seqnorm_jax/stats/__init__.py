@@ -42,6 +42,7 @@ from seqnorm_jax.stats.moments import (
     stat_dtype,
 )
 from seqnorm_jax.stats.pooling import (
+    any_kept,
     cross_device_mean,
     cross_device_merge,
     merge,
@@ -54,6 +55,7 @@ __all__ = [
     "GROUPINGS",
     "GroupView",
     "Moments",
+    "any_kept",
     "cross_device_mean",
     "cross_device_merge",
     "divisors",

@@ -41,7 +41,8 @@ def merge(
       m: moments to merge.
       axis: the axes whose entries are merged.
       weight: optional non-negative weights (counts) broadcastable to ``m.mean``;
-        equal weights when None.
+        equal weights when None. Entries whose weights are all 0 merge to mean and
+        variance 0.
       center: optional point the variance is taken around.
       keepdims: keep the merged axes with size 1.
     """
@@ -68,6 +69,8 @@ def _merge(m: Moments, axis, *, weight=None, center=None,
     else:
         weight = jnp.broadcast_to(weight.astype(m.mean.dtype), m.mean.shape)
         total = jnp.sum(weight, axis=axis, keepdims=True)
+        # A set with no weight (every entry masked out) has mean and variance 0, not 0/0.
+        total = jnp.where(total > 0, total, 1)
         avg = lambda a: jnp.sum(weight * a, axis=axis, keepdims=True) / total
     # ref: the pooled mean as rounded; the deviations from it are then exact. (A ref
     # taken from one entry would do as well on one device, but under jit with the
@@ -195,7 +198,7 @@ def _pool(m, batch_groups, channel_groups, grouping, center, axis_name, axis_ind
     checks.choice(grouping, GROUPINGS, "grouping")
     n, c = m.mean.shape
     g_c = c if channel_groups is None else channel_groups
-    g_m = n if batch_groups is None else batch_groups
+    g_m = max(n, 1) if batch_groups is None else batch_groups  # per sample; an empty batch: one
     full = lambda a: None if a is None else jnp.broadcast_to(a, (n, c))
     center, relative_to, weight, offset = (full(a) for a in (center, relative_to, weight,
                                                               offset))
@@ -354,6 +357,13 @@ def cross_device_mean(a: Array, axis_name: str | None, axis_index_groups: Any = 
         return lax.pmean(a, axis_name)
     _, _, members = _device_group(axis_name, axis_index_groups)
     return jnp.mean(_gather(a, axis_name, members), axis=0)
+
+
+def any_kept(mask: Array, axis_name: str | None = None, axis_index_groups: Any = None) -> Array:
+    """Whether ``mask`` keeps any entry, on this device or (``axis_name``) on any device of
+    its group: a scalar bool, the same on every device."""
+    kept = jnp.any(mask).astype(jnp.float32)
+    return cross_device_mean(kept, axis_name, axis_index_groups) > 0
 
 
 def cross_device_merge(m: Moments, count: Array, axis_name: str,
