@@ -407,9 +407,12 @@ _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u1
                 "f64": 8, "c64": 8, "c128": 16}
 _ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\([^=]*?\)|\S+)\s+"
+    r"^\s*(?:ROOT\s+)?%?(?P<name>[\w.\-]+)\s*=\s*"
+    r"(?P<shape>\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)|\S+)\s+"
     r"(?P<op>[a-z][\w\-]*)\((?P<rest>.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_GTE = re.compile(r"^%?([\w.\-]+)\),\s*index=(\d+)")
+_TOP_ARRAYS = re.compile(r"[a-z]+[0-9a-z]*\[[\d,]*\](?:\{[^{}]*\})?")
 _COMPUTATION = re.compile(r"^(?P<entry>ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 
 
@@ -427,8 +430,9 @@ def shape_bytes(shape: str) -> int:
 
 def hlo_instructions(text: str) -> Iterator[dict[str, Any]]:
     """Each instruction of an HLO module's text: ``name``, ``shape``, ``op`` (the opcode),
-    ``op_name`` (JAX's metadata, ``""`` if none), ``computation`` and ``entry`` (whether
-    the computation is the entry one)."""
+    ``operands`` (the text after the opening parenthesis), ``op_name`` (JAX's metadata,
+    ``""`` if none), ``computation`` and ``entry`` (whether the computation is the entry
+    one)."""
     computation, entry = "", False
     for line in text.splitlines():
         m = _INSTRUCTION.match(line)
@@ -438,7 +442,7 @@ def hlo_instructions(text: str) -> Iterator[dict[str, Any]]:
                 computation, entry = c["name"], bool(c["entry"])
             continue
         name_m = _OP_NAME.search(m["rest"])
-        yield dict(name=m["name"], shape=m["shape"], op=m["op"],
+        yield dict(name=m["name"], shape=m["shape"], op=m["op"], operands=m["rest"],
                    op_name=name_m[1] if name_m else "", computation=computation, entry=entry)
 
 
@@ -451,28 +455,54 @@ class Collective:
         ``"collective-permute"`` or ``"all-to-all"`` (an asynchronous start/done pair
         counts once, as its start).
       shape: the HLO result shape (a tuple when XLA combined several).
-      bytes: the bytes it returns on each chip (for an asynchronous all-gather,
-        collective-permute or all-to-all start, its last tuple element: the output).
-      op_name: the JAX operation it came from (``jit(f)/.../reduce_sum``).
+      bytes: the bytes it returns on each device (for an asynchronous all-gather,
+        collective-permute or all-to-all start, its output, the last tuple element).
+      op_name: the JAX operation XLA named it after (``jit(f)/.../reduce_sum``).
+      parts: ``(bytes, op_name)`` of each array it carries: XLA combines independent
+        collectives into one with a tuple result, and each element keeps the name of
+        the JAX operation it came from.
     """
 
     kind: str
     shape: str
     bytes: int
     op_name: str
+    parts: tuple[tuple[int, str], ...] = ()
 
 
-def _collective(ins: dict[str, Any]) -> Collective | None:
-    op = ins["op"]
-    kind = op[:-len("-start")] if op.endswith("-start") else op
-    if kind not in COLLECTIVES or op.endswith("-done"):
-        return None
-    shape = ins["shape"]
-    if op.endswith("-start") and kind != "all-reduce" and shape.startswith("("):
-        arrays = _ARRAY.findall(shape)
-        shape = f"{arrays[-1][0]}[{arrays[-1][1]}]" if arrays else shape
-    return Collective(kind=kind, shape=ins["shape"], bytes=shape_bytes(shape),
-                      op_name=ins["op_name"])
+def _collectives(instructions: list[dict[str, Any]]) -> list[Collective]:
+    # the op name of each tuple element, from the get-tuple-element that reads it (of
+    # the collective, or of its asynchronous -done)
+    done_of = {}
+    element_names: dict[tuple[str, int], str] = {}
+    for ins in instructions:
+        if ins["op"].endswith("-done"):
+            src = _GTE.match(ins["operands"].replace(")", "), index=0", 1))
+            if src:
+                done_of[ins["name"]] = src[1]
+        elif ins["op"] == "get-tuple-element":
+            g = _GTE.match(ins["operands"])
+            if g:
+                element_names[(g[1], int(g[2]))] = ins["op_name"]
+    for done, start in done_of.items():
+        for (src, i), name in list(element_names.items()):
+            if src == done:
+                element_names.setdefault((start, i), name)
+    out = []
+    for ins in instructions:
+        op = ins["op"]
+        kind = op[:-len("-start")] if op.endswith("-start") else op
+        if kind not in COLLECTIVES:
+            continue
+        shape = ins["shape"]
+        arrays = _TOP_ARRAYS.findall(shape[1:-1]) if shape.startswith("(") else [shape]
+        if op.endswith("-start") and kind != "all-reduce" and len(arrays) > 1:
+            arrays = arrays[-1:]
+        parts = tuple((shape_bytes(a), element_names.get((ins["name"], i), ins["op_name"])
+                       if len(arrays) > 1 else ins["op_name"]) for i, a in enumerate(arrays))
+        out.append(Collective(kind=kind, shape=shape, bytes=sum(b for b, _ in parts),
+                              op_name=ins["op_name"], parts=parts))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -582,12 +612,10 @@ def analyze(compiled: Any, chip: Chip | Topology | None = None) -> Analysis:
     if not hasattr(compiled, "as_text") or not hasattr(compiled, "memory_analysis"):
         raise ValueError("analyze: pass a compiled computation (jax.jit(f).lower(...)"
                          f".compile(), e.g. compile_for(...)), got {type(compiled).__name__}.")
-    text = compiled.as_text()
-    collectives, kernels = [], {"fusion": 0, "custom-call": 0}
-    for ins in hlo_instructions(text):
-        c = _collective(ins)
-        if c is not None:
-            collectives.append(c)
+    instructions = list(hlo_instructions(compiled.as_text()))
+    collectives = _collectives(instructions)
+    kernels = {"fusion": 0, "custom-call": 0}
+    for ins in instructions:
         if ins["entry"] and ins["op"] in kernels:
             kernels[ins["op"]] += 1
     cost = _cost(compiled)
