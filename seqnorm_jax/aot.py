@@ -44,9 +44,10 @@ API (stable):
 The figures are the compiler's own, per device (the program each device runs after SPMD
 partitioning): a device is a chip, except on TPU v4, whose deviceless topologies have
 one device per TensorCore (two per chip); :attr:`Topology.device_chip` shares the
-chip's figures out accordingly. XLA:GPU has no deviceless cost analysis; for GPU executables the flops
-and bytes come from XLA's HLO cost analysis run on the compiled GPU module by the host
-(CPU) client: the same counts, without GPU-specific cost modelling.
+chip's figures out accordingly. XLA:GPU has no deviceless cost analysis; for GPU
+executables the flops and bytes come from XLA's HLO cost analysis run on the compiled
+GPU module by the host (CPU) client: the same counts, without GPU-specific cost
+modelling.
 """
 
 from __future__ import annotations
@@ -287,6 +288,11 @@ def _need(platform: str) -> None:
             'pip install "seqnorm-jax[cuda]"')
 
 
+_LIBTPU_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1",
+               "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_ID": "0",
+               "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
 def topology(name: str) -> Topology:
     """The chips of a named topology, for deviceless compiles.
 
@@ -304,12 +310,24 @@ def topology(name: str) -> Topology:
     chip, shape = parse_topology(name)
     _need(chip.platform)
     if chip.platform == "tpu":
+        # Deviceless compiles touch no chip: let several processes load libtpu at once
+        # (otherwise the first holds a lock file in the temp folder and the rest fail),
+        # and tell libtpu this host is no TPU VM, so that it neither queries the cloud
+        # metadata server nor warns about the accelerator type and worker hostnames.
+        for key, value in _LIBTPU_ENV.items():
+            os.environ.setdefault(key, value)
+        dims = [int(s) for s in shape.split("x")]
         try:
             desc = topologies.get_topology_desc(topology_name=f"{chip.name}:{shape}",
                                                 platform="tpu")
         except Exception as err:  # libtpu's own message: an unsupported grid
-            raise _topology_error(name, f"libtpu cannot build it ({_first_line(err)}).") \
-                from None
+            if math.prod(dims) >= 4:
+                raise _topology_error(name, f"libtpu cannot build it ({_first_line(err)}).") \
+                    from None
+            # a grid smaller than libtpu's default host of 2x2 chips (v5e:1x1, v5e:1x2)
+            desc = topologies.get_topology_desc(topology_name=f"{chip.name}:{shape}",
+                                                platform="tpu",
+                                                chips_per_host_bounds=(dims + [1, 1])[:3])
     else:
         # XLA:GPU checks the CUDA driver and libraries it would run on; there are none.
         os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")

@@ -226,14 +226,14 @@ def plan_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | 
                     norm_paths=paths)
 
 
-def _bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
     for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
 
 
-def _seconds(s: float) -> str:
+def format_seconds(s: float) -> str:
     if s >= 3600:
         return f"{s / 3600:.1f} h"
     if s >= 60:
@@ -258,22 +258,158 @@ def format_plan(plan: StepPlan, label: str | None = None) -> str:
         + " x ".join(f"{k}={v}" for k, v in plan.mesh.items()) + f" ({plan.axis_types})",
         f"  step         batch {d['batch_size']} ({d['batch_size'] // plan.mesh['data']} per "
         f"data shard), optimizer {d['optimizer']}",
-        f"  memory/{per}  {_bytes(m.total)} of {_bytes(chip.hbm_bytes)} HBM "
-        f"({'fits' if a.fits else 'DOES NOT FIT'}): arguments {_bytes(m.arguments)}, "
-        f"outputs {_bytes(m.outputs)}, aliased {_bytes(m.aliased)}, temporaries "
-        f"{_bytes(m.temporaries)}, code {_bytes(m.code)}",
+        f"  memory/{per}  {format_bytes(m.total)} of {format_bytes(chip.hbm_bytes)} HBM "
+        f"({'fits' if a.fits else 'DOES NOT FIT'}): arguments {format_bytes(m.arguments)}, "
+        f"outputs {format_bytes(m.outputs)}, aliased {format_bytes(m.aliased)}, temporaries "
+        f"{format_bytes(m.temporaries)}, code {format_bytes(m.code)}",
         f"  collectives  {c['all']['count']} per step: norm statistics in "
-        f"{c['statistics']['count']} ({_bytes(c['statistics']['bytes'])}), gradients and "
-        f"loss in {c['gradients']['count']} ({_bytes(c['gradients']['bytes'])})"
+        f"{c['statistics']['count']} ({format_bytes(c['statistics']['bytes'])}), gradients and "
+        f"loss in {c['gradients']['count']} ({format_bytes(c['gradients']['bytes'])})"
         + (f", {c['combined']['count']} carrying both" if c['combined']['count'] else ""),
-        f"  compute      {a.flops / 1e9:.1f} GFLOP, {_bytes(a.bytes_accessed)} accessed per "
+        f"  compute      {a.flops / 1e9:.1f} GFLOP, {format_bytes(a.bytes_accessed)} accessed per "
         f"device; {a.num_kernels} kernels in the entry computation",
-        f"  roofline     {_seconds(plan.step_seconds)} per step (compute "
-        f"{_seconds(a.compute_seconds)}, memory {_seconds(a.memory_seconds)}; "
+        f"  roofline     {format_seconds(plan.step_seconds)} per step (compute "
+        f"{format_seconds(a.compute_seconds)}, memory {format_seconds(a.memory_seconds)}; "
         f"{chip.name}: {chip.peak_bf16_flops / 1e12:g} TFLOP/s, "
         f"{chip.hbm_bandwidth / 1e9:g} GB/s)",
         f"  run          {plan.total_steps} steps ({plan.steps_per_epoch} x "
-        f"{d['epochs']} epochs): {_seconds(plan.run_seconds)} of training at that rate",
+        f"{d['epochs']} epochs): {format_seconds(plan.run_seconds)} of training at that rate",
         f"  compiled in  {plan.compile_seconds:.0f} s here",
     ]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- paper table
+
+# The table's topologies: a config runs on 8 TPU v5e chips (one v5litepod-8 host) when
+# every batch of it splits over 8, else on one chip.
+TABLE_TOPOLOGIES = ("v5e:2x4", "v5e:1x1")
+# Compile order: the cheaper models first, so a partial table has a row for most configs.
+_MODEL_ORDER = ("simplenet", "mlp", "mlp4", "cnn", "resnet20", "vgg11", "resnet56", "resnet18",
+                "resnet50", "wrn28_10")
+_STEP_FIELDS = ("model", "model_kwargs", "norm", "dtype", "dataset", "batch_size",
+                "grad_accum_steps", "optimizer", "grad_clip_norm", "output_noise_mean",
+                "output_noise_std", "on_divergence", "log_every")
+
+
+def step_key(config: TrainConfig, topology: str, image_shape=None) -> str:
+    """The cache key of ``config``'s compiled step on ``topology``: the fields that change
+    what the step computes (model, norm, dtype, batch, optimizer, ...), not those that only
+    set its constants (learning rates, epochs)."""
+    import hashlib
+    import json
+
+    fields = {k: getattr(config, k) for k in _STEP_FIELDS}
+    fields["grad_clip_norm"] = fields["grad_clip_norm"] is not None
+    fields.update(topology=topology, image_shape=list(image_shape or ()))
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def table_topology(configs: Sequence[TrainConfig], topologies=TABLE_TOPOLOGIES) -> str:
+    """The first of ``topologies`` over whose chips every config's batch splits."""
+    for name in topologies:
+        chips = aot.parse_topology(name)[1].split("x")
+        n = math.prod(int(d) for d in chips)
+        if all(c.batch_size % n == 0 for c in configs):
+            return name
+    return topologies[-1]
+
+
+def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_shape=None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:meth:`StepPlan.to_dict` of ``config``'s step on ``topology``, from
+    ``cache_dir/<step_key>.json`` or compiled and stored there; a config that cannot be
+    planned is stored as ``{"error": message}``."""
+    import json
+    import os
+
+    path = os.path.join(cache_dir, step_key(config, topology, image_shape) + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    try:
+        record = plan_step(config, topology, image_shape=image_shape,
+                           progress=progress).to_dict()
+    except ValueError as err:
+        record = {"error": str(err)}
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def _run_plan(config: TrainConfig, step: dict[str, Any]) -> float | None:
+    """The training seconds of ``config`` at the cached ``step``'s roofline time."""
+    if "error" in step:
+        return None
+    spe = max(train_examples(config) // config.batch_size, 1)
+    return step["step_seconds"] * spe * config.epochs
+
+
+def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOGIES,
+               out: str | None = None, progress: Callable[[str], None] | None = None) -> str:
+    """The paper configs ``names`` at full scale, one row each: the topology, the runs
+    planned, the roofline step time, the training time of all runs and seeds, the peak
+    memory per chip against HBM. Steps compile once each, cached in ``cache_dir``, the
+    cheapest models first and one run of every config before the second of any, so the
+    table can be built over several sittings; with ``out`` it is rewritten after every
+    compile."""
+    from seqnorm_jax.studies.experiment import load_experiment
+
+    exps = [load_experiment(n).resolve("full") for n in names]
+    rows = []
+    for exp in exps:
+        configs = [c for _, c in exp.configs()]
+        rows.append(dict(exp=exp, configs=configs, topology=table_topology(configs, topologies),
+                         steps={}))
+    rank = {m: i for i, m in enumerate(_MODEL_ORDER)}
+
+    def cost(row):
+        return max((rank.get(c.model, len(rank)) for c in row["configs"]), default=0)
+
+    order = sorted(rows, key=cost)
+    longest = max((len(r["configs"]) for r in rows), default=0)
+    text = _table(rows)
+    for i in range(longest):
+        for row in order:
+            if i >= len(row["configs"]):
+                continue
+            c = row["configs"][i]
+            row["steps"][i] = cached_step(c, row["topology"], cache_dir,
+                                          image_shape=row["exp"].image_shape, progress=progress)
+            text = _table(rows)
+            if out is not None:
+                with open(out, "w") as f:
+                    f.write(text)
+    return text
+
+
+def _table(rows) -> str:
+    lines = ["| config | topology | runs planned | step time (roofline) | training time, all "
+             "runs x seeds | peak memory per chip / HBM | fits |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        exp, configs, steps = row["exp"], row["configs"], row["steps"]
+        ok = {i: s for i, s in steps.items() if "error" not in s}
+        errors = len(steps) - len(ok)
+        planned = f"{len(steps)} of {len(configs)}" + (f" ({errors} refused)" if errors else "")
+        if not configs:
+            lines.append(f"| {exp.name} | - | no fixed runs ({exp.kind}: chosen while it "
+                         "runs) | | | | |")
+            continue
+        if not ok:
+            lines.append(f"| {exp.name} | {row['topology']} | {planned} | | | | |")
+            continue
+        times = [s["step_seconds"] for s in ok.values()]
+        wall = sum(_run_plan(configs[i], s) for i, s in ok.items()) * len(exp.seeds)
+        mem = max(s["memory"]["total"] for s in ok.values())
+        hbm = next(iter(ok.values()))["memory"]["hbm"]
+        fits = all(s["memory"]["fits"] for s in ok.values())
+        span = (format_seconds(min(times)) if len(set(times)) == 1 or len(times) == 1 else
+                f"{format_seconds(min(times))} - {format_seconds(max(times))}")
+        part = "" if len(steps) == len(configs) else " (planned runs only)"
+        lines.append(f"| {exp.name} | {row['topology']} | {planned} | {span} | "
+                     f"{format_seconds(wall)}{part} | {format_bytes(mem)} / {format_bytes(hbm)} | "
+                     f"{'yes' if fits else 'no'} |")
+    return "\n".join(lines) + "\n"

@@ -29,7 +29,8 @@ def _grad_step(topo, axis_types, rows_per_chip=8, k=128, n=256):
 
 @pytest.mark.parametrize("name,chips,devices,kind", [("v5e:16x16", 256, 256, "TPU v5 lite"),
                                                      ("v4:2x2x2", 8, 16, "TPU v4"),
-                                                     ("v5p:2x2x2", 8, 8, "TPU v5")])
+                                                     ("v5p:2x2x2", 8, 8, "TPU v5"),
+                                                     ("v5e:1x1", 1, 1, "TPU v5 lite")])
 def test_topologies_by_name(name, chips, devices, kind):
     topo = aot.topology(name)
     assert (topo.num_chips, topo.num_devices) == (chips, devices)
