@@ -10,8 +10,9 @@ step gives, per device:
 * memory (arguments, outputs, temporaries) against the chip's HBM;
 * the collectives per step, count and bytes, the norm layers' statistics collectives
   (those JAX traced inside a norm layer's forward or backward statistics) apart from
-  the rest, which is the gradient all-reduce (XLA combines independent all-reduces, so
-  a combined one counts where its first operand came from);
+  the rest, which is the gradient all-reduce and the loss (XLA combines independent
+  all-reduces into one with a tuple result, whose elements keep their op names; XLA:GPU
+  concatenates them into one flat buffer that keeps none, counted with the gradients);
 * flops and bytes accessed, and the roofline step time
   ``max(flops / peak FLOP/s, bytes / HBM bandwidth)`` from the chip table
   (:data:`seqnorm_jax.aot.CHIPS`, published figures), without communication time;
@@ -33,7 +34,7 @@ from typing import Any
 from seqnorm_jax import aot
 from seqnorm_jax.train.config import TrainConfig
 
-__all__ = ["StepPlan", "TRAIN_EXAMPLES", "format_plan", "parse_mesh", "plan_step",
+__all__ = ["DoesNotFitError", "StepPlan", "TRAIN_EXAMPLES", "format_plan", "parse_mesh", "plan_step",
            "train_examples"]
 
 # Training-split sizes (the TensorFlow Datasets catalog's train splits; digits: this
@@ -83,6 +84,10 @@ def parse_mesh(text: str | None, devices: int) -> tuple[tuple[int, ...], tuple[s
                          f"multiply to the topology's {devices} devices, e.g. "
                          f"--mesh data={devices} or --mesh data={max(devices // 2, 1)},model=2.")
     return tuple(shape), tuple(names)
+
+
+class DoesNotFitError(ValueError):
+    """The step needs more memory per chip than the chip's HBM (the compiler refused it)."""
 
 
 @dataclasses.dataclass
@@ -190,6 +195,7 @@ def plan_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | 
     Raises:
       ValueError: a bad topology, mesh or config (the norm layers are checked against the
         batch and the mesh as ``Trainer`` checks them), before anything compiles.
+      DoesNotFitError: the compiler found that the step does not fit the chip's HBM.
       seqnorm_jax.aot.CompilerNotInstalledError: the compiler's extra is missing.
     """
     from seqnorm_jax.data import dataset_info
@@ -216,7 +222,17 @@ def plan_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | 
     start = time.perf_counter()
     with mesh_context(device_mesh):
         args = loop_step_arguments(trainer)
-        compiled = trainer.loop_step.lower(*args).compile()
+        try:
+            compiled = trainer.loop_step.lower(*args).compile()
+        except Exception as err:  # noqa: BLE001 - jax's runtime error type is not public
+            text = " ".join(str(err).split())
+            if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+                raise
+            raise DoesNotFitError(
+                f"{config.model} / {config.norm}, batch {config.batch_size}, does not fit "
+                f"{topo.name}: the compiler says: {text.split(': ', 1)[-1]} Use more chips "
+                "(a larger --topology), a smaller --batch-size or more --grad-accum-steps."
+            ) from None
     seconds = time.perf_counter() - start
     paths = model_norm_paths(trainer.model, np.zeros((1, *info.image_shape), np.float32))
     return StepPlan(config=config, topology=topo, mesh=dict(zip(names, shape)),
@@ -331,7 +347,7 @@ def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_sha
         record = plan_step(config, topology, image_shape=image_shape,
                            progress=progress).to_dict()
     except ValueError as err:
-        record = {"error": str(err)}
+        record = {"error": str(err), "does_not_fit": isinstance(err, DoesNotFitError)}
     os.makedirs(cache_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
@@ -392,8 +408,11 @@ def _table(rows) -> str:
     for row in rows:
         exp, configs, steps = row["exp"], row["configs"], row["steps"]
         ok = {i: s for i, s in steps.items() if "error" not in s}
-        errors = len(steps) - len(ok)
+        too_big = sum(1 for s in steps.values() if s.get("does_not_fit"))
+        errors = len(steps) - len(ok) - too_big
         planned = f"{len(steps)} of {len(configs)}" + (f" ({errors} refused)" if errors else "")
+        if too_big:
+            planned += f" ({too_big} too large for a chip)"
         if not configs:
             lines.append(f"| {exp.name} | - | no fixed runs ({exp.kind}: chosen while it "
                          "runs) | | | | |")
@@ -405,7 +424,7 @@ def _table(rows) -> str:
         wall = sum(_run_plan(configs[i], s) for i, s in ok.items()) * len(exp.seeds)
         mem = max(s["memory"]["total"] for s in ok.values())
         hbm = next(iter(ok.values()))["memory"]["hbm"]
-        fits = all(s["memory"]["fits"] for s in ok.values())
+        fits = all(s["memory"]["fits"] for s in ok.values()) and not too_big
         span = (format_seconds(min(times)) if len(set(times)) == 1 or len(times) == 1 else
                 f"{format_seconds(min(times))} - {format_seconds(max(times))}")
         part = "" if len(steps) == len(configs) else " (planned runs only)"
