@@ -75,3 +75,22 @@ def test_analysis_of_a_cpu_program():
 def test_every_chip_names_its_source():
     for chip in aot.CHIPS.values():
         assert chip.source and chip.hbm_bytes > 0 and chip.peak_bf16_flops > 1e12
+
+
+def test_plan_without_the_compiler_is_one_line(monkeypatch, capsys):
+    from seqnorm_jax.cli import main
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert main(["plan", "--model", "cnn", "--topology", "v5e:4x4"]) == 2
+    err = capsys.readouterr().err
+    assert err == ('seqnorm-jax plan: error: the TPU compiler (libtpu) is not installed: '
+                   'pip install "seqnorm-jax[tpu]"\n')
+
+
+def test_plan_flag_errors_come_before_any_compile(capsys):
+    from seqnorm_jax.cli import main
+
+    assert main(["plan", "--model", "cnn"]) == 2
+    assert "--topology is required" in capsys.readouterr().err
+    assert main(["plan", "--model", "cnn", "--topology", "v5e:16"]) == 2
+    assert "2 or 3 sizes" in capsys.readouterr().err
