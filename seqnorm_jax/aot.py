@@ -38,8 +38,8 @@ API (stable):
   bytes, the op that made it) from the compiled HLO text, the kernels of the entry
   computation (fusions and custom calls), ``cost_analysis()``'s flops and bytes
   accessed per chip, ``memory_analysis()``'s per-chip bytes (:class:`Memory`), and with
-  a chip the roofline step time. :func:`hlo_instructions` and :func:`shape_bytes` are
-  the HLO-text readers it uses.
+  a chip the roofline step time. :func:`hlo_instructions`, :func:`hlo_collectives` and
+  :func:`shape_bytes` are the HLO-text readers it uses.
 
 The figures are the compiler's own, per device (the program each device runs after SPMD
 partitioning): a device is a chip, except on TPU v4, whose deviceless topologies have
@@ -80,6 +80,7 @@ __all__ = [
     "analyze",
     "compile_for",
     "gpu_target_config",
+    "hlo_collectives",
     "hlo_instructions",
     "make_mesh",
     "P",
@@ -486,6 +487,11 @@ class Collective:
     bytes: int
     op_name: str
     parts: tuple[tuple[int, str], ...] = ()
+
+
+def hlo_collectives(text: str) -> list[Collective]:
+    """Every :class:`Collective` of an HLO module's text, in program order."""
+    return _collectives(list(hlo_instructions(text)))
 
 
 def _collectives(instructions: list[dict[str, Any]]) -> list[Collective]:

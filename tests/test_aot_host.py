@@ -94,3 +94,31 @@ def test_plan_flag_errors_come_before_any_compile(capsys):
     assert "--topology is required" in capsys.readouterr().err
     assert main(["plan", "--model", "cnn", "--topology", "v5e:16"]) == 2
     assert "2 or 3 sizes" in capsys.readouterr().err
+
+
+HLO = """\
+ENTRY %main (p0: f32[64], p1: bf16[3,3,32,64]) -> f32[] {
+  %p0 = f32[64]{0:T(128)} parameter(0)
+  %ar = (f32[]{:T(128)}, f32[64]{0:T(128)S(1)}, f32[64]{0}, f32[64]{0}, f32[64]{0}, /*index=5*/f32[64]{0}) all-reduce(%a, %b, %c, %d, %e, /*index=5*/%f), replica_groups={{0,1,2,3}}, to_apply=%add, metadata={op_name="jit(fn)/jvp()/reduce_sum"}
+  %g0 = f32[]{:T(128)} get-tuple-element(%ar), index=0, metadata={op_name="jit(fn)/jvp()/reduce_sum"}
+  %g1 = f32[64]{0} get-tuple-element(%ar), index=1, metadata={op_name="jit(fn)/jvp(Net)/bn1/reduce_sum"}
+  %ars = bf16[3,3,32,64]{3,2,1,0:T(8,128)(2,1)} all-reduce-start(%w), to_apply=%add, metadata={op_name="jit(fn)/transpose(jvp(Net))/conv/conv_general_dilated"}
+  %ard = bf16[3,3,32,64]{3,2,1,0:T(8,128)(2,1)} all-reduce-done(%ars)
+  %ag = (f32[16]{0}, f32[64]{0}) all-gather-start(%x), dimensions={0}
+  %agd = f32[64]{0} all-gather-done(%ag)
+  ROOT %fusion.1 = f32[] fusion(%g0), kind=kLoop, calls=%fused
+}
+"""
+
+
+def test_collectives_of_hlo_text():
+    cs = aot.hlo_collectives(HLO)
+    assert [c.kind for c in cs] == ["all-reduce", "all-reduce", "all-gather"]
+    assert cs[0].bytes == 4 + 5 * 64 * 4                # a combined tuple with /*index=5*/
+    assert cs[0].parts[1] == (256, "jit(fn)/jvp(Net)/bn1/reduce_sum")
+    assert cs[0].parts[2] == (256, "jit(fn)/jvp()/reduce_sum")   # no reader: the op's name
+    assert cs[1].bytes == 3 * 3 * 32 * 64 * 2            # asynchronous: counted once
+    assert cs[2].bytes == 64 * 4                         # all-gather-start: its output
+    from seqnorm_jax.distributed import collective_counts
+
+    assert collective_counts(HLO)["all-reduce"] == 2

@@ -259,6 +259,10 @@ def format_seconds(s: float) -> str:
     return f"{s * 1e3:.3f} ms"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def format_plan(plan: StepPlan, label: str | None = None) -> str:
     """The plan as text, one figure a line."""
     d, a = plan.to_dict(), plan.analysis
@@ -269,8 +273,8 @@ def format_plan(plan: StepPlan, label: str | None = None) -> str:
         f"device ({chip.name})"
     lines = [
         f"{head}",
-        f"  topology     {plan.topology.name}: {plan.topology.num_chips} chips, "
-        f"{plan.topology.num_devices} devices; mesh "
+        f"  topology     {plan.topology.name}: {_count(plan.topology.num_chips, 'chip')}, "
+        f"{_count(plan.topology.num_devices, 'device')}; mesh "
         + " x ".join(f"{k}={v}" for k, v in plan.mesh.items()) + f" ({plan.axis_types})",
         f"  step         batch {d['batch_size']} ({d['batch_size'] // plan.mesh['data']} per "
         f"data shard), optimizer {d['optimizer']}",
