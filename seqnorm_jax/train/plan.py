@@ -34,13 +34,15 @@ from typing import Any
 from seqnorm_jax import aot
 from seqnorm_jax.train.config import TrainConfig
 
-__all__ = ["DoesNotFitError", "StepPlan", "TRAIN_EXAMPLES", "format_plan", "parse_mesh", "plan_step",
-           "train_examples"]
+__all__ = ["DoesNotFitError", "StepPlan", "TABLE_TOPOLOGIES", "TRAIN_EXAMPLES", "cached_step",
+           "format_bytes", "format_plan", "format_seconds", "parse_mesh", "plan_step",
+           "plan_table", "step_key", "train_examples"]
 
 # Training-split sizes (the TensorFlow Datasets catalog's train splits; digits: this
 # package's fixed 1,442-image train split of scikit-learn's 1,797).
 TRAIN_EXAMPLES = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000,
                   "cifar100": 50_000, "imagenet2012": 1_281_167, "digits": 1_442}
+
 
 def train_examples(config: TrainConfig) -> int:
     """How many examples one training epoch of ``config`` reads."""
