@@ -152,9 +152,10 @@ _GPU_DEVICE = {
                  shared_memory_per_core=164 * 1024, shared_memory_per_block_optin=163 * 1024,
                  l2_cache_size=40 * 2 ** 20, clock_rate_ghz=1.41),
 }
-# The cuDNN and CUDA runtime versions the jax[cuda12] wheels of this jax release ship.
-_DNN_VERSION = (9, 8, 0)
-_RUNTIME_VERSION = (12, 8, 0)
+# The cuDNN and CUDA runtime that `pip install "jax[cuda12]==0.10.2"` installs
+# (nvidia-cudnn-cu12 9.28, nvidia-cuda-runtime-cu12 12.9).
+_DNN_VERSION = (9, 28, 0)
+_RUNTIME_VERSION = (12, 9, 0)
 
 
 def gpu_target_config(chip: str) -> str:

@@ -220,7 +220,7 @@ def plan_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | 
                       save_checkpoints=False, donate=True)
     if progress is not None:
         progress(f"compiling {config.model} / {config.norm} / {config.dtype}, batch "
-                 f"{config.batch_size}, for {topo.name} ({topo.num_devices} devices) ...")
+                 f"{config.batch_size}, for {topo.name} ({_count(topo.num_devices, 'device')}) ...")
     start = time.perf_counter()
     with mesh_context(device_mesh):
         args = loop_step_arguments(trainer)
