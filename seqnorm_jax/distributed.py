@@ -14,7 +14,6 @@ and checks what a compiled step communicates (:func:`collective_counts`).
 
 from __future__ import annotations
 
-import re
 from typing import Any, Sequence
 
 import jax
@@ -117,9 +116,6 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
-_COLLECTIVE_RE = re.compile(
-    r"=\s*(?P<shape>\([^=]*?\)|\S+)\s+(?P<op>" + "|".join(COLLECTIVES) + r")(?:-start)?\("
-)
 
 
 def collectives(compiled: Any) -> list[tuple[str, str]]:
@@ -135,12 +131,14 @@ def collectives(compiled: Any) -> list[tuple[str, str]]:
       pairs count once), e.g. ``("all-reduce", "(f32[8]{0}, f32[8]{0})")``: XLA merges
       independent all-reduces into one instruction with a tuple result.
     """
+    from seqnorm_jax.aot import hlo_collectives
+
     text = compiled if isinstance(compiled, str) else getattr(compiled, "as_text", None)
     text = text() if callable(text) else text
     if not isinstance(text, str):
         raise ValueError("collectives: pass a compiled computation (jit(f).lower(...).compile()) "
                          f"or its HLO text, got {type(compiled).__name__}.")
-    return [(m["op"], m["shape"]) for m in _COLLECTIVE_RE.finditer(text)]
+    return [(c.kind, c.shape) for c in hlo_collectives(text)]
 
 
 def collective_counts(compiled: Any) -> dict[str, int]:

@@ -219,3 +219,106 @@ def experiment(args) -> int:
 
 COMMANDS = {"train": train, "eval": evaluate, "compare": compare, "tune": tune,
             "experiment": experiment}
+
+
+def plan(args) -> int:
+    """``seqnorm-jax plan``: compile runs' training steps for a topology, print the plans."""
+    import jax
+
+    try:  # this process compiles for the topology and runs nothing on an accelerator
+        jax.config.update("jax_platforms", "cpu")
+    except Exception:  # noqa: BLE001 - backends already started (an embedding program)
+        pass
+    from seqnorm_jax import aot
+
+    try:
+        return _plan(args)
+    except aot.CompilerNotInstalledError as e:
+        raise ValueError(str(e)) from None
+
+
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _plan_runs(args):
+    """``(label, TrainConfig)`` of each run to plan, the seeds per run, the image shape."""
+    from seqnorm_jax.studies.experiment import load_experiment
+    from seqnorm_jax.train import TrainConfig
+
+    if not args.experiment:
+        if args.run is not None:
+            raise ValueError("--run picks a run of CONFIG; give a paper config, e.g. "
+                             "seqnorm-jax plan 000_table2_imagenet_resnet18 --run 0.")
+        return [(None, train_config(args))], 1, None
+    exp = load_experiment(args.experiment).resolve(args.scale)
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if f.name in vars(args)}
+    if "model_kwargs" in flags:
+        flags["model_kwargs"] = dict(flags["model_kwargs"])
+    runs = [(run.get("label"), c.replace(**flags) if flags else c) for run, c in exp.configs()]
+    if args.run is not None:
+        labels = [label for label, _ in runs]
+        if args.run.isdigit() and int(args.run) < len(runs):
+            runs = [runs[int(args.run)]]
+        elif args.run in labels:
+            runs = [runs[labels.index(args.run)]]
+        else:
+            raise ValueError(f"--run {args.run!r}: {exp.name} has runs 0..{len(runs) - 1}: "
+                             + "; ".join(f"{i} {lb!r}" for i, lb in enumerate(labels))
+                             + checks.suggest(args.run, labels))
+    if not runs:
+        raise ValueError(f"{exp.name} ({exp.kind}) has no fixed runs to plan; plan one of its "
+                         "settings with the training flags instead.")
+    return runs, len(exp.seeds), exp.image_shape
+
+
+def _plan(args) -> int:
+    from seqnorm_jax import aot
+    from seqnorm_jax.train import plan as planning
+
+    if args.paper_table:
+        from seqnorm_jax.studies.experiment import list_experiments
+
+        names = [e.name for e in list_experiments()]
+        topologies = (args.topology,) if args.topology else planning.TABLE_TOPOLOGIES
+        for name in topologies:
+            aot.parse_topology(name)
+        print(planning.plan_table(names, args.cache, topologies=topologies, out=args.out,
+                                  progress=_progress), end="")
+        return 0
+    if not args.topology:
+        raise ValueError("--topology is required: a TPU chip grid (v5e:16x16, v4:2x2x2, "
+                         "v5p:2x2x2) or GPUs (h100:8, a100:2x8).")
+    aot.parse_topology(args.topology)
+    runs, seeds, image_shape = _plan_runs(args)
+    topo = aot.topology(args.topology)
+    planning.parse_mesh(args.mesh, topo.num_devices)
+    plans = [(label, planning.plan_step(c, topo, mesh=args.mesh, axis_types=args.axis_types,
+                                        image_shape=image_shape, progress=_progress))
+             for label, c in runs]
+    total = sum(p.run_seconds for _, p in plans) * seeds
+    if args.json:
+        print(json.dumps({"topology": topo.name, "seeds": seeds, "training_seconds": total,
+                          "runs": [{"label": label, **p.to_dict()} for label, p in plans]},
+                         indent=1, default=_json_number))
+    else:
+        for label, p in plans:
+            print(planning.format_plan(p, label))
+        if args.experiment:
+            print(f"{args.experiment}: {len(plans)} run(s) x {seeds} seed(s): "
+                  f"{planning.format_seconds(total)} of training on {topo.name} at the "
+                  "roofline step times")
+    refused = [(label, p) for label, p in plans if not p.analysis.fits]
+    if refused:
+        label, p = refused[0]
+        a = p.analysis
+        raise ValueError(
+            f"{label or p.config.model + ' / ' + p.config.norm} does not fit {topo.name}: "
+            f"{planning.format_bytes(a.memory.total)} per device, the {a.chip.name} has "
+            f"{planning.format_bytes(a.chip.hbm_bytes)}; use more chips (a larger "
+            "--topology), a smaller --batch-size or more --grad-accum-steps.")
+    return 0
+
+
+COMMANDS["plan"] = plan

@@ -41,6 +41,7 @@ examples:
   seqnorm-jax tune --batch-groups 1,2,4,8,16 --channel-groups 1,2,4 --seeds 3
   seqnorm-jax experiment --list
   seqnorm-jax experiment 002_ghost_batch_size_sweep --scale cpu
+  seqnorm-jax plan 000_table2_imagenet_resnet18 --topology v5e:4x4   # needs [tpu]
 
 exit status:
   0    done
@@ -218,7 +219,7 @@ def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``seqnorm-jax`` argument parser (``train``, ``eval``, ``compare``, ``tune``,
-    ``experiment``)."""
+    ``experiment``, ``plan``)."""
     parser = Parser(prog="seqnorm-jax", description=DESCRIPTION, epilog=EPILOG,
                     formatter_class=RawHelpFormatter)
     parser.add_argument("--traceback", action="store_true",
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _compare_parser(sub)
     _tune_parser(sub)
     _experiment_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -358,6 +360,49 @@ def _experiment_parser(sub) -> None:
                      help="list the configs and exit")
     exp.add_argument("--configs-dir", default=None, metavar="DIR",
                      help="where --list looks (default: the configs shipped with the package)")
+
+
+def _plan_parser(sub) -> None:
+    plan = sub.add_parser(
+        "plan", help="compile a run's training step for a TPU or GPU pod, without one",
+        description="Compile the training step of a run (a paper config, --config or the "
+                    "training flags) for a TPU or GPU topology with no accelerator attached, "
+                    "and print per chip: memory against HBM (refused if it does not fit), "
+                    "the collectives per step with the norm layers' statistics apart from "
+                    "the gradient all-reduce, flops and bytes accessed, the roofline step "
+                    "time and the run's training time. Needs the compiler: pip install "
+                    "\"seqnorm-jax[tpu]\" (TPU) or \"seqnorm-jax[cuda]\" (GPU). Flags given "
+                    "override the config's fields.")
+    plan.add_argument("experiment", nargs="?", metavar="CONFIG",
+                      help="a paper config's name (seqnorm-jax experiment --list) or JSON file; "
+                           "without it, --config and the training flags")
+    plan.add_argument("--topology", default=None, metavar="CHIP:SHAPE",
+                      help="TPU v4, v5e, v5p, v6e with libtpu's chip grid (v5e:16x16, "
+                           "v4:2x2x2, v5p:2x2x2) or GPU h100, a100 with a count or HOSTSxGPUS "
+                           "(h100:8, a100:2x8)")
+    plan.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                      help="the mesh over the topology's devices, with a 'data' axis for the "
+                           "batch, e.g. data=128,model=2 (default: data=all devices)")
+    plan.add_argument("--axis-types", default="auto", choices=("auto", "explicit"),
+                      help="the mesh's axis type; explicit is jax.make_mesh's default, "
+                           "sharding in types (default: auto)")
+    plan.add_argument("--scale", default="full", choices=("full", "cpu", "smoke"),
+                      help="which version of CONFIG (default: full)")
+    plan.add_argument("--run", default=None, metavar="LABEL",
+                      help="plan only this run of CONFIG: its label or 0-based index "
+                           "(default: every run)")
+    plan.add_argument("--config", metavar="FILE",
+                      help="JSON TrainConfig file (flags override it)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--paper-table", action="store_true",
+                      help="plan every packaged paper config at full scale and print the "
+                           "table (step time, training time, memory fit); each distinct step "
+                           "compiles once, cached in --cache")
+    plan.add_argument("--cache", default="runs/plan/cache", metavar="DIR",
+                      help="with --paper-table: the compile cache (default: runs/plan/cache)")
+    plan.add_argument("--out", default=None, metavar="FILE",
+                      help="with --paper-table: also write the table here, after every compile")
+    add_config_flags(plan)
 
 
 # ---------------------------------------------------------------------------- values

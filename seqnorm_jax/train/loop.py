@@ -120,13 +120,15 @@ class Trainer:
         a hook's optional ``on_epoch_end(state, epoch)`` method runs after each epoch's
         evaluation. Hooks must not change the state; they do not see skipped steps of a
         resumed run.
+      donate: the compiled steps donate the input state's buffers (default: on
+        accelerators, not on CPU; ``seqnorm-jax plan`` sets it to compile for them here).
     """
 
     def __init__(self, config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
                  model: nn.Module | None = None, train_source=None, eval_source=None,
                  mesh: Mesh | None = None, save_checkpoints: bool = True,
                  max_steps: int | None = None, desc: str | None = None,
-                 step_hooks: Iterable[Any] = ()):
+                 step_hooks: Iterable[Any] = (), donate: bool | None = None):
         config.validate()
         self.config = config
         self.out_dir = None if out_dir is None else os.fspath(run_path(out_dir))
@@ -183,7 +185,8 @@ class Trainer:
             grad_clip_norm=config.grad_clip_norm, b1=config.b1, b2=config.b2,
             norm_paths=norm_paths)
         step_kw = dict(micro_batches=config.grad_accum_steps,
-                       output_noise=config.output_noise, axis_name=self.batch_axis)
+                       output_noise=config.output_noise, axis_name=self.batch_axis,
+                       donate=donate)
         self.train_step = jit_train_step(self.mesh, self.schedule, **step_kw)
         # the loop ships uint8 pixels and normalises them inside its compiled step
         info = train_source.info

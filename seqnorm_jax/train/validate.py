@@ -27,7 +27,8 @@ from seqnorm_jax.train.compiled import init_accumulator
 from seqnorm_jax.train.optim import model_norm_paths
 from seqnorm_jax.train.state import create_train_state
 
-__all__ = ["check_norm_fields", "check_step", "checked_norm_paths", "fit_errors"]
+__all__ = ["check_norm_fields", "check_step", "checked_norm_paths", "fit_errors",
+           "loop_step_arguments"]
 
 # field -> (test, what it must be)
 _FIELD_RULES = {
@@ -70,6 +71,16 @@ def check_step(trainer: Any, flag: str = "TrainConfig.norm (--norm)") -> None:
         widths, or a layer field is out of range; one line naming ``flag``, the spec,
         the run's batch and devices, and the layer's own message.
     """
+    with fit_errors(trainer, flag), mesh_context(trainer.mesh), \
+            nn.intercept_methods(_check_fields):
+        jax.eval_shape(trainer.loop_step, *loop_step_arguments(trainer))
+
+
+def loop_step_arguments(trainer: Any) -> tuple[Any, Any, Any]:
+    """``(state, batch, accumulator)`` of ``trainer.loop_step`` as ``jax.ShapeDtypeStruct`` s
+    sharded as in training (the batch of the run's global size split over the batch
+    axis, the rest replicated); nothing is computed. Call it under
+    ``mesh_context(trainer.mesh)``."""
     c, mesh = trainer.config, trainer.mesh
     shape = tuple(trainer.train_source.info.image_shape)
     sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
@@ -77,16 +88,14 @@ def check_step(trainer: Any, flag: str = "TrainConfig.norm (--norm)") -> None:
     batch = {"image": jax.ShapeDtypeStruct((c.batch_size, *shape), jnp.uint8, sharding=bat),
              "label": jax.ShapeDtypeStruct((c.batch_size,), jnp.int32, sharding=bat)}
     rep = replicated_sharding(mesh)
-    with fit_errors(trainer, flag), mesh_context(mesh), nn.intercept_methods(_check_fields):
-        state = jax.eval_shape(
-            lambda x: create_train_state(trainer.model, jax.random.key(0), x, trainer.tx),
-            sample)
-        state = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
-        acc = jax.tree_util.tree_map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
-            jax.eval_shape(lambda: init_accumulator(c.log_every)))
-        jax.eval_shape(trainer.loop_step, state, batch, acc)
+    state = jax.eval_shape(
+        lambda x: create_train_state(trainer.model, jax.random.key(0), x, trainer.tx), sample)
+    state = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), state)
+    acc = jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep),
+        jax.eval_shape(lambda: init_accumulator(c.log_every)))
+    return state, batch, acc
 
 
 def checked_norm_paths(trainer: Any, sample_input: Any) -> tuple[str, ...]:

@@ -1,0 +1,440 @@
+"""Plan a run for a TPU or GPU pod on a machine without one: ``seqnorm-jax plan``.
+
+:func:`plan_step` builds the run's :class:`~seqnorm_jax.train.Trainer` on a deviceless
+mesh over a named topology (:mod:`seqnorm_jax.aot`) and compiles its real training
+step -- ``Trainer.loop_step``, the function the training loop runs, with the config's
+model, norm layer, dtype, optimizer, schedule and global batch, the state's buffers
+donated as on an accelerator -- ahead of time for the topology's chips. The compiled
+step gives, per device:
+
+* memory (arguments, outputs, temporaries) against the chip's HBM;
+* the collectives per step, count and bytes, the norm layers' statistics collectives
+  (those JAX traced inside a norm layer's forward or backward statistics) apart from
+  the rest, which is the gradient all-reduce and the loss (XLA combines independent
+  all-reduces into one with a tuple result, whose elements keep their op names; XLA:GPU
+  concatenates them into one flat buffer that keeps none, counted with the gradients);
+* flops and bytes accessed, and the roofline step time
+  ``max(flops / peak FLOP/s, bytes / HBM bandwidth)`` from the chip table
+  (:data:`seqnorm_jax.aot.CHIPS`, published figures), without communication time;
+* the whole run's training time at that step time: ``steps_per_epoch * epochs`` steps
+  (evaluation, input pipeline and collectives not counted).
+
+No dataset is read: the training set's size comes from :data:`TRAIN_EXAMPLES` (or the
+config's ``train_size`` / ``validation_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from seqnorm_jax import aot
+from seqnorm_jax.train.config import TrainConfig
+
+__all__ = ["DoesNotFitError", "StepPlan", "TABLE_TOPOLOGIES", "TRAIN_EXAMPLES", "cached_step",
+           "format_bytes", "format_plan", "format_seconds", "parse_mesh", "plan_step",
+           "plan_table", "step_key", "train_examples"]
+
+# Training-split sizes (the TensorFlow Datasets catalog's train splits; digits: this
+# package's fixed 1,442-image train split of scikit-learn's 1,797).
+TRAIN_EXAMPLES = {"mnist": 60_000, "fashion_mnist": 60_000, "cifar10": 50_000,
+                  "cifar100": 50_000, "imagenet2012": 1_281_167, "digits": 1_442}
+
+
+def train_examples(config: TrainConfig) -> int:
+    """How many examples one training epoch of ``config`` reads."""
+    from seqnorm_jax.data import dataset_info
+
+    name = dataset_info(config.dataset).name
+    n = TRAIN_EXAMPLES[name] - (config.validation_size or 0)
+    if config.train_size:
+        n = min(n, config.train_size)
+    return n
+
+
+class _SizedSource:
+    """A training set's size and :class:`~seqnorm_jax.data.DatasetInfo`, no data: all the
+    Trainer reads of a source before it trains."""
+
+    def __init__(self, info, size: int):
+        self.info, self.size = info, size
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def parse_mesh(text: str | None, devices: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``--mesh``: ``"256"`` / ``"data=256"`` (1-D) or ``"data=128,model=2"``; ``None``:
+    all devices on ``"data"``."""
+    if text is None or not str(text).strip():
+        return (devices,), ("data",)
+    shape, names = [], []
+    for i, item in enumerate(p.strip() for p in str(text).split(",") if p.strip()):
+        name, eq, size = item.partition("=")
+        if not eq:
+            name, size = ("data" if i == 0 else f"axis{i}"), item
+        try:
+            shape.append(int(size))
+        except ValueError:
+            shape.append(0)
+        names.append(name.strip())
+    if not shape or min(shape) < 1 or math.prod(shape) != devices or "data" not in names:
+        raise ValueError(f"--mesh {text!r}: give AXIS=SIZE,... with a 'data' axis whose sizes "
+                         f"multiply to the topology's {devices} devices, e.g. "
+                         f"--mesh data={devices} or --mesh data={max(devices // 2, 1)},model=2.")
+    return tuple(shape), tuple(names)
+
+
+class DoesNotFitError(ValueError):
+    """The step needs more memory per chip than the chip's HBM (the compiler refused it)."""
+
+
+@dataclasses.dataclass
+class StepPlan:
+    """One compiled training step on a topology, and what it implies for the run.
+
+    Attributes:
+      config: the run's :class:`TrainConfig`.
+      topology: the :class:`seqnorm_jax.aot.Topology`.
+      mesh: ``{axis: size}``; axis_types: ``"auto"`` or ``"explicit"``.
+      analysis: the step's per-device :class:`seqnorm_jax.aot.Analysis`.
+      steps_per_epoch, total_steps: the run's optimizer steps.
+      compile_seconds: how long the compile took here.
+      norm_paths: the module paths of the model's norm layers.
+    """
+
+    config: TrainConfig
+    topology: aot.Topology
+    mesh: dict[str, int]
+    axis_types: str
+    analysis: aot.Analysis
+    steps_per_epoch: int
+    total_steps: int
+    compile_seconds: float
+    norm_paths: tuple[str, ...] = ()
+
+    def is_statistics(self, op_name: str) -> bool:
+        """Whether a collective's part named ``op_name`` is a norm layer's statistics: JAX
+        traced it inside a norm layer (:attr:`norm_paths`), and it is not the reduction
+        of the layer's own scale/bias gradient (a primitive right under the layer in the
+        backward pass, ``transpose(jvp(Net))/<layer>/reduce_sum``)."""
+        parts = op_name.split("/")
+        for path in self.norm_paths:
+            want = path.split("/")
+            for i in range(len(parts) - len(want) + 1):
+                if parts[i:i + len(want)] != want:
+                    continue
+                rest = parts[i + len(want):]
+                gradient = i > 0 and parts[i - 1].startswith("transpose(") and len(rest) == 1
+                if not gradient:
+                    return True
+        return False
+
+    def collective_groups(self) -> dict[str, dict[str, int]]:
+        """``{"statistics": ..., "gradients": ...}``, each ``{"count", "bytes"}``: the
+        collectives carrying norm statistics, and those carrying the rest (the gradient
+        all-reduce, the loss); ``"combined"``: how many carry both (XLA combined them)."""
+        out = {"statistics": {"count": 0, "bytes": 0}, "gradients": {"count": 0, "bytes": 0},
+               "combined": {"count": 0}}
+        for c in self.analysis.collectives:
+            kinds = set()
+            for nbytes, name in c.parts:
+                kind = "statistics" if self.is_statistics(name) else "gradients"
+                out[kind]["bytes"] += nbytes
+                kinds.add(kind)
+            for kind in kinds:
+                out[kind]["count"] += 1
+            out["combined"]["count"] += len(kinds) == 2
+        return out
+
+    @property
+    def step_seconds(self) -> float:
+        return self.analysis.roofline_seconds
+
+    @property
+    def run_seconds(self) -> float:
+        return self.step_seconds * self.total_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        a, chip = self.analysis, self.analysis.chip
+
+        return {
+            "model": self.config.model, "norm": self.config.norm, "dtype": self.config.dtype,
+            "batch_size": self.config.batch_size, "optimizer": self.config.optimizer,
+            "topology": self.topology.name, "chips": self.topology.num_chips,
+            "devices": self.topology.num_devices, "mesh": dict(self.mesh),
+            "axis_types": self.axis_types, "chip": dataclasses.asdict(chip),
+            "memory": {**dataclasses.asdict(a.memory), "total": a.memory.total,
+                       "hbm": chip.hbm_bytes, "fits": a.fits},
+            "collectives": {**self.collective_groups(),
+                            "all": {"count": len(a.collectives),
+                                    "bytes": sum(c.bytes for c in a.collectives),
+                                    "by_kind": a.collective_counts}},
+            "kernels": dict(a.kernels), "flops": a.flops, "bytes_accessed": a.bytes_accessed,
+            "compute_seconds": a.compute_seconds, "memory_seconds": a.memory_seconds,
+            "step_seconds": self.step_seconds, "steps_per_epoch": self.steps_per_epoch,
+            "epochs": self.config.epochs, "total_steps": self.total_steps,
+            "run_seconds": self.run_seconds, "compile_seconds": self.compile_seconds,
+        }
+
+
+def plan_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | None = None,
+              axis_types: str = "auto", image_shape: Sequence[int] | None = None,
+              progress: Callable[[str], None] | None = None) -> StepPlan:
+    """Compile ``config``'s training step for ``topology`` and analyse it (module docstring).
+
+    Args:
+      config: the run.
+      topology: a name (``"v5e:16x16"``, ``"h100:8"``) or a :func:`seqnorm_jax.aot.topology`.
+      mesh: ``--mesh`` text (:func:`parse_mesh`); default all devices on ``"data"``.
+      axis_types: ``"auto"`` or ``"explicit"``.
+      image_shape: the input images' shape (default: the dataset's).
+      progress: called with a line before the compile starts.
+
+    Raises:
+      ValueError: a bad topology, mesh or config (the norm layers are checked against the
+        batch and the mesh as ``Trainer`` checks them), before anything compiles.
+      DoesNotFitError: the compiler found that the step does not fit the chip's HBM.
+      seqnorm_jax.aot.CompilerNotInstalledError: the compiler's extra is missing.
+    """
+    from seqnorm_jax.data import dataset_info
+    from seqnorm_jax.distributed import mesh_context
+    import numpy as np
+
+    from seqnorm_jax.train.loop import Trainer
+    from seqnorm_jax.train.optim import model_norm_paths
+    from seqnorm_jax.train.validate import loop_step_arguments
+
+    config.validate()
+    topo = aot.topology(topology) if isinstance(topology, str) else topology
+    shape, names = parse_mesh(mesh, topo.num_devices)
+    device_mesh = aot.make_mesh(topo, shape, names, axis_types)
+    info = dataset_info(config.dataset)
+    if image_shape is not None:
+        info = dataclasses.replace(info, image_shape=tuple(int(d) for d in image_shape))
+    source = _SizedSource(info, train_examples(config))
+    trainer = Trainer(config, train_source=source, eval_source=source, mesh=device_mesh,
+                      save_checkpoints=False, donate=True)
+    if progress is not None:
+        progress(f"compiling {config.model} / {config.norm} / {config.dtype}, batch "
+                 f"{config.batch_size}, for {topo.name} ({_count(topo.num_devices, 'device')}) ...")
+    start = time.perf_counter()
+    with mesh_context(device_mesh):
+        args = loop_step_arguments(trainer)
+        try:
+            compiled = trainer.loop_step.lower(*args).compile()
+        except Exception as err:  # noqa: BLE001 - jax's runtime error type is not public
+            text = " ".join(str(err).split())
+            if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+                raise
+            raise DoesNotFitError(
+                f"{config.model} / {config.norm}, batch {config.batch_size}, does not fit "
+                f"{topo.name}: the compiler says: {text.split(': ', 1)[-1]} Use more chips "
+                "(a larger --topology), a smaller --batch-size or more --grad-accum-steps."
+            ) from None
+    seconds = time.perf_counter() - start
+    paths = model_norm_paths(trainer.model, np.zeros((1, *info.image_shape), np.float32))
+    return StepPlan(config=config, topology=topo, mesh=dict(zip(names, shape)),
+                    axis_types=axis_types, analysis=aot.analyze(compiled, topo),
+                    steps_per_epoch=trainer.steps_per_epoch,
+                    total_steps=trainer.total_steps, compile_seconds=seconds,
+                    norm_paths=paths)
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    if s >= 1:
+        return f"{s:.2f} s"
+    return f"{s * 1e3:.3f} ms"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def format_plan(plan: StepPlan, label: str | None = None) -> str:
+    """The plan as text, one figure a line."""
+    d, a = plan.to_dict(), plan.analysis
+    m, chip = a.memory, a.chip
+    c = d["collectives"]
+    head = label or f"{d['model']} / {d['norm']} / {d['dtype']}"
+    per = "device" if plan.topology.num_devices == plan.topology.num_chips else \
+        f"device ({chip.name})"
+    lines = [
+        f"{head}",
+        f"  topology     {plan.topology.name}: {_count(plan.topology.num_chips, 'chip')}, "
+        f"{_count(plan.topology.num_devices, 'device')}; mesh "
+        + " x ".join(f"{k}={v}" for k, v in plan.mesh.items()) + f" ({plan.axis_types})",
+        f"  step         batch {d['batch_size']} ({d['batch_size'] // plan.mesh['data']} per "
+        f"data shard), optimizer {d['optimizer']}",
+        f"  memory/{per}  {format_bytes(m.total)} of {format_bytes(chip.hbm_bytes)} HBM "
+        f"({'fits' if a.fits else 'DOES NOT FIT'}): arguments {format_bytes(m.arguments)}, "
+        f"outputs {format_bytes(m.outputs)}, aliased {format_bytes(m.aliased)}, temporaries "
+        f"{format_bytes(m.temporaries)}, code {format_bytes(m.code)}",
+        f"  collectives  {c['all']['count']} per step: norm statistics in "
+        f"{c['statistics']['count']} ({format_bytes(c['statistics']['bytes'])}), gradients and "
+        f"loss in {c['gradients']['count']} ({format_bytes(c['gradients']['bytes'])})"
+        + (f", {c['combined']['count']} carrying both" if c['combined']['count'] else ""),
+        f"  compute      {a.flops / 1e9:.1f} GFLOP, {format_bytes(a.bytes_accessed)} accessed per "
+        f"device; {a.num_kernels} kernels in the entry computation",
+        f"  roofline     {format_seconds(plan.step_seconds)} per step (compute "
+        f"{format_seconds(a.compute_seconds)}, memory {format_seconds(a.memory_seconds)}; "
+        f"{chip.name}: {chip.peak_bf16_flops / 1e12:g} TFLOP/s, "
+        f"{chip.hbm_bandwidth / 1e9:g} GB/s)",
+        f"  run          {plan.total_steps} steps ({plan.steps_per_epoch} x "
+        f"{d['epochs']} epochs): {format_seconds(plan.run_seconds)} of training at that rate",
+        f"  compiled in  {plan.compile_seconds:.0f} s here",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- paper table
+
+# The table's topologies: a config runs on 8 TPU v5e chips (one v5litepod-8 host) when
+# every batch of it splits over 8, else on one chip.
+TABLE_TOPOLOGIES = ("v5e:2x4", "v5e:1x1")
+# Compile order: the cheaper models first, so a partial table has a row for most configs.
+_MODEL_ORDER = ("simplenet", "mlp", "mlp4", "cnn", "resnet20", "vgg11", "resnet56", "resnet18",
+                "resnet50", "wrn28_10")
+_STEP_FIELDS = ("model", "model_kwargs", "norm", "dtype", "dataset", "batch_size",
+                "grad_accum_steps", "optimizer", "grad_clip_norm", "output_noise_mean",
+                "output_noise_std", "on_divergence", "log_every")
+
+
+def step_key(config: TrainConfig, topology: str, image_shape=None) -> str:
+    """The cache key of ``config``'s compiled step on ``topology``: the fields that change
+    what the step computes (model, norm, dtype, batch, optimizer, ...), not those that only
+    set its constants (learning rates, epochs)."""
+    import hashlib
+    import json
+
+    fields = {k: getattr(config, k) for k in _STEP_FIELDS}
+    fields["grad_clip_norm"] = fields["grad_clip_norm"] is not None
+    fields.update(topology=topology, image_shape=list(image_shape or ()))
+    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def table_topology(configs: Sequence[TrainConfig], topologies=TABLE_TOPOLOGIES) -> str:
+    """The first of ``topologies`` over whose chips every config's batch splits."""
+    for name in topologies:
+        chips = aot.parse_topology(name)[1].split("x")
+        n = math.prod(int(d) for d in chips)
+        if all(c.batch_size % n == 0 for c in configs):
+            return name
+    return topologies[-1]
+
+
+def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_shape=None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """:meth:`StepPlan.to_dict` of ``config``'s step on ``topology``, from
+    ``cache_dir/<step_key>.json`` or compiled and stored there; a config that cannot be
+    planned is stored as ``{"error": message}``."""
+    import json
+    import os
+
+    path = os.path.join(cache_dir, step_key(config, topology, image_shape) + ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    try:
+        record = plan_step(config, topology, image_shape=image_shape,
+                           progress=progress).to_dict()
+    except ValueError as err:
+        record = {"error": str(err), "does_not_fit": isinstance(err, DoesNotFitError)}
+    os.makedirs(cache_dir, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(record, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+    return record
+
+
+def _run_plan(config: TrainConfig, step: dict[str, Any]) -> float | None:
+    """The training seconds of ``config`` at the cached ``step``'s roofline time."""
+    if "error" in step:
+        return None
+    spe = max(train_examples(config) // config.batch_size, 1)
+    return step["step_seconds"] * spe * config.epochs
+
+
+def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOGIES,
+               out: str | None = None, progress: Callable[[str], None] | None = None) -> str:
+    """The paper configs ``names`` at full scale, one row each: the topology, the runs
+    planned, the roofline step time, the training time of all runs and seeds, the peak
+    memory per chip against HBM. Steps compile once each, cached in ``cache_dir``, the
+    cheapest models first and one run of every config before the second of any, so the
+    table can be built over several sittings; with ``out`` it is rewritten after every
+    compile."""
+    from seqnorm_jax.studies.experiment import load_experiment
+
+    exps = [load_experiment(n).resolve("full") for n in names]
+    rows = []
+    for exp in exps:
+        configs = [c for _, c in exp.configs()]
+        rows.append(dict(exp=exp, configs=configs, topology=table_topology(configs, topologies),
+                         steps={}))
+    rank = {m: i for i, m in enumerate(_MODEL_ORDER)}
+
+    def cost(row):
+        return max((rank.get(c.model, len(rank)) for c in row["configs"]), default=0)
+
+    order = sorted(rows, key=cost)
+    longest = max((len(r["configs"]) for r in rows), default=0)
+    text = _table(rows)
+    for i in range(longest):
+        for row in order:
+            if i >= len(row["configs"]):
+                continue
+            c = row["configs"][i]
+            row["steps"][i] = cached_step(c, row["topology"], cache_dir,
+                                          image_shape=row["exp"].image_shape, progress=progress)
+            text = _table(rows)
+            if out is not None:
+                with open(out, "w") as f:
+                    f.write(text)
+    return text
+
+
+def _table(rows) -> str:
+    lines = ["| config | topology | runs planned | step time (roofline) | training time, all "
+             "runs x seeds | peak memory per chip / HBM | fits |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        exp, configs, steps = row["exp"], row["configs"], row["steps"]
+        ok = {i: s for i, s in steps.items() if "error" not in s}
+        too_big = sum(1 for s in steps.values() if s.get("does_not_fit"))
+        errors = len(steps) - len(ok) - too_big
+        planned = f"{len(steps)} of {len(configs)}" + (f" ({errors} refused)" if errors else "")
+        if too_big:
+            planned += f" ({too_big} too large for a chip)"
+        if not configs:
+            lines.append(f"| {exp.name} | - | no fixed runs ({exp.kind}: chosen while it "
+                         "runs) | | | | |")
+            continue
+        if not ok:
+            lines.append(f"| {exp.name} | {row['topology']} | {planned} | | | | |")
+            continue
+        times = [s["step_seconds"] for s in ok.values()]
+        wall = sum(_run_plan(configs[i], s) for i, s in ok.items()) * len(exp.seeds)
+        mem = max(s["memory"]["total"] for s in ok.values())
+        hbm = next(iter(ok.values()))["memory"]["hbm"]
+        fits = all(s["memory"]["fits"] for s in ok.values()) and not too_big
+        span = (format_seconds(min(times)) if len(set(times)) == 1 or len(times) == 1 else
+                f"{format_seconds(min(times))} - {format_seconds(max(times))}")
+        part = "" if len(steps) == len(configs) else " (planned runs only)"
+        lines.append(f"| {exp.name} | {row['topology']} | {planned} | {span} | "
+                     f"{format_seconds(wall)}{part} | {format_bytes(mem)} / {format_bytes(hbm)} | "
+                     f"{'yes' if fits else 'no'} |")
+    return "\n".join(lines) + "\n"
