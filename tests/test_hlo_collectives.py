@@ -53,8 +53,8 @@ def _apply(layer, with_stats):
     return f
 
 
-def _placed(mesh, layer):
-    x = jax.random.normal(jax.random.key(0), SHAPE)
+def _placed(mesh, layer, shape=SHAPE):
+    x = jax.random.normal(jax.random.key(0), shape)
     v = layer.init(jax.random.key(1), x, use_running_average=False)
     return distributed.replicate(v, mesh), distributed.shard_batch(x, mesh)
 
@@ -182,11 +182,11 @@ def test_syncbn_under_jit_against_flax_batchnorm(mesh):
     assert (ours, theirs) == ({AR: 1}, {AR: 1})
 
 
-def train_step_hlo(mesh, layer):
+def train_step_hlo(mesh, layer, shape=SHAPE):
     """Compiled jit of a training step of one layer, batch sharded: forward, backward to
     the input and the parameters, and the updated ``batch_stats``."""
-    v, x = _placed(mesh, layer)
-    w = jax.random.normal(jax.random.key(2), SHAPE)
+    v, x = _placed(mesh, layer, shape)
+    w = jax.random.normal(jax.random.key(2), shape)
 
     def step(v, x):
         def loss(params, x):
@@ -231,3 +231,20 @@ def test_collectives_parser():
     assert elements("(f32[1,8]{1,0}, f32[8]{0})") == 16
     with pytest.raises(ValueError, match="pass a compiled computation"):
         distributed.collectives(42)
+
+
+@pytest.mark.parametrize("make", [
+    snj.BatchNorm, lambda: snj.SeqNorm(channel_groups=2, batch_groups=1),
+    lambda: snj.SeqNorm(channel_groups=2, batch_groups=1, order="ghost_first"),
+    lambda: snj.GNPlus(num_groups=2), lambda: snj.GNPlus(num_groups=2, variant="bn_first"),
+    lambda: snj.BGN(num_groups=2), lambda: snj.HeterologousNorm(std_groups=2)],
+    ids=["batchnorm", "seqnorm", "seqnorm_ghost_first", "gnplus", "gnplus_bn_first", "bgn",
+         "hn"])
+def test_dense_train_step_no_more_collectives_than_flax(mesh, make):
+    """Dense (N, C) inputs take other paths (SeqNorm's and GN+'s two reductions of x):
+    the same bound."""
+    dense = (16, C)
+    theirs = nonzero(distributed.collective_counts(train_step_hlo(mesh, nn.BatchNorm(), dense)))
+    ours = nonzero(distributed.collective_counts(train_step_hlo(mesh, make(), dense)))
+    assert theirs == {AR: 2}
+    assert set(ours) <= {AR} and ours.get(AR, 0) <= theirs[AR], (ours, theirs)
