@@ -310,18 +310,6 @@ def group_moments(x: Array, view: GroupView, *, use_fast_variance: bool = True,
     k, mean, var = view.over_blocks(
         x, red, lambda red, shape, blocked: _moments_over(x, red, sums, shape))
     return lax.stop_gradient(k), Moments(mean, var)
-    # Groups spanning the devices of a sharded batch (jit): each group's blocks within a
-    # device are shifted by their own first value (no communication), and the blocks are
-    # merged from one all-reduce (merge_blocks).
-    lead = 1 if view._member == 0 else 2  # the view's batch axes: (N,) or (G_M, N / G_M)
-    g_m, n = view.batch_groups, view.shape[0]
-    shape = (g_m, blocks, n // (g_m * blocks)) + view.view_shape[lead:]
-    red_b = tuple(2 if i == view._member else i - lead + 3 for i in red)
-    k, mean, var = _moments_over(x, tuple(sorted(red_b)), sums, shape)
-    k, mean, var = merge_blocks(lax.stop_gradient(k), mean, var, None, 1)
-    kept = tuple(1 if i in red else d for i, d in enumerate(view.view_shape))
-    k, mean, var = (a.reshape(kept) for a in (k, mean, var))
-    return lax.stop_gradient(k), Moments(mean, var)
 
 
 def moments_of_affine(x: Array, k: Array, a: Array, b: Array, red: tuple[int, ...],

@@ -3,7 +3,9 @@
 Chan's parallel merge (:func:`merge`), pooling ``(N, C)`` moments over sample
 groups and channel groups (:func:`pool`, :func:`pool_with_target`), and the
 cross-device reductions that make groups span devices (:func:`cross_device_mean`,
-:func:`cross_device_merge`, :func:`running_target`).
+:func:`cross_device_merge`, :func:`running_target`; under ``jax.jit`` with a sharded
+batch, :func:`spanning_blocks` and :func:`merge_blocks`: per-device blocks of each group,
+merged from one all-reduce).
 """
 
 from __future__ import annotations
