@@ -206,3 +206,40 @@ def test_train_step_sharded_equals_one_device(placement, norm):
     chex.assert_trees_all_close(got, want, atol=5e-5, rtol=1e-4)
     params = got[0][0]
     assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree_util.tree_leaves(params))
+
+
+# Groups spanning the devices at |mean| >> std: the blocks of each group are shifted by
+# their own first values and merged around the first block's (stats.merge_blocks), so the
+# one all-reduce keeps the exactness of one device (README, "Numerics").
+LARGE_MEAN_CASES = [
+    ("batch_norm", snj.functional.batch_norm, {}),
+    ("ghost_norm_g2", snj.functional.ghost_norm, {"batch_groups": 2}),
+    ("seq_norm_g1", snj.functional.seq_norm, {"channel_groups": 4, "batch_groups": 1}),
+    ("batch_group_norm", snj.functional.batch_group_norm, {"batch_groups": 2,
+                                                             "channel_groups": 4}),
+    ("bgn_2ch", snj.functional.bgn, {"num_groups": 4}),
+    ("heterologous_norm", snj.functional.heterologous_norm, {"std_groups": 2}),
+    ("gn_plus", snj.functional.gn_plus, {"num_groups": 4}),
+]
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (16, 3, 3, 8)], ids=["dense", "image"])
+@pytest.mark.parametrize("fn,kw", [c[1:] for c in LARGE_MEAN_CASES],
+                         ids=[c[0] for c in LARGE_MEAN_CASES])
+@pytest.mark.parametrize("kind", ["auto", "explicit"])
+def test_sharded_large_mean_within_contract(kind, fn, kw, shape):
+    """float32 at mean 1e4, std 1, batch sharded over 4 devices under jit: within 1e-3 of
+    the same function in float64 on one device, outputs and running-statistics targets."""
+    mesh, _ = make_placement(kind)
+    x32 = (np.random.default_rng(0).normal(size=shape) + 1e4).astype(np.float32)
+    y, st = jax.jit(lambda x: fn(x, return_stats=True, **kw))(
+        distributed.shard_batch(x32, mesh))
+    with jax.enable_x64(True):
+        y64, st64 = fn(jnp.asarray(x32.astype(np.float64)), use_fast_variance=False,
+                       return_stats=True, **kw)
+        y64, st64 = np.asarray(y64), jax.tree.map(np.asarray, st64)
+    assert np.max(np.abs(np.asarray(y, np.float64) - y64)) <= 1e-3
+    # The running mean is a float32 near 1e4 (one rounding: 1e4 * 2^-24 ~ 6e-4); the
+    # variance near 1 is exact to float32 rounding.
+    np.testing.assert_allclose(np.asarray(st.mean, np.float64), st64.mean, rtol=0, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(st.var, np.float64), st64.var, rtol=0, atol=1e-3)

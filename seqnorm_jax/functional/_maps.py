@@ -211,7 +211,7 @@ def two_steps(call: Call, x: Array, view: stats.GroupView,
     st2 = stats.moments_of_affine(x, k, *f1,
                                   view.axes(batch=not first_over_batch,
                                             channels=first_over_batch),
-                                  call.use_fast_variance, view.view_shape)
+                                  call.use_fast_variance, view=view)
     return k, f1, st1, st2
 
 

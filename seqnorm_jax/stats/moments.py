@@ -234,6 +234,7 @@ class GroupView:
             members.append(self.channel_axis + 1)
         self.reduce = tuple(sorted(members + spatial))
         self._member, self._spatial = member, spatial
+        self.batch_groups, self.grouping = (g_m if self.pool_batch else None), grouping
 
     def axes(self, *, batch: bool, channels: bool) -> tuple[int, ...]:
         """The view's axes to reduce for statistics over the spatial axes and, when asked,
@@ -244,6 +245,36 @@ class GroupView:
         if channels and self.channel_width == 2:
             red.append(self.channel_axis + 1)
         return tuple(sorted(red))
+
+    def over_blocks(self, x: Array, red: tuple[int, ...], moments) -> tuple[Array, Array, Array]:
+        """``moments(red, shape, blocked)`` -> ``(k, mean relative to k, var)`` over the axes
+        ``red`` of ``x.reshape(shape)``, with each sample group cut into the blocks that lie
+        within one device's shard when it spans several devices of a batch sharded under
+        ``jax.jit`` (:func:`~seqnorm_jax.stats.pooling.spanning_blocks`): each block is
+        shifted by its own values (no communication) and the blocks are merged from one
+        all-reduce (:func:`~seqnorm_jax.stats.pooling.merge_blocks`). ``blocked(a)``
+        reshapes an array that broadcasts against the view to broadcast against
+        ``shape``. Without blocks, ``moments(red, self.view_shape, identity)``."""
+        from seqnorm_jax.stats.pooling import merge_blocks, spanning_blocks  # imports us
+
+        blocks = 1
+        if self.batch_groups is not None and self._member in red:
+            blocks = spanning_blocks(x, self.batch_groups, self.grouping)
+        if blocks == 1:
+            return moments(red, self.view_shape, lambda a: a)
+        lead = 1 if self._member == 0 else 2  # the view's batch axes: (N,) or (G_M, N/G_M)
+        g_m, n = self.batch_groups, self.shape[0]
+        batch = (g_m, blocks, n // (g_m * blocks))
+
+        def blocked(a: Array) -> Array:
+            full = a.shape[:lead] == self.view_shape[:lead]
+            return a.reshape((batch if full else (a.shape[0], 1, 1)) + a.shape[lead:])
+
+        shape = batch + self.view_shape[lead:]
+        red_b = tuple(sorted(2 if i == self._member else i - lead + 3 for i in red))
+        k, mean, var = merge_blocks(*moments(red_b, shape, blocked), None, 1)
+        kept = tuple(1 if i in red else d for i, d in enumerate(self.view_shape))
+        return tuple(a.reshape(kept) for a in (k, mean, var))
 
     def view(self, a: Array) -> Array:
         return a.reshape(self.view_shape)
@@ -275,28 +306,38 @@ def group_moments(x: Array, view: GroupView, *, use_fast_variance: bool = True,
     ``axes`` (from :meth:`GroupView.axes`) picks a finer granularity than the view's.
     """
     red = view.reduce if axes is None else axes
-    k, mean, var = _moments_over(x, red, _sums(use_fast_variance), view.view_shape)
+    sums = _sums(use_fast_variance)
+    k, mean, var = view.over_blocks(
+        x, red, lambda red, shape, blocked: _moments_over(x, red, sums, shape))
     return lax.stop_gradient(k), Moments(mean, var)
 
 
 def moments_of_affine(x: Array, k: Array, a: Array, b: Array, red: tuple[int, ...],
                       use_fast_variance: bool = True,
-                      shape: tuple[int, ...] | None = None) -> Moments:
-    """Moments over ``red`` of ``z = (x - k) * a + b`` (on ``x.reshape(shape)``), an already
-    normalized (order-1) map of ``x``, without keeping ``z``: checkpointed, so the backward
-    pass recomputes it from ``x`` (the second step of SeqNorm and GN+ on dense inputs)."""
-    return _moments_of_affine(x, k, a, b, red, _sums(use_fast_variance), shape)
+                      shape: tuple[int, ...] | None = None, *,
+                      view: GroupView | None = None) -> Moments:
+    """Moments over ``red`` of ``z = (x - k) * a + b`` (on ``x.reshape(shape)``, or on
+    ``view``'s view of ``x``, whose sample groups may then span devices: see
+    :meth:`GroupView.over_blocks`), an already normalized (order-1) map of ``x``, without
+    keeping ``z``: checkpointed, so the backward pass recomputes it from ``x`` (the second
+    step of SeqNorm and GN+ on dense inputs)."""
+    sums = _sums(use_fast_variance)
+    if view is None:
+        kz, s1, var = _moments_of_affine(x, k, a, b, red, sums, shape)
+    else:
+        kz, s1, var = view.over_blocks(x, red, lambda red, shape, blocked: _moments_of_affine(
+            x, *(blocked(v) for v in (k, a, b)), red, sums, shape))
+    return Moments(kz + s1, var)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(4, 5, 6))
 def _moments_of_affine(x: Array, k: Array, a: Array, b: Array, red: tuple[int, ...], sums: str,
-                       shape: tuple[int, ...] | None) -> Moments:
+                       shape: tuple[int, ...] | None) -> tuple[Array, Array, Array]:
     xv = x if shape is None else x.reshape(shape)
     z = (xv.astype(a.dtype) - k) * a + b
     # Shifted like _moments_over's sums, for the same reason: a group of z whose spread is
     # much smaller than its mean (two close channels).
-    kz, s1, var = _moments_of(z, red, sums)
-    return Moments(kz + s1, var)
+    return _moments_of(z, red, sums)
 
 
 def sample_moments(x: Array, *, axis: int = -1, use_fast_variance: bool = True,

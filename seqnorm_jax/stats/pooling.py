@@ -3,17 +3,21 @@
 Chan's parallel merge (:func:`merge`), pooling ``(N, C)`` moments over sample
 groups and channel groups (:func:`pool`, :func:`pool_with_target`), and the
 cross-device reductions that make groups span devices (:func:`cross_device_mean`,
-:func:`cross_device_merge`, :func:`running_target`).
+:func:`cross_device_merge`, :func:`running_target`; under ``jax.jit`` with a sharded
+batch, :func:`spanning_blocks` and :func:`merge_blocks`: per-device blocks of each group,
+merged from one all-reduce).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType
 
 from seqnorm_jax import checks
 from seqnorm_jax.checks import divisors
@@ -225,9 +229,23 @@ def _pool(m, batch_groups, channel_groups, grouping, center, axis_name, axis_ind
             target = Moments(*(_channels(jnp.mean(a, axis=0)[:, None], c)
                                for a in (ref + delta, var)))
         return pooled, target
-    view = lambda a: None if a is None else _group_view(a, g_m, g_c, grouping)
-    ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (1, 3), weight=view(weight),
-                             center=view(center), offset=view(offset))
+    blocks = spanning_blocks(m.mean, g_m, grouping)
+    if blocks > 1:
+        # Groups that span the devices of a sharded batch (jit): Chan's merge within each
+        # block of a device, then of the blocks, from one all-reduce (merge_blocks).
+        view = lambda a: None if a is None else a.reshape(
+            g_m, blocks, n // (g_m * blocks), g_c, c // g_c)
+        w = view(weight)
+        ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (2, 4), weight=w,
+                                 center=view(center), offset=view(offset))
+        count = None if w is None else jnp.sum(w, axis=(2, 4), keepdims=True)
+        ref, delta, var = (a[:, 0] for a in merge_blocks(ref, delta, var, count, 1,
+                                                         centered=center is not None))
+    else:
+        view = lambda a: None if a is None else _group_view(a, g_m, g_c, grouping)
+        ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (1, 3),
+                                 weight=view(weight), center=view(center),
+                                 offset=view(offset))
     un = lambda a: _ungroup(a, n, c, grouping)
     pooled = Moments(_relative(un(ref), un(delta), relative_to), un(var))
     target = None
@@ -298,14 +316,71 @@ def _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center=No
     gathered = _gather(jnp.stack([ref, delta, var, count]), axis_name,
                        members)  # (n_dev, 4, G_C)
     gathered = gathered.reshape(g_m, n_dev // g_m, 4, g_c)
-    # Each shard's mean relative to the first shard's reference of its group.
-    ref0 = gathered[:, :1, 0]
-    rel = (gathered[:, :, 0] - ref0) + gathered[:, :, 1]
-    # With a center, each shard's variance is already taken around it: average the
-    # variances without a between-shard term (center each shard on its own mean).
-    r, d, v = _merge(Moments(rel, gathered[:, :, 2]), 1, weight=gathered[:, :, 3],
-                     center=None if center is None else rel)
-    return ref0[:, 0], (r + d)[:, 0], v[:, 0]
+    ref, delta, var = _merge_gathered(*(gathered[:, :, i] for i in range(4)), 1,
+                                      centered=center is not None)
+    return ref[:, 0], delta[:, 0], var[:, 0]
+
+
+def _merge_gathered(ref, delta, var, count, axis: int, *, centered: bool = False):
+    """Chan's merge along ``axis`` of the ``(ref, delta, var)`` of blocks (shards) of the
+    same groups, every block already on this device; ``count`` weighs them (None: equal).
+    Each block's mean ``ref + delta`` is taken relative to the first block's ``ref``, so
+    the merge subtracts no two large values: returns ``(first ref, pooled mean relative
+    to it, pooled var)``, dims kept. ``centered``: each block's variance is already taken
+    around a common center, so no between-block term is added."""
+    ref0 = lax.index_in_dim(ref, 0, axis, keepdims=True)
+    rel = (ref - ref0) + delta
+    r, d, v = _merge(Moments(rel, var), axis, weight=count, center=rel if centered else None)
+    return ref0, r + d, v
+
+
+def spanning_blocks(a: Array, groups: int, grouping: str = "contiguous") -> int:
+    """Blocks per group when ``groups`` contiguous groups of the batch of ``a`` (traced under
+    ``jax.jit``) may span the devices it is split over: 1 when every group lies within a
+    device's shard (or ``a`` is not on a mesh), else the blocks of each group that lie
+    within one, ``lcm(groups, devices) / groups``.
+
+    The devices are those of the mesh axes in ``a``'s type that are not ``Manual`` (the
+    batch may be split over any of them on ``Auto`` axes): blocks at least as fine as the
+    shards. Strided groups, and a batch the blocks do not divide, keep 1.
+    """
+    try:
+        mesh = jax.typeof(a).sharding.mesh
+    except (AttributeError, TypeError):
+        return 1
+    if mesh is None or getattr(mesh, "empty", True):
+        return 1
+    devices = math.prod(size for size, kind in zip(mesh.axis_sizes, mesh.axis_types)
+                        if kind != AxisType.Manual)
+    if devices <= 1 or groups % devices == 0 or grouping != "contiguous":
+        return 1
+    total = math.lcm(groups, devices)
+    return total // groups if a.shape[0] % total == 0 else 1
+
+
+def merge_blocks(ref: Array, delta: Array, var: Array, count: Array | None, axis: int, *,
+                 centered: bool = False) -> tuple[Array, Array, Array]:
+    """Chan's merge along ``axis`` of per-block statistics ``(ref, delta, var)`` (the block's
+    mean is ``ref + delta``; ``count`` its weight, None: equal) whose blocks lie on
+    different devices of a batch sharded under ``jax.jit``: one all-reduce.
+
+    Every block's statistics are stacked, each device fills the slots of its own blocks
+    of a zero array and XLA sums it over the blocks' devices (adding zeros is exact), so
+    every device then holds all blocks and merges them around the first block's ``ref``
+    (:func:`_merge_gathered`): no value is fetched from another device before the sums,
+    and nothing cancels when ``|mean| >> std``. Returns ``(ref, delta, var)`` of the
+    merged blocks, dims kept.
+    """
+    parts = [ref, delta, var] + ([] if count is None else [jnp.broadcast_to(count, var.shape)])
+    stacked = jnp.stack(jnp.broadcast_arrays(*parts))
+    b, axis = stacked.shape[axis + 1], axis + 1
+    # out[.., j, ..] = sum_i [i == j] stacked[.., i, ..]: a reduction over the sharded block
+    # axis, which XLA partitions as one all-reduce of the (blocks, ...) stack.
+    eye = jnp.eye(b, dtype=stacked.dtype).reshape(
+        (1,) * axis + (b, b) + (1,) * (stacked.ndim - axis - 1))
+    gathered = jnp.sum(eye * jnp.expand_dims(stacked, axis + 1), axis=axis)
+    return _merge_gathered(*gathered[:3], None if count is None else gathered[3], axis - 1,
+                           centered=centered)
 
 
 def _device_group(axis_name: str, axis_index_groups: Any) -> tuple[int, Array, Array | None]:
