@@ -89,7 +89,10 @@ class Checkpointer:
             raise RunFileError(self.directory, "is a file, not a checkpoint folder")
         self.manager = self._guard(lambda: ocp.CheckpointManager(
             self.path,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            # cleanup: a step folder left half-written by a killed run
+            # (``N.orbax-checkpoint-tmp``) is deleted when the next run opens the folder
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 cleanup_tmp_directories=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "position": ocp.JsonCheckpointHandler()}))
         self._failed = False

@@ -49,10 +49,12 @@ def check_out_dir(directory: str | os.PathLike, flag: str = "out_dir", *,
     writable folder.
 
     Raises:
-      ValueError: ``directory`` (or one of its parents) is a file, or it cannot be
-        created or written; the message names ``flag``, the path and the cause.
+      ValueError: ``directory`` is empty, or it (or one of its parents) is a file, or it
+        cannot be created or written; the message names ``flag``, the path and the cause.
     """
     shown = os.fspath(directory)
+    if not shown.strip():
+        raise ValueError(f"{flag} is empty ({shown!r}); give a folder path, e.g. runs/my_run.")
     if not is_local(shown):  # a URL (gs://...): nothing to check before writing
         remote = run_path(shown)
         if remote.exists() and not remote.is_dir():
