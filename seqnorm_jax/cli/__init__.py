@@ -8,10 +8,11 @@ given override it. ``python -m seqnorm_jax`` is the same command.
 
 Exit status: 0 done; 2 an ``error:`` message on stderr -- invalid flags, configurations
 or norm specs (checked before any training), a missing dataset, a run folder in use by
-another run, a resume whose config differs, or a file that cannot be written
-(``error: <path>: <cause>``; the last checkpoint written stays usable); 3 a training run
-diverged (``diverged at step N (loss nan)`` on stderr; the last finite state is
-checkpointed); 75 preempted: SIGTERM or SIGINT stopped ``train``, ``compare``, ``tune`` or
+another run or holding an earlier run (without ``--resume`` or ``--overwrite``), a resume
+whose config differs, or a file that cannot be written (``error: <path>: <cause>``; the
+last checkpoint written stays usable); 3 a training run diverged (``diverged at step N
+(loss nan)`` on stderr; the last finite state is checkpointed), or every candidate of a
+``tune`` stage diverged; 75 preempted: SIGTERM or SIGINT stopped ``train``, ``compare``, ``tune`` or
 ``experiment`` after the step in flight with its state checkpointed (``preempted at step
 N; resume with --resume``), a second signal ends the process at once with 128 + the
 signal's number (143, 130); 130 interrupted (Ctrl-C in another command).

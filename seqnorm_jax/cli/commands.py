@@ -86,7 +86,10 @@ def _claim_out(args):
     from seqnorm_jax.train.run_files import claim_run_folder
 
     stack = contextlib.ExitStack()
+    created = not os.path.exists(args.out)
     stack.enter_context(run_lock(args.out, "out_dir (--out)"))
+    if created:  # a run refused before it wrote anything leaves no folder behind
+        stack.callback(_remove_if_unused, args.out)
     try:
         claim_run_folder(args.out, "out_dir (--out)", resume=args.resume,
                          overwrite=args.overwrite)
@@ -94,6 +97,17 @@ def _claim_out(args):
         stack.close()
         raise
     return stack
+
+
+def _remove_if_unused(folder: str) -> None:
+    from seqnorm_jax.train.lock import LOCK_NAME
+
+    try:
+        if os.listdir(folder) == [LOCK_NAME]:
+            os.remove(os.path.join(folder, LOCK_NAME))
+            os.rmdir(folder)
+    except OSError:
+        pass  # only tidying: the error that ended the run is the one to report
 
 
 def train(args) -> int:

@@ -45,9 +45,11 @@ examples:
 exit status:
   0    done
   2    an error line on stderr: invalid flags, configurations or norm specs (checked
-       before any training), a missing dataset, a run folder in use, a resume whose
-       config differs, or a file that cannot be written
-  3    a training run diverged (the last finite state is checkpointed)
+       before any training), a missing dataset, a run folder in use or holding an
+       earlier run (without --resume or --overwrite), a resume whose config differs,
+       or a file that cannot be written
+  3    a training run diverged (the last finite state is checkpointed), or every
+       candidate of a tune stage diverged
   75   preempted: SIGTERM or SIGINT stopped train/compare/tune/experiment after the
        step in flight, its state checkpointed ("preempted at step N; resume with
        --resume"); a second signal exits at once (143 SIGTERM, 130 SIGINT)

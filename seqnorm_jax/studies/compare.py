@@ -33,7 +33,7 @@ __all__ = ["DEFAULT_NORMS", "LABELS", "RESULT_FILES", "CompareResult", "compare"
 
 # The layers of the default comparison, by short label.
 DEFAULT_NORMS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+")
-# What a comparison writes into its folder: a folder holding any of these holds one.
+# What a comparison writes into its folder (its runs first: a folder holding runs/ holds one).
 RESULT_FILES = ("runs", "results.json", "results.csv", "results.md", "curves.png")
 # Every short label default_norm_specs knows (others are taken as norm specs).
 LABELS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+", "bgn", "fourthings", "noisybn")
@@ -215,7 +215,7 @@ def compare(base: TrainConfig, *, norms: Sequence[str | NormSpec] = DEFAULT_NORM
     base = base.replace(seed=seeds[0])
     with run_lock(out_dir, "out_dir (--out)"):
         claim_run_folder(out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite,
-                         files=RESULT_FILES)
+                         files=RESULT_FILES, marks=RESULT_FILES[:1])
         t0 = time.perf_counter()
         sources = SourceCache(seeds[0])
         train_src, eval_src = sources(base)

@@ -328,13 +328,13 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str | None = None
             raise ValueError("replot trains nothing: drop --resume/--overwrite.")
         return _replot(exp, out_dir, command)
     from seqnorm_jax.studies.compare import RESULT_FILES
-    from seqnorm_jax.studies.tune import TUNE_FILES
+    from seqnorm_jax.studies.tune import TUNE_FILES, TUNE_STAGES
     from seqnorm_jax.train.lock import run_lock
     from seqnorm_jax.train.run_files import claim_run_folder
 
     with run_lock(out_dir, "out_dir (--out)"):
         claim_run_folder(out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite,
-                         files=RESULT_FILES + TUNE_FILES)
+                         files=RESULT_FILES + TUNE_FILES, marks=RESULT_FILES[:1] + TUNE_STAGES)
         t0 = time.perf_counter()
         kind = KINDS[exp.kind]
         if kind.run is not None:

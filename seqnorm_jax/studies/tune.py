@@ -47,11 +47,11 @@ from seqnorm_jax.train.config import TrainConfig
 from seqnorm_jax.train.lock import run_lock
 from seqnorm_jax.train.run_files import claim_run_folder
 
-__all__ = ["TUNE_FILES", "AllDivergedError", "sequential_tune"]
+__all__ = ["TUNE_FILES", "TUNE_STAGES", "AllDivergedError", "sequential_tune"]
 
-# What a tuning writes into its folder: a folder holding any of these holds one.
-TUNE_FILES = tuple(sub for _, sub, _ in STAGES) + ("tune.json", "tune.csv", "tune.md",
-                                                   "tune.png")
+# What a tuning writes into its folder (its stages first: a folder holding one holds a tuning).
+TUNE_STAGES = tuple(sub for _, sub, _ in STAGES)
+TUNE_FILES = TUNE_STAGES + ("tune.json", "tune.csv", "tune.md", "tune.png")
 
 
 class AllDivergedError(ValueError):
@@ -64,7 +64,7 @@ def _check_evaluated(rows: list[dict[str, Any]], param: str, compare_dir: str) -
         return
     tried = [r["spec"] for r in rows if r["status"] == "diverged"]
     raise AllDivergedError(
-        f"tune: every {param} candidate diverged (non-finite training loss in every seed): "
+        f"every {param} candidate diverged (non-finite training loss in every seed): "
         f"{', '.join(tried)}; lower --lr, or add --grad-clip-norm or warm-up (their runs "
         f"are in {compare_dir}).")
 
@@ -219,7 +219,7 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
                            "examples; or change batch_size")
     with run_lock(out_dir, "out_dir (--out)"):  # before the data is read
         claim_run_folder(out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite,
-                         files=TUNE_FILES)
+                         files=TUNE_FILES, marks=TUNE_STAGES)
         return _tune(base, ghost, seq, g_kept, g_skipped, channel_groups, seeds, tolerance,
                      metric, maximize, out_dir, progress, resume)
 

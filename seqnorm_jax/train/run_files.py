@@ -52,15 +52,17 @@ def write_config(out_dir: str | os.PathLike, config: TrainConfig) -> None:
 
 
 def claim_run_folder(directory: str | os.PathLike, flag: str = "out_dir", *, resume: bool,
-                     overwrite: bool, files: Iterable[str] = RUN_FILES) -> list[str]:
+                     overwrite: bool, files: Iterable[str] = RUN_FILES,
+                     marks: Iterable[str] | None = None) -> list[str]:
     """Make ``directory`` ready for a new run: refuse it if it holds an earlier one.
 
-    A folder holding any of ``files`` is used. A used folder is refused unless ``resume``
-    (the run continues it) or ``overwrite`` (those files are deleted first; nothing else
-    in the folder is touched). Call it with the folder's lock held.
+    A folder holding any of ``marks`` (default: ``files``) is used. A used folder is
+    refused unless ``resume`` (the run continues it) or ``overwrite`` (``files`` are
+    deleted first; nothing else in the folder is touched). Call it with the folder's
+    lock held.
 
     Returns:
-      The names of ``files`` present (before ``overwrite`` deleted them).
+      The names of ``marks`` present.
 
     Raises:
       RunFolderUsedError: a used folder without ``resume`` or ``overwrite`` (the message
@@ -71,7 +73,8 @@ def claim_run_folder(directory: str | os.PathLike, flag: str = "out_dir", *, res
         raise ValueError(f"{flag}: --resume continues the run in the folder and --overwrite "
                          "deletes it; give one of them.")
     folder = run_path(directory)
-    present = [name for name in files if (folder / name).exists()]
+    files = tuple(files)
+    present = [name for name in (files if marks is None else marks) if (folder / name).exists()]
     if not present or resume:
         return present
     if not overwrite:
@@ -79,8 +82,9 @@ def claim_run_folder(directory: str | os.PathLike, flag: str = "out_dir", *, res
             f"{flag} {os.fspath(directory)!r} holds an earlier run ({', '.join(present)}); "
             "continue it with --resume, replace it with --overwrite, or choose another "
             "folder.")
-    for name in present:
-        path = folder / name
+    for path in (folder / name for name in files):
+        if not path.exists():
+            continue
         try:
             path.rmtree() if path.is_dir() else path.unlink()
         except OSError as e:
