@@ -26,23 +26,12 @@ import pytest
 
 from seqnorm_jax.cli import DIVERGED, PREEMPTED, main
 from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer, read_jsonl
+from test_faults import STEPS_PER_EPOCH, TINY, run, tiny
 
-TINY = ["--dataset", "digits", "--model", "mlp", "--model-kwargs", "features=16,",
-        "--batch-size", "32", "--eval-batch-size", "512", "--no-progress"]
 RUN = [*TINY, "--epochs", "2", "--checkpoint-every", "10", "--log-every", "10"]
-STEPS_PER_EPOCH = 45
 WORKER = os.path.join(os.path.dirname(__file__), "run_worker.py")
 # the workers compute as this process does: its 4 CPU devices and XLA flags (conftest.py)
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(jax.device_count())}
-
-
-def run(capsys, argv):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse-level errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def deterministic(rows):
@@ -254,13 +243,6 @@ class InfStatsAfter(nn.Module):
         return logits
 
 
-def _tiny(**changes):
-    base = dict(model="mlp", model_kwargs={"features": [16]}, norm="bn", dataset="digits",
-                epochs=1, batch_size=32, eval_batch_size=512, lr=0.1, log_every=10,
-                progress=False, seed=1)
-    return TrainConfig(**{**base, **changes})
-
-
 class OverflowingUpdate(nn.Module):
     """An MLP with a parameter ``w`` that does not change the output (``w*c - sg(w*c)`` is
     0) but gets a gradient of about ``c``; at lr 1e21 its first update overflows float32
@@ -279,9 +261,9 @@ class OverflowingUpdate(nn.Module):
 def test_the_kept_state_is_finite_leaf_by_leaf(case, tmp_path):
     out = tmp_path / "run"
     if case == "running statistics":  # the loss stays finite; var becomes inf at step 5
-        model, cfg, want = InfStatsAfter(k=5), _tiny(checkpoint_every=2), 5
+        model, cfg, want = InfStatsAfter(k=5), tiny(checkpoint_every=2), 5
     else:  # finite loss and gradient; the update overflows float32 at the first step
-        model, cfg, want = OverflowingUpdate(), _tiny(lr=1e21, momentum=0.0), 1
+        model, cfg, want = OverflowingUpdate(), tiny(lr=1e21, momentum=0.0), 1
     trainer = Trainer(cfg, out_dir=out, model=model)
     result = trainer.fit()
     assert result.diverged is not None and result.diverged["step"] == want
@@ -333,7 +315,7 @@ def test_metrics_file_deleted_mid_run_is_rewritten_whole(tmp_path):
             os.remove(out / "metrics.jsonl")
             os.remove(out / "metrics.csv")
 
-    result = Trainer(_tiny(epochs=2, log_every=5), out_dir=out, step_hooks=[delete]).fit()
+    result = Trainer(tiny(epochs=2, log_every=5), out_dir=out, step_hooks=[delete]).fit()
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if r["kind"] == "train"][:3] == [5, 10, 15]
     assert [r for r in rows if r["kind"] == "train"] == result.train_rows

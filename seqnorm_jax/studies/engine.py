@@ -245,35 +245,37 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
     jobs = [(setting, int(seed)) for setting in settings for seed in seeds]
     outer = tqdm(jobs, desc=desc, disable=not progress, unit="run", dynamic_ncols=True)
     records = []
-    for setting, seed in outer:
-        where = f"{setting.label} seed {seed}"
-        preempt.raise_if_requested(None, where)
-        outer.set_postfix(run=setting.label, seed=seed, refresh=True)
-        folder = run_dir(setting, seed)
-        kept = _kept_record(folder, setting.config.replace(seed=seed)) if resume else None
-        if kept is not None:
-            records.append(kept)
+    with preempt.stop_on_signals():  # also between the runs
+        for setting, seed in outer:
+            where = f"{setting.label} seed {seed}"
+            preempt.raise_if_requested(None, where)
+            outer.set_postfix(run=setting.label, seed=seed, refresh=True)
+            folder = run_dir(setting, seed)
+            kept = _kept_record(folder, setting.config.replace(seed=seed)) if resume else None
+            if kept is not None:
+                records.append(kept)
+                if progress:
+                    outer.write(f"{run_line(kept, split)} (kept)")
+                continue
+            trainer = (first.pop(setting.label) if seed == seeds[0] and setting.label in first
+                       else make(setting, seed))
+            run_hooks = hooks(trainer)
+            trainer.step_hooks.extend(run_hooks)
+            stopped = (resume and not run_hooks
+                       and os.path.isdir(os.path.join(folder, "checkpoints")))
+            try:
+                result = trainer.fit(resume=stopped, overwrite=resume and not stopped)
+            except preempt.Preempted as e:
+                e.where = where
+                raise
+            record = run_record(result, label=setting.label, spec=trainer.config.norm,
+                                **setting.fields, seed=seed)
+            if result.diverged is None:
+                record.update(analyse(trainer, result.state, run_hooks))
+            if is_writer():
+                write_json(os.path.join(folder, RECORD_NAME), record, compact=True)
+            records.append(record)
             if progress:
-                outer.write(f"{run_line(kept, split)} (kept)")
-            continue
-        trainer = (first.pop(setting.label) if seed == seeds[0] and setting.label in first
-                   else make(setting, seed))
-        run_hooks = hooks(trainer)
-        trainer.step_hooks.extend(run_hooks)
-        stopped = resume and not run_hooks and os.path.isdir(os.path.join(folder, "checkpoints"))
-        try:
-            result = trainer.fit(resume=stopped, overwrite=resume and not stopped)
-        except preempt.Preempted as e:
-            e.where = where
-            raise
-        record = run_record(result, label=setting.label, spec=trainer.config.norm,
-                            **setting.fields, seed=seed)
-        if result.diverged is None:
-            record.update(analyse(trainer, result.state, run_hooks))
-        if is_writer():
-            write_json(os.path.join(folder, RECORD_NAME), record, compact=True)
-        records.append(record)
-        if progress:
-            outer.write(run_line(record, split))
+                outer.write(run_line(record, split))
     outer.close()
     return records
