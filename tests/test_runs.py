@@ -26,6 +26,7 @@ import pytest
 
 from seqnorm_jax.cli import DIVERGED, PREEMPTED, main
 from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer, read_jsonl
+from test_experiments import _write
 from test_faults import STEPS_PER_EPOCH, TINY, run, tiny
 
 RUN = [*TINY, "--epochs", "2", "--checkpoint-every", "10", "--log-every", "10"]
@@ -58,6 +59,12 @@ def assert_same_state(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+def result_runs(folder):
+    """The runs of a study's ``results.json``, without their timings."""
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    return [{k: v for k, v in r.items() if k != "epoch_time"} for r in runs]
+
+
 def no_orbax_tmp(out):
     return [os.path.join(d, n) for d, dirs, files in os.walk(out) for n in dirs + files
             if "orbax-checkpoint-tmp" in n]
@@ -72,10 +79,12 @@ class Worker:
                                      stderr=subprocess.PIPE, text=True, env=ENV)
 
     def wait_for(self, line):
-        got = self.proc.stdout.readline().strip()
-        if got != line:
-            _, err = self.proc.communicate(timeout=120)
-            pytest.fail(f"worker said {got!r}, not {line!r}; stderr:\n{err}")
+        """Read the worker's stdout up to ``line`` (other output, e.g. progress, is skipped)."""
+        for got in self.proc.stdout:
+            if got.strip() == line:
+                return
+        _, err = self.proc.communicate(timeout=120)
+        pytest.fail(f"the worker ended without saying {line!r}; stderr:\n{err}")
 
     def signal(self, sig):
         self.proc.send_signal(sig)
@@ -169,12 +178,7 @@ def test_compare_stopped_mid_run_resumes_where_it_stopped(tmp_path, capsys, monk
     code, _, err = run(capsys, [*argv, "--out", str(out), "--resume"])
     assert code == 0, err
     assert fits == [("gn:num_groups=4 seed 0", True)]
-    got = json.loads((out / "results.json").read_text())
-    want = json.loads((ref / "results.json").read_text())
-    for a, b in zip(got["runs"], want["runs"], strict=True):
-        a, b = dict(a), dict(b)
-        a.pop("epoch_time"), b.pop("epoch_time")
-        assert a == b
+    assert result_runs(out) == result_runs(ref)
     # rerun with --resume again: nothing is trained; results unchanged
     fits.clear()
     code, _, err = run(capsys, [*argv, "--out", str(out), "--resume"])
@@ -184,6 +188,23 @@ def test_compare_stopped_mid_run_resumes_where_it_stopped(tmp_path, capsys, monk
                                 "--overwrite"])
     assert code == 0, err
     assert sorted(os.listdir(out / "runs")) == ["bn_seed0"]
+
+
+def test_experiment_stopped_mid_run_resumes_where_it_stopped(tmp_path, capsys):
+    config = str(_write(tmp_path, cpu={"base": {"epochs": 1}, "seeds": [0]}))
+    argv = ["experiment", config, "--scale", "cpu"]
+    ref, out = tmp_path / "ref", tmp_path / "exp"
+    code, _, err = run(capsys, [*argv, "--out", str(ref)])
+    assert code == 0, err
+    worker = Worker("run:2:20", [*argv, "--out", str(out)])
+    worker.wait_for("ready")
+    worker.signal(signal.SIGINT)
+    code, _, err = worker.finish()
+    assert code == PREEMPTED, err
+    assert "preempted at step 21 (run ghost 2 seed 0); resume with --resume" in err, err
+    code, _, err = run(capsys, [*argv, "--out", str(out), "--resume"])
+    assert code == 0, err
+    assert result_runs(out) == result_runs(ref)
 
 
 # ---------------------------------------------------------------- 2. used folders

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -76,38 +77,18 @@ def _json_number(v: Any) -> Any:
     return v if not isinstance(v, float) or v == v and abs(v) != float("inf") else str(v)
 
 
-def _claim_out(args):
-    """Lock ``--out`` and refuse a folder holding an earlier run unless ``--resume`` or
-    ``--overwrite`` (which clears it): the first thing a run does, before any data load
-    or compilation. Returns the lock's context manager, to hold for the whole command."""
-    import contextlib
-
+@contextlib.contextmanager
+def _claimed_out(args):
+    """Hold ``--out``'s lock; refuse a folder holding an earlier run unless ``--resume`` or
+    ``--overwrite`` (which clears it). The first thing a run does, before any data load
+    or compilation."""
     from seqnorm_jax.train.lock import run_lock
     from seqnorm_jax.train.run_files import claim_run_folder
 
-    stack = contextlib.ExitStack()
-    created = not os.path.exists(args.out)
-    stack.enter_context(run_lock(args.out, "out_dir (--out)"))
-    if created:  # a run refused before it wrote anything leaves no folder behind
-        stack.callback(_remove_if_unused, args.out)
-    try:
+    with run_lock(args.out, "out_dir (--out)"):
         claim_run_folder(args.out, "out_dir (--out)", resume=args.resume,
                          overwrite=args.overwrite)
-    except BaseException:
-        stack.close()
-        raise
-    return stack
-
-
-def _remove_if_unused(folder: str) -> None:
-    from seqnorm_jax.train.lock import LOCK_NAME
-
-    try:
-        if os.listdir(folder) == [LOCK_NAME]:
-            os.remove(os.path.join(folder, LOCK_NAME))
-            os.rmdir(folder)
-    except OSError:
-        pass  # only tidying: the error that ended the run is the one to report
+        yield
 
 
 def train(args) -> int:
@@ -118,7 +99,7 @@ def train(args) -> int:
     allow = [f.strip() for f in args.allow_change.split(",") if f.strip()]
     if allow and not args.resume:
         raise ValueError("--allow-change applies to --resume only; add --resume or drop it.")
-    with _claim_out(args):
+    with _claimed_out(args):
         trainer = Trainer(config, out_dir=args.out, mesh=_mesh(args.mesh))  # checks everything
         result = trainer.fit(resume=args.resume, allow_changes=allow)
     last = result.eval_rows[-1] if result.eval_rows else {}
