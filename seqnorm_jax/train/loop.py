@@ -332,7 +332,9 @@ class Trainer:
                 run.loop(epoch, step_in_epoch)
         except Preempted:
             # the checkpoint of the stop must be committed: its write errors are the result
-            (run.checkpointer if run is not None else checkpointer).close()
+            checkpointer = run.checkpointer if run is not None else checkpointer
+            if checkpointer is not None:
+                checkpointer.close()
             raise
         except BaseException:
             checkpointer = run.checkpointer if run is not None else checkpointer
