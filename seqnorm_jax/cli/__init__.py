@@ -8,10 +8,15 @@ given override it. ``python -m seqnorm_jax`` is the same command.
 
 Exit status: 0 done; 2 an ``error:`` message on stderr -- invalid flags, configurations
 or norm specs (checked before any training), a missing dataset, a run folder in use by
-another run, a resume whose config differs, or a file that cannot be written
-(``error: <path>: <cause>``; the last checkpoint written stays usable); 3 a training run
-diverged (``diverged at step N (loss nan)`` on stderr; the last finite state is
-checkpointed); 130 interrupted. ``--traceback`` shows the Python traceback instead.
+another run or holding an earlier run (without ``--resume`` or ``--overwrite``), a resume
+whose config differs, or a file that cannot be written (``error: <path>: <cause>``; the
+last checkpoint written stays usable); 3 a training run diverged (``diverged at step N
+(loss nan)`` on stderr; the last finite state is checkpointed), or every candidate of a
+``tune`` stage diverged; 75 preempted: SIGTERM or SIGINT stopped ``train``, ``compare``, ``tune`` or
+``experiment`` after the step in flight with its state checkpointed (``preempted at step
+N; resume with --resume``), a second signal ends the process at once with 128 + the
+signal's number (143, 130); 130 interrupted (Ctrl-C in another command).
+``--traceback`` shows the Python traceback instead.
 
 Layout: :mod:`~seqnorm_jax.cli.parser` builds the parser (flags, help, defaults) and
 parses flag values; :mod:`~seqnorm_jax.cli.commands` runs each command; this module
@@ -25,7 +30,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from seqnorm_jax.cli.commands import COMMANDS, DIVERGED
+from seqnorm_jax.cli.commands import COMMANDS, DIVERGED, PREEMPTED
 from seqnorm_jax.cli.parser import (
     COMPARE_DEFAULTS,
     build_parser,
@@ -34,8 +39,11 @@ from seqnorm_jax.cli.parser import (
     parse_seeds,
 )
 
-__all__ = ["COMPARE_DEFAULTS", "DIVERGED", "build_parser", "error_text", "main",
+__all__ = ["COMPARE_DEFAULTS", "DIVERGED", "PREEMPTED", "build_parser", "error_text", "main",
            "parse_groups", "parse_norms", "parse_seeds"]
+
+
+STOPPABLE = ("train", "compare", "tune", "experiment")
 
 
 def error_text(err: BaseException) -> str:
@@ -58,9 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - absl comes with jax's dependencies
         pass
     from seqnorm_jax.data import DatasetNotFoundError
+    from seqnorm_jax.train.preempt import Preempted, stop_on_signals
 
     try:
+        if args.command in STOPPABLE:  # SIGTERM/SIGINT: stop at a step, checkpointed
+            with stop_on_signals():
+                return COMMANDS[args.command](args)
         return COMMANDS[args.command](args)
+    except Preempted as err:
+        print(f"seqnorm-jax {args.command}: {err}", file=sys.stderr)
+        return PREEMPTED
     except (ValueError, DatasetNotFoundError, FileNotFoundError) as err:
         if args.traceback:
             raise

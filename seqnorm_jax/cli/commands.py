@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -11,8 +12,9 @@ from typing import Any
 
 from seqnorm_jax import checks
 from seqnorm_jax.cli.parser import COMPARE_DEFAULTS, parse_groups, parse_norms, parse_seeds
+from seqnorm_jax.train.preempt import PREEMPTED
 
-__all__ = ["COMMANDS", "DIVERGED"]
+__all__ = ["COMMANDS", "DIVERGED", "PREEMPTED"]
 
 DIVERGED = 3  # the exit status of a train run whose loss became non-finite
 
@@ -75,6 +77,20 @@ def _json_number(v: Any) -> Any:
     return v if not isinstance(v, float) or v == v and abs(v) != float("inf") else str(v)
 
 
+@contextlib.contextmanager
+def _claimed_out(args):
+    """Hold ``--out``'s lock; refuse a folder holding an earlier run unless ``--resume`` or
+    ``--overwrite`` (which clears it). The first thing a run does, before any data load
+    or compilation."""
+    from seqnorm_jax.train.lock import run_lock
+    from seqnorm_jax.train.run_files import claim_run_folder
+
+    with run_lock(args.out, "out_dir (--out)"):
+        claim_run_folder(args.out, "out_dir (--out)", resume=args.resume,
+                         overwrite=args.overwrite)
+        yield
+
+
 def train(args) -> int:
     from seqnorm_jax.train import Trainer
 
@@ -83,8 +99,9 @@ def train(args) -> int:
     allow = [f.strip() for f in args.allow_change.split(",") if f.strip()]
     if allow and not args.resume:
         raise ValueError("--allow-change applies to --resume only; add --resume or drop it.")
-    trainer = Trainer(config, out_dir=args.out, mesh=_mesh(args.mesh))  # checks everything
-    result = trainer.fit(resume=args.resume, allow_changes=allow)  # locks --out
+    with _claimed_out(args):
+        trainer = Trainer(config, out_dir=args.out, mesh=_mesh(args.mesh))  # checks everything
+        result = trainer.fit(resume=args.resume, allow_changes=allow)
     last = result.eval_rows[-1] if result.eval_rows else {}
     summary = {"out": args.out, "step": int(result.state.step),
                "eval_accuracy": last.get("eval_accuracy"), "eval_loss": last.get("eval_loss"),
@@ -96,8 +113,10 @@ def train(args) -> int:
         d = result.diverged
         kept = (f"; the last finite state (step {d['last_finite_step']}) is checkpointed in "
                 f"{os.path.join(args.out, 'checkpoints')}" if "last_finite_step" in d else "")
-        print(f"seqnorm-jax train: diverged at step {d['step']} (loss {d['loss']}){kept}",
-              file=sys.stderr)
+        cause = "" if d["loss"] != d["loss"] or abs(d["loss"]) == float("inf") else \
+            "; its gradient or updated state was non-finite"
+        print(f"seqnorm-jax train: diverged at step {d['step']} (loss {d['loss']}{cause})"
+              f"{kept}", file=sys.stderr)
         return DIVERGED
     return 0
 
@@ -149,7 +168,8 @@ def compare(args) -> int:
     config = train_config(args, COMPARE_DEFAULTS)
     seeds = parse_seeds(args.seeds)
     result = run_compare(config, norms=parse_norms(args.norms), seeds=seeds, out_dir=args.out,
-                         progress=config.progress)
+                         progress=config.progress, resume=args.resume,
+                         overwrite=args.overwrite)
     print(format_table(result.summary, "validation" if config.validation_size else "test"))
     print(f"results: {os.path.join(args.out, 'results.md')} (+ results.json, results.csv, "
           f"curves.png); {result.settings['total_seconds']:.0f} s")
@@ -158,7 +178,7 @@ def compare(args) -> int:
 
 def tune(args) -> int:
     from seqnorm_jax.studies.selection import METRICS
-    from seqnorm_jax.studies.tune import sequential_tune
+    from seqnorm_jax.studies.tune import AllDivergedError, sequential_tune
     from seqnorm_jax.studies.tune_report import format_stage
 
     if args.metric not in METRICS:
@@ -171,10 +191,15 @@ def tune(args) -> int:
     seeds = parse_seeds(args.seeds)
     if args.tolerance is not None and not args.tolerance >= 0:
         raise ValueError(f"--tolerance {args.tolerance}: must be >= 0 (in the metric's units).")
-    result = sequential_tune(config, batch_groups=batch_groups, channel_groups=channel_groups,
-                             seeds=seeds, tolerance=args.tolerance, metric=args.metric,
-                             out_dir=args.out, progress=config.progress,
-                             norm_fields=args.tune_norm_fields)
+    try:
+        result = sequential_tune(config, batch_groups=batch_groups,
+                                 channel_groups=channel_groups, seeds=seeds,
+                                 tolerance=args.tolerance, metric=args.metric, out_dir=args.out,
+                                 progress=config.progress, norm_fields=args.tune_norm_fields,
+                                 resume=args.resume, overwrite=args.overwrite)
+    except AllDivergedError as e:  # a result of the runs, not a bad input: exit as diverged
+        print(f"seqnorm-jax tune: {e}", file=sys.stderr)
+        return DIVERGED
     print(f"stage 1: G_M (batch_groups) with GhostNorm\n"
           f"{format_stage(result.stage1, args.metric)}\n{result.reasons['batch_groups']}\n")
     print(f"stage 2: G_C (channel_groups) with SeqNorm at G_M = {result.batch_groups}\n"
@@ -211,7 +236,7 @@ def experiment(args) -> int:
     command = "seqnorm-jax " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["experiment"] \
         else None
     payload = run_experiment(exp, args.scale, args.out, seeds=seeds, command=command,
-                             replot=args.replot)
+                             replot=args.replot, resume=args.resume, overwrite=args.overwrite)
     out = args.out or default_out_dir(exp.resolve(args.scale))
     print(f"wrote {os.path.join(out, 'results.md')} ({payload['seconds'] / 60:.1f} min)")
     return 0

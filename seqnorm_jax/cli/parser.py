@@ -46,9 +46,14 @@ examples:
 exit status:
   0    done
   2    an error line on stderr: invalid flags, configurations or norm specs (checked
-       before any training), a missing dataset, a run folder in use, a resume whose
-       config differs, or a file that cannot be written
-  3    a training run diverged (the last finite state is checkpointed)
+       before any training), a missing dataset, a run folder in use or holding an
+       earlier run (without --resume or --overwrite), a resume whose config differs,
+       or a file that cannot be written
+  3    a training run diverged (the last finite state is checkpointed), or every
+       candidate of a tune stage diverged
+  75   preempted: SIGTERM or SIGINT stopped train/compare/tune/experiment after the
+       step in flight, its state checkpointed ("preempted at step N; resume with
+       --resume"); a second signal exits at once (143 SIGTERM, 130 SIGINT)
   130  interrupted"""
 
 # What each TrainConfig flag sets (argparse adds the default).
@@ -248,6 +253,9 @@ def _train_parser(sub) -> None:
                             "must equal the saved one except epochs, progress, log_every, "
                             "checkpoint_every, keep_checkpoints, data_workers, "
                             "eval_batch_size, on_divergence, data_dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete the earlier run in --out first (without it or --resume, a "
+                            "folder holding a run is refused)")
     train.add_argument("--allow-change", default="", metavar="FIELD,...",
                        help="with --resume: accept these changed config fields (e.g. lr)")
     train.add_argument("--mesh", default="auto", choices=("auto", "explicit"),
@@ -284,6 +292,17 @@ def _study_flags(parser, out: str) -> None:
     parser.add_argument("--seeds", default=str(COMPARE_SEEDS), metavar="N|S,...",
                         help="a count N (seeds 0..N-1) or a comma-separated list of seeds "
                              f"(default: {COMPARE_SEEDS})")
+    _resume_flags(parser)
+
+
+def _resume_flags(parser) -> None:
+    """``--resume`` and ``--overwrite`` of a study's folder."""
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the study in --out: finished runs are kept, a stopped "
+                             "one continues from its checkpoint, the rest are trained")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the earlier study in --out first (without it or --resume, "
+                             "a folder holding one is refused)")
 
 
 def _compare_parser(sub) -> None:
@@ -354,6 +373,7 @@ def _experiment_parser(sub) -> None:
     exp.add_argument("--seeds", default=None, metavar="N|S,...",
                      help="override the scale's seeds: a count N (0..N-1) or a "
                           "comma-separated list (default: the config's)")
+    _resume_flags(exp)
     exp.add_argument("--replot", action="store_true",
                      help="train nothing: rewrite the tables and plots from --out's results.json")
     exp.add_argument("--list", action="store_true", dest="list_configs",

@@ -26,13 +26,15 @@ import seqnorm_jax.studies.report as report
 from seqnorm_jax.registry import NormSpec
 from seqnorm_jax.studies.engine import Setting, SourceCache, norm_widths, run_settings
 from seqnorm_jax.train.config import TrainConfig
-from seqnorm_jax.train.run_files import is_writer
+from seqnorm_jax.train.run_files import claim_run_folder, is_writer
 
-__all__ = ["DEFAULT_NORMS", "LABELS", "CompareResult", "compare", "default_norm_specs",
+__all__ = ["DEFAULT_NORMS", "LABELS", "RESULT_FILES", "CompareResult", "compare", "default_norm_specs",
            "format_table", "model_norm_widths", "write_outputs"]
 
 # The layers of the default comparison, by short label.
 DEFAULT_NORMS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+")
+# What a comparison writes into its folder (its runs first: a folder holding runs/ holds one).
+RESULT_FILES = ("runs", "results.json", "results.csv", "results.md", "curves.png")
 # Every short label default_norm_specs knows (others are taken as norm specs).
 LABELS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+", "bgn", "fourthings", "noisybn")
 
@@ -158,7 +160,8 @@ def _unfit(flag: str):
 def compare(base: TrainConfig, *, norms: Sequence[str | NormSpec] = DEFAULT_NORMS,
             seeds: Sequence[int] = (0, 1), out_dir: str | os.PathLike = "runs/compare",
             progress: bool = True, flag: str = "norms",
-            widths: Sequence[int] | None = None) -> CompareResult:
+            widths: Sequence[int] | None = None, resume: bool = False,
+            overwrite: bool = False) -> CompareResult:
     """Train ``base`` once per layer in ``norms`` and seed in ``seeds``; write the outputs.
 
     Every run uses the same data (one load; ``base.train_size`` subset drawn once, with
@@ -179,13 +182,19 @@ def compare(base: TrainConfig, *, norms: Sequence[str | NormSpec] = DEFAULT_NORM
       flag: how errors name the list of layers (``"norms"``: ``--norms``).
       widths: the model's norm-layer widths, when the caller knows them already
         (default: :func:`model_norm_widths`).
+      resume: continue the comparison in ``out_dir``: finished runs are kept, a run
+        stopped by a signal continues from its checkpoint, the others are trained
+        (:func:`~seqnorm_jax.studies.engine.run_settings`).
+      overwrite: delete an earlier comparison's files in ``out_dir`` first. Without
+        ``resume`` or ``overwrite`` a folder holding one is refused.
 
     Returns:
       A :class:`CompareResult` (also written with :func:`write_outputs`).
 
     Raises:
       ValueError: a layer does not fit the run (before any training), or ``out_dir`` is
-        in use by another run.
+        in use by another run or holds an earlier comparison.
+      Preempted: SIGTERM or SIGINT stopped it (resume with ``resume=True``).
       RunFileError: an output file cannot be written.
     """
     from seqnorm_jax.train.lock import run_lock
@@ -205,6 +214,8 @@ def compare(base: TrainConfig, *, norms: Sequence[str | NormSpec] = DEFAULT_NORM
     seeds = [int(s) for s in seeds]
     base = base.replace(seed=seeds[0])
     with run_lock(out_dir, "out_dir (--out)"):
+        claim_run_folder(out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite,
+                         files=RESULT_FILES, marks=RESULT_FILES[:1])
         t0 = time.perf_counter()
         sources = SourceCache(seeds[0])
         train_src, eval_src = sources(base)
@@ -215,7 +226,8 @@ def compare(base: TrainConfig, *, norms: Sequence[str | NormSpec] = DEFAULT_NORM
         settings = [Setting(label, base.replace(norm=spec)) for label, spec in specs.items()]
         runs = run_settings(settings, seeds, out_dir, sources=sources, unfit=_unfit(flag),
                             progress=progress, desc="compare",
-                            split="validation" if base.validation_size else "test")
+                            split="validation" if base.validation_size else "test",
+                            resume=resume)
         settings_row = dict(
             model=base.model, dataset=base.dataset, train_size=base.train_size,
             train_examples=len(train_src), test_examples=len(eval_src),

@@ -154,14 +154,47 @@ def _no_analysis(trainer, state, hooks) -> dict[str, Any]:
     return {}
 
 
+RECORD_NAME = "record.json"  # a finished run's record, in its run folder
+
+
+def _kept_record(run_dir: str, config: TrainConfig) -> dict[str, Any] | None:
+    """The record of a finished run in ``run_dir`` (``None``: not finished), after checking
+    that the run had ``config`` (:func:`~seqnorm_jax.train.run_files.check_resume_config`)."""
+    import json
+
+    from seqnorm_jax.train.paths import run_path
+    from seqnorm_jax.train.run_files import check_resume_config
+
+    path = run_path(run_dir) / RECORD_NAME
+    if not path.exists():
+        return None
+    check_resume_config(run_dir, config, ())
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the run's record ({e}); delete it to train "
+                         "the run again.") from None
+    if record.get("diverged") and record["diverged"].get("loss") is None:
+        record["diverged"]["loss"] = math.nan  # strict JSON wrote the non-finite loss as null
+    return record
+
+
 def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str, *,
                  sources: Callable[[TrainConfig], Any],
                  hooks: Callable[[Any], list[Any]] = _no_hooks,
                  analyse: Callable[[Any, Any, list[Any]], dict[str, Any]] = _no_analysis,
                  unfit: Callable[[Setting, ValueError], str] | None = None,
                  progress: bool = True, run_progress: bool | None = None,
-                 desc: str = "study", split: str = "test") -> list[dict[str, Any]]:
+                 desc: str = "study", split: str = "test",
+                 resume: bool = False) -> list[dict[str, Any]]:
     """Train every setting once per seed; return one record per run, in that order.
+
+    Each finished run's record is written to ``runs/<label>_seed<k>/record.json``. With
+    ``resume``, a run whose record is there is kept (its config checked against the
+    setting's), a run stopped by a signal continues from its checkpoint (one with
+    ``hooks``, which cannot see the steps already done, starts over) and the others are
+    trained. A stop signal (:mod:`seqnorm_jax.train.preempt`) ends the study with
+    :class:`~seqnorm_jax.train.preempt.Preempted` naming the run.
 
     Args:
       settings: the settings (unique labels).
@@ -177,6 +210,7 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
       run_progress: each run's own progress bar (default: ``progress``).
       desc: the outer bar's label.
       split: the evaluation split's name in the run lines.
+      resume: continue the study in ``out_dir`` (see above).
 
     Returns:
       Records (:func:`~seqnorm_jax.studies.report.run_record`) with ``label``, ``spec``
@@ -184,15 +218,19 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
     """
     from tqdm.auto import tqdm
 
-    from seqnorm_jax.train import Trainer
+    from seqnorm_jax.studies.report import write_json
+    from seqnorm_jax.train import Trainer, preempt
+    from seqnorm_jax.train.run_files import is_writer
 
     run_progress = progress if run_progress is None else run_progress
+
+    def run_dir(setting: Setting, seed: int) -> str:
+        return os.path.join(out_dir, "runs", run_dir_name(setting.label, seed))
 
     def make(setting: Setting, seed: int):
         config = setting.config.replace(seed=seed, progress=run_progress)
         train_src, eval_src = sources(config)
-        return Trainer(config, out_dir=os.path.join(out_dir, "runs",
-                                                    run_dir_name(setting.label, seed)),
+        return Trainer(config, out_dir=run_dir(setting, seed),
                        train_source=train_src, eval_source=eval_src, save_checkpoints=False,
                        desc=f"{setting.label} seed {seed}", mesh=mesh_for(config.batch_size))
 
@@ -207,19 +245,37 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
     jobs = [(setting, int(seed)) for setting in settings for seed in seeds]
     outer = tqdm(jobs, desc=desc, disable=not progress, unit="run", dynamic_ncols=True)
     records = []
-    for setting, seed in outer:
-        outer.set_postfix(run=setting.label, seed=seed, refresh=True)
-        trainer = (first.pop(setting.label) if seed == seeds[0] and setting.label in first
-                   else make(setting, seed))
-        run_hooks = hooks(trainer)
-        trainer.step_hooks.extend(run_hooks)
-        result = trainer.fit()
-        record = run_record(result, label=setting.label, spec=trainer.config.norm,
-                            **setting.fields, seed=seed)
-        if result.diverged is None:
-            record.update(analyse(trainer, result.state, run_hooks))
-        records.append(record)
-        if progress:
-            outer.write(run_line(record, split))
+    with preempt.stop_on_signals():  # also between the runs
+        for setting, seed in outer:
+            where = f"{setting.label} seed {seed}"
+            preempt.raise_if_requested(None, where)
+            outer.set_postfix(run=setting.label, seed=seed, refresh=True)
+            folder = run_dir(setting, seed)
+            kept = _kept_record(folder, setting.config.replace(seed=seed)) if resume else None
+            if kept is not None:
+                records.append(kept)
+                if progress:
+                    outer.write(f"{run_line(kept, split)} (kept)")
+                continue
+            trainer = (first.pop(setting.label) if seed == seeds[0] and setting.label in first
+                       else make(setting, seed))
+            run_hooks = hooks(trainer)
+            trainer.step_hooks.extend(run_hooks)
+            stopped = (resume and not run_hooks
+                       and os.path.isdir(os.path.join(folder, "checkpoints")))
+            try:
+                result = trainer.fit(resume=stopped, overwrite=resume and not stopped)
+            except preempt.Preempted as e:
+                e.where = where
+                raise
+            record = run_record(result, label=setting.label, spec=trainer.config.norm,
+                                **setting.fields, seed=seed)
+            if result.diverged is None:
+                record.update(analyse(trainer, result.state, run_hooks))
+            if is_writer():
+                write_json(os.path.join(folder, RECORD_NAME), record, compact=True)
+            records.append(record)
+            if progress:
+                outer.write(run_line(record, split))
     outer.close()
     return records

@@ -289,7 +289,8 @@ def list_experiments(directory: str | os.PathLike | None = None) -> list[Experim
 def run_experiment(exp: Experiment | str | os.PathLike, scale: str | None = None,
                    out_dir: str | os.PathLike | None = None, *,
                    seeds: Sequence[int] | None = None, progress: bool = True,
-                   command: str | None = None, replot: bool = False) -> dict[str, Any]:
+                   command: str | None = None, replot: bool = False, resume: bool = False,
+                   overwrite: bool = False) -> dict[str, Any]:
     """Run ``exp`` at ``scale`` and write its results into ``out_dir``.
 
     Args:
@@ -306,6 +307,11 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str | None = None
       command: the command line to record in ``results.md``.
       replot: train nothing; rewrite the tables and plots from the runs saved in
         ``out_dir/results.json`` (after a change to a plot, say).
+      resume: continue the experiment in ``out_dir``: finished runs are kept, a run
+        stopped by a signal continues from its checkpoint (or starts over when the kind
+        records every step, e.g. landscape), the others are trained.
+      overwrite: delete an earlier experiment's files in ``out_dir`` first. Without
+        ``resume`` or ``overwrite`` a folder holding one is refused.
 
     Returns:
       The content of ``results.json``: ``experiment`` (the resolved config),
@@ -318,20 +324,27 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str | None = None
         exp.validate()
     out_dir = os.fspath(out_dir or default_out_dir(exp))
     if replot:
+        if resume or overwrite:
+            raise ValueError("replot trains nothing: drop --resume/--overwrite.")
         return _replot(exp, out_dir, command)
+    from seqnorm_jax.studies.compare import RESULT_FILES
+    from seqnorm_jax.studies.tune import TUNE_FILES, TUNE_STAGES
     from seqnorm_jax.train.lock import run_lock
+    from seqnorm_jax.train.run_files import claim_run_folder
 
     with run_lock(out_dir, "out_dir (--out)"):
+        claim_run_folder(out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite,
+                         files=RESULT_FILES + TUNE_FILES, marks=RESULT_FILES[:1] + TUNE_STAGES)
         t0 = time.perf_counter()
         kind = KINDS[exp.kind]
         if kind.run is not None:
             payload = {"experiment": _describe(exp), "environment": environment(),
-                       **kind.run(exp, out_dir, progress),
+                       **kind.run(exp, out_dir, progress, resume),
                        "seconds": round(time.perf_counter() - t0, 1), "command": command}
             if is_writer():
                 report.write_json(os.path.join(out_dir, "results.json"), payload, compact=True)
             return payload
-        records = _run(exp, out_dir, progress)
+        records = _run(exp, out_dir, progress, resume)
         return _write(exp, out_dir, records, time.perf_counter() - t0, command)
 
 
@@ -340,7 +353,8 @@ def default_out_dir(exp: Experiment) -> str:
     return os.path.join("runs", "experiments", exp.name, exp.scale)
 
 
-def _run(exp: Experiment, out_dir: str, progress: bool) -> list[dict[str, Any]]:
+def _run(exp: Experiment, out_dir: str, progress: bool, resume: bool = False
+         ) -> list[dict[str, Any]]:
     kind = KINDS[exp.kind]
     smoke = exp.scale == "smoke"
     sources = SourceCache(exp.seeds[0], mock_steps=SMOKE_STEPS if smoke else None,
@@ -362,7 +376,7 @@ def _run(exp: Experiment, out_dir: str, progress: bool) -> list[dict[str, Any]]:
         hooks=lambda trainer: kind.hooks(exp, trainer), analyse=analyse,
         unfit=lambda s, e: f"experiment {exp.name!r}, run {s.label!r}: {e}",
         progress=progress, run_progress=progress and not smoke, desc=exp.name,
-        split=_split(exp))
+        split=_split(exp), resume=resume)
 
 
 def _replot(exp: Experiment, out_dir: str, replot_command: str | None) -> dict[str, Any]:

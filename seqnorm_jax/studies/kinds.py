@@ -268,7 +268,7 @@ def _output_range_report(exp, out_dir, by_label, summary, title):
 # ---------------------------------------------------------------------------- tune
 
 
-def _run_tune(exp, out_dir: str, progress: bool) -> dict[str, Any]:
+def _run_tune(exp, out_dir: str, progress: bool, resume: bool = False) -> dict[str, Any]:
     from seqnorm_jax.studies.tune import sequential_tune
     from seqnorm_jax.train import TrainConfig
 
@@ -278,7 +278,7 @@ def _run_tune(exp, out_dir: str, progress: bool) -> dict[str, Any]:
     kwargs.update({k: exp.analysis[k] for k in ("tolerance", "metric", "norm_fields")
                    if k in exp.analysis})
     result = sequential_tune(base, seeds=tuple(exp.seeds), out_dir=out_dir, progress=progress,
-                             **kwargs)
+                             resume=resume, **kwargs)
     return {"tune": jsonable(result.to_dict())}
 
 

@@ -44,8 +44,29 @@ from seqnorm_jax.studies.selection import (
 )
 from seqnorm_jax.studies.tune_report import TuneResult
 from seqnorm_jax.train.config import TrainConfig
+from seqnorm_jax.train.lock import run_lock
+from seqnorm_jax.train.run_files import claim_run_folder
 
-__all__ = ["sequential_tune"]
+__all__ = ["TUNE_FILES", "TUNE_STAGES", "AllDivergedError", "sequential_tune"]
+
+# What a tuning writes into its folder (its stages first: a folder holding one holds a tuning).
+TUNE_STAGES = tuple(sub for _, sub, _ in STAGES)
+TUNE_FILES = TUNE_STAGES + ("tune.json", "tune.csv", "tune.md", "tune.png")
+
+
+class AllDivergedError(ValueError):
+    """Every candidate of a tuning stage diverged: there is nothing to select."""
+
+
+def _check_evaluated(rows: list[dict[str, Any]], param: str, compare_dir: str) -> None:
+    """Raise :class:`AllDivergedError` naming the candidates when none was evaluated."""
+    if any(r["status"] == "ok" for r in rows):
+        return
+    tried = [r["spec"] for r in rows if r["status"] == "diverged"]
+    raise AllDivergedError(
+        f"every {param} candidate diverged (non-finite training loss in every seed): "
+        f"{', '.join(tried)}; lower --lr, or add --grad-clip-norm or warm-up (their runs "
+        f"are in {compare_dir}).")
 
 
 def _rows(stage: int, param: str, values: Sequence[int], skipped: Mapping[int, str],
@@ -117,7 +138,8 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
                     channel_groups: Sequence[int] = (1, 2, 4, 8, 16, 32),
                     seeds: Sequence[int] = (0, 1, 2), tolerance: float | None = None,
                     metric: str = "eval_accuracy", out_dir: str | os.PathLike = "runs/tune",
-                    progress: bool = True, norm_fields: str = "") -> TuneResult:
+                    progress: bool = True, norm_fields: str = "", resume: bool = False,
+                    overwrite: bool = False) -> TuneResult:
     """Tune SeqNorm's ``G_M`` then ``G_C`` as paper 000 does (section 3.2.1).
 
     Stage 1 trains GhostNorm (``"ghost:batch_groups=g"``) for each usable ``G_M``
@@ -155,17 +177,22 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
       out_dir: the output directory.
       progress: show progress bars and the stage headers.
       norm_fields: fields added to every candidate's spec (``"momentum=0.9"``).
+      resume: continue the tuning in ``out_dir``: finished runs are kept, a run stopped
+        by a signal continues from its checkpoint, the others are trained.
+      overwrite: delete an earlier tuning's files in ``out_dir`` first. Without
+        ``resume`` or ``overwrite`` a folder holding one is refused.
 
     Returns:
       A :class:`TuneResult` (also written to ``out_dir``).
 
     Raises:
       ValueError: a bad argument, or no usable candidate left for ``batch_groups`` or
-        ``channel_groups`` (the message names the argument and the values that fit).
+        ``channel_groups`` (the message names the argument and the values that fit), or
+        ``out_dir`` holds an earlier tuning.
+      AllDivergedError: every candidate of a stage diverged (the message names them).
+      Preempted: SIGTERM or SIGINT stopped it (resume with ``resume=True``).
       seqnorm_jax.data.DatasetNotFoundError: the dataset is not available locally.
     """
-    from seqnorm_jax import data
-
     if metric not in METRICS:
         raise ValueError(f"sequential_tune: metric={metric!r}; choose one of {list(METRICS)}.")
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
@@ -190,6 +217,17 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
                            [g for g in checks.divisors(micro) if micro // g >= 2],
                            f"divisors of the batch of {micro} leaving ghost batches of >= 2 "
                            "examples; or change batch_size")
+    with run_lock(out_dir, "out_dir (--out)"):  # before the data is read
+        claim_run_folder(out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite,
+                         files=TUNE_FILES, marks=TUNE_STAGES)
+        return _tune(base, ghost, seq, g_kept, g_skipped, channel_groups, seeds, tolerance,
+                     metric, maximize, out_dir, progress, resume)
+
+
+def _tune(base, ghost, seq, g_kept, g_skipped, channel_groups, seeds, tolerance, metric,
+          maximize, out_dir, progress, resume) -> TuneResult:
+    from seqnorm_jax import data
+
     train_split = data.load(base.dataset, "train", data_dir=base.data_dir,
                             source=base.data_source)
     info = train_split.info
@@ -212,12 +250,14 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
             print(f"stage {index + 1}/2: {symbol} ({param}) in {values}, seeds {seeds}",
                   flush=True)
         return compare(tune_base, norms=[spec_of(v) for v in values], seeds=seeds,
-                       out_dir=os.path.join(out_dir, sub), progress=progress, widths=widths)
+                       out_dir=os.path.join(out_dir, sub), progress=progress, widths=widths,
+                       resume=resume)
 
     # ---- stage 1: G_M with GhostNorm
     stage1 = _rows(1, "batch_groups", g_kept, g_skipped,
                    lambda g: ghost.replace(batch_groups=g),
                    stage(0, g_kept, lambda g: ghost.replace(batch_groups=g)), metric)
+    _check_evaluated(stage1, "batch_groups", os.path.join(out_dir, STAGES[0][1]))
     chosen1, reason1 = select(stage1, tolerance, maximize=maximize)
     chosen1["chosen"] = True
     g_star = chosen1["value"]
@@ -226,6 +266,7 @@ def sequential_tune(base: TrainConfig, *, batch_groups: Sequence[int] = (1, 2, 4
     seq_at = lambda c: seq.replace(channel_groups=c, batch_groups=g_star)
     stage2 = _rows(2, "channel_groups", c_kept, c_skipped, seq_at, stage(1, c_kept, seq_at),
                    metric)
+    _check_evaluated(stage2, "channel_groups", os.path.join(out_dir, STAGES[1][1]))
     chosen2, reason2 = select(stage2, tolerance, maximize=maximize)
     chosen2["chosen"] = True
     spec = chosen2["spec"]

@@ -39,8 +39,10 @@ from seqnorm_jax.train.compiled import (
 )
 from seqnorm_jax.train.config import ON_DIVERGENCE, RESUME_SAFE_FIELDS, TrainConfig
 from seqnorm_jax.train.lock import RunLockedError, run_lock
+from seqnorm_jax.train.preempt import PREEMPTED, Preempted, stop_on_signals
 from seqnorm_jax.train.loop import FitResult, Trainer, build_model, evaluate, fit, load_sources
 from seqnorm_jax.train.metrics import METRIC_COLUMNS, MetricsWriter, RunFileError, read_jsonl
+from seqnorm_jax.train.run_files import RunFolderUsedError
 from seqnorm_jax.train.norm_calls import (
     NormCall,
     example_weight_scope,
@@ -71,6 +73,7 @@ from seqnorm_jax.train.step import (
     eval_step,
     init_micro_batch_stats,
     split_micro_batches,
+    step_finite,
     train_step,
     update_micro_batch_stats,
 )
@@ -89,6 +92,11 @@ __all__ = [
     "RESUME_SAFE_FIELDS",
     "RunFileError",
     "RunLockedError",
+    "RunFolderUsedError",
+    "PREEMPTED",
+    "Preempted",
+    "stop_on_signals",
+    "step_finite",
     "StepAccumulator",
     "guarded_step",
     "init_accumulator",

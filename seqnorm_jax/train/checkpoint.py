@@ -87,9 +87,13 @@ class Checkpointer:
         self.keep = keep
         if self.path.exists() and not self.path.is_dir():
             raise RunFileError(self.directory, "is a file, not a checkpoint folder")
+        _ignore_closed_loop_callbacks()  # a failed write's late noise, see there
         self.manager = self._guard(lambda: ocp.CheckpointManager(
             self.path,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            # cleanup: a step folder left half-written by a killed run
+            # (``N.orbax-checkpoint-tmp``) is deleted when the next run opens the folder
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 cleanup_tmp_directories=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(),
                            "position": ocp.JsonCheckpointHandler()}))
         self._failed = False
@@ -282,6 +286,27 @@ class Checkpointer:
             def reraise():
                 raise error[0]
             self._guard(reraise)
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """Drop the ``RuntimeError('Event loop is closed')`` that tensorstore's late
+    completions raise in Orbax's closed event loop after a failed write (e.g. a full
+    disk), reported through ``sys.unraisablehook``, one traceback per array, from
+    tensorstore threads, sometimes before the failure reaches the caller; the failure
+    itself is reported once, as a :class:`RunFileError`. Other unraisable exceptions
+    still reach the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_drops_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop = True
+    sys.unraisablehook = hook
 
 
 @contextlib.contextmanager

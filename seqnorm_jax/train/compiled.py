@@ -42,8 +42,8 @@ class StepAccumulator(NamedTuple):
     (those before the run diverged, the diverging one included), one entry per step, so
     the host sums them in float64 step by step exactly as if it had fetched each step;
     ``lr`` is the last such step's rate. ``diverged_step`` is the 1-based global step
-    whose loss or gradient was first non-finite (-1: none) and ``diverged_loss`` that
-    step's loss; both survive :func:`reset_accumulator`.
+    whose loss, gradient or new state was first non-finite (-1: none) and
+    ``diverged_loss`` that step's loss; both survive :func:`reset_accumulator`.
     """
 
     loss: jax.Array
@@ -73,7 +73,9 @@ def guarded_step(step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     """One ``step_fn`` step with its metrics recorded in ``acc`` and divergence caught on
     the device.
 
-    A step diverges when its loss or its gradient norm is not finite. With
+    A step diverges when its loss, its gradient norm or anything it writes (parameters,
+    optimizer state, running statistics) is not finite (``metrics["finite"]`` of
+    :func:`~seqnorm_jax.train.train_step`). With
     ``stop_on_divergence`` (the default) that step and every later one return the state
     unchanged (``step_fn(state, batch, guard=...)``, a ``lax.cond`` in the compiled step;
     no host round trip), so the state stays the last finite one until the host sees
@@ -86,7 +88,7 @@ def guarded_step(step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
         new_state, m = step_fn(state, batch, guard=live)
     else:
         new_state, m = step_fn(state, batch)
-    finite = jnp.isfinite(m["loss"]) & jnp.isfinite(m["grad_norm"])
+    finite = m["finite"]
     first = (acc.diverged_step < 0) & ~finite
 
     def record(buf, value):

@@ -49,10 +49,12 @@ def check_out_dir(directory: str | os.PathLike, flag: str = "out_dir", *,
     writable folder.
 
     Raises:
-      ValueError: ``directory`` (or one of its parents) is a file, or it cannot be
-        created or written; the message names ``flag``, the path and the cause.
+      ValueError: ``directory`` is empty, or it (or one of its parents) is a file, or it
+        cannot be created or written; the message names ``flag``, the path and the cause.
     """
     shown = os.fspath(directory)
+    if not shown.strip():
+        raise ValueError(f"{flag} is empty ({shown!r}); give a folder path, e.g. runs/my_run.")
     if not is_local(shown):  # a URL (gs://...): nothing to check before writing
         remote = run_path(shown)
         if remote.exists() and not remote.is_dir():
@@ -90,6 +92,9 @@ def check_out_dir(directory: str | os.PathLike, flag: str = "out_dir", *,
 def run_lock(directory: str | os.PathLike, flag: str = "out_dir") -> Iterator[str | None]:
     """Hold the exclusive lock of run folder ``directory`` (created if needed) in the block.
 
+    A folder this call created that holds nothing but the lock file when the lock is
+    released (a run refused before it wrote anything) is removed again.
+
     Yields:
       The lock file's path (``None`` for a URL such as ``gs://bucket/run``: no lock).
 
@@ -97,6 +102,7 @@ def run_lock(directory: str | os.PathLike, flag: str = "out_dir") -> Iterator[st
       RunLockedError: another process holds the lock (the message names it).
       ValueError: the folder is a file or cannot be written (see :func:`check_out_dir`).
     """
+    created = is_local(os.fspath(directory)) and not os.path.exists(run_path(directory))
     folder = check_out_dir(directory, flag)
     if not is_local(folder):  # object stores have no flock: one writer is the user's rule
         yield None
@@ -117,7 +123,18 @@ def run_lock(directory: str | os.PathLike, flag: str = "out_dir") -> Iterator[st
                 _held[path] = (fd, depth - 1)
             else:
                 del _held[path]
+                if created:
+                    _remove_if_unused(folder, path)
                 os.close(fd)  # closing the descriptor releases the flock
+
+
+def _remove_if_unused(folder: str, lock_path: str) -> None:
+    try:
+        if os.listdir(folder) == [LOCK_NAME]:
+            os.remove(lock_path)
+            os.rmdir(folder)
+    except OSError:
+        pass  # only tidying: an error that ended the run is the one to report
 
 
 def _acquire(path: str, shown: str, flag: str) -> int:

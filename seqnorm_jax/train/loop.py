@@ -17,7 +17,11 @@ What a run guarantees (see the README's "Runs that never hang" section):
 * settings are checked when the ``Trainer`` is built, before any work: the config's
   types and ranges, ``out_dir``, and the norm layers against the batch, the mesh and the
   model (:func:`seqnorm_jax.train.validate.check_step`);
-* one writer per ``out_dir`` (:func:`seqnorm_jax.train.lock.run_lock`);
+* one writer per ``out_dir`` (:func:`seqnorm_jax.train.lock.run_lock`), and a folder
+  that holds an earlier run is refused unless ``resume`` or ``overwrite``
+  (:func:`~seqnorm_jax.train.run_files.claim_run_folder`);
+* SIGTERM and SIGINT stop the run after the step in flight, with the metrics and a
+  checkpoint of that step written (:mod:`seqnorm_jax.train.preempt`);
 * ``resume`` refuses a config that differs from the saved one (except
   :data:`~seqnorm_jax.train.config.RESUME_SAFE_FIELDS` and ``allow_changes``) and skips
   damaged checkpoints;
@@ -65,8 +69,14 @@ from seqnorm_jax.train.lock import check_out_dir, run_lock
 from seqnorm_jax.train.metrics import MetricsWriter, RunFileError
 from seqnorm_jax.train.optim import make_optimizer, make_schedule
 from seqnorm_jax.train.paths import run_path
+from seqnorm_jax.train.preempt import Preempted, stop_on_signals
 from seqnorm_jax.train.run import Logger, Run, empty_window
-from seqnorm_jax.train.run_files import check_resume_config, is_writer, write_config
+from seqnorm_jax.train.run_files import (
+    check_resume_config,
+    claim_run_folder,
+    is_writer,
+    write_config,
+)
 from seqnorm_jax.train.state import TrainState, create_train_state
 from seqnorm_jax.train.validate import check_step, checked_norm_paths
 
@@ -247,20 +257,26 @@ class Trainer:
                             mesh=self.mesh, eval_step=self.eval_step)
 
     # ------------------------------------------------------------------------ fit
-    def fit(self, resume: bool = False, *, allow_changes: Iterable[str] = ()) -> FitResult:
+    def fit(self, resume: bool = False, *, allow_changes: Iterable[str] = (),
+            overwrite: bool = False) -> FitResult:
         """Train for ``config.epochs`` epochs (or up to ``max_steps``); see the module docstring.
 
         Args:
-          resume: continue from the newest intact checkpoint in ``out_dir/checkpoints`` if
-            there is one (a fresh start otherwise). The saved ``config.json`` must equal
-            this config except in :data:`~seqnorm_jax.train.config.RESUME_SAFE_FIELDS`
-            and the fields named in ``allow_changes``.
+          resume: continue from the newest intact checkpoint in ``out_dir/checkpoints``;
+            with none there, the run starts from step 0 and says so on stderr. The saved
+            ``config.json`` must equal this config except in
+            :data:`~seqnorm_jax.train.config.RESUME_SAFE_FIELDS` and the fields named in
+            ``allow_changes``.
           allow_changes: TrainConfig fields that a resumed run may change although they
             change what is computed (e.g. ``"lr"``); a change of the state's structure
             (model, norm layer's variables, optimizer) is refused regardless.
+          overwrite: delete an earlier run's files in ``out_dir`` first (without it, and
+            without ``resume``, a folder holding a run is refused).
 
         Raises:
           RunLockedError: another process is writing into ``out_dir``.
+          RunFolderUsedError: ``out_dir`` holds an earlier run (neither resume nor overwrite).
+          Preempted: SIGTERM or SIGINT stopped the run; its last step is checkpointed.
           ValueError: resume with a changed config, or no intact checkpoint.
           RunFileError: a file or checkpoint of the run cannot be written (names it).
         """
@@ -271,7 +287,16 @@ class Trainer:
         if not is_writer():  # one writer: process 0 holds the lock, writes the files
             return self._fit(resume, tuple(allow_changes))
         with run_lock(self.out_dir, "out_dir (--out)"):
-            return self._fit(resume, tuple(allow_changes))
+            claim_run_folder(self.out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite)
+            if jax.process_count() > 1:  # the processes would not stop at the same step
+                return self._fit(resume, tuple(allow_changes))
+            with stop_on_signals():
+                return self._fit(resume, tuple(allow_changes))
+
+    def checkpointer(self) -> Checkpointer:
+        """The :class:`Checkpointer` of ``out_dir/checkpoints``."""
+        return Checkpointer(run_path(self.out_dir) / "checkpoints",
+                            keep=self.config.keep_checkpoints)
 
     def _fit(self, resume: bool, allow_changes: tuple[str, ...]) -> FitResult:
         c = self.config
@@ -282,11 +307,14 @@ class Trainer:
         window = empty_window()
         checkpointer = None
         if self.save_checkpoints or resume:
-            checkpointer = Checkpointer(run_path(self.out_dir) / "checkpoints",
-                                        keep=c.keep_checkpoints)
+            checkpointer = self.checkpointer()
+        run = None
         try:
             resume_step = None
             skipped: list[tuple[int, str]] = []
+            if resume and not checkpointer._step_folders():
+                print(f"{self.desc}: --resume: no checkpoint in {checkpointer.directory}; "
+                      "starting from step 0", file=sys.stderr)
             if resume and checkpointer._step_folders():
                 state, position, skipped = checkpointer.restore_newest_intact(state)
                 for step, why in skipped:
@@ -305,22 +333,31 @@ class Trainer:
             run.skipped = skipped
             with mesh_context(self.mesh):
                 run.loop(epoch, step_in_epoch)
+        except Preempted:
+            # the checkpoint of the stop must be committed: its write errors are the result
+            checkpointer = run.checkpointer if run is not None else checkpointer
+            if checkpointer is not None:
+                checkpointer.close()
+            raise
         except BaseException:
+            checkpointer = run.checkpointer if run is not None else checkpointer
             if checkpointer is not None:
                 try:
                     checkpointer.close()
                 except RunFileError:
                     pass  # the error already propagating is the one to report
             raise
-        if checkpointer is not None:
-            checkpointer.close()
+        if run.checkpointer is not None:
+            run.checkpointer.close()
         rows = run.log.rows
         return FitResult(state=run.state, train_rows=[r for r in rows if r["kind"] == "train"],
                          eval_rows=[r for r in rows if r["kind"] == "eval"],
                          diverged=run.diverged, skipped_checkpoints=skipped)
 
-    def _save(self, checkpointer, state, epoch, step_in_epoch, window):
-        if checkpointer is None or not self.save_checkpoints:
+    def _save(self, checkpointer, state, epoch, step_in_epoch, window, force=False):
+        """Checkpoint ``state`` at its data position (``force``: also in a run that writes
+        no periodic checkpoints, e.g. a study's run stopped by a signal)."""
+        if checkpointer is None or not (self.save_checkpoints or force):
             return
         if int(jax.device_get(state.step)) in checkpointer.all_steps():
             return

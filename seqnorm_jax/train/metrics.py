@@ -118,6 +118,9 @@ class MetricsWriter:
         by the interrupted run are dropped (and a partial last line), so the files read
         as one uninterrupted run; ``None`` starts fresh files.
 
+    A file deleted (or moved away) while the run writes is written anew at the next row,
+    whole: every row of the run so far, as if it had never gone.
+
     Attributes:
       rows: the rows kept from the interrupted run (floats, as :func:`read_jsonl`).
 
@@ -156,13 +159,14 @@ class MetricsWriter:
         return row
 
     def _append(self, path: str, text: str) -> None:
-        """Append ``text``; an object store (``gs://``) cannot append, so the file is
-        written anew there."""
-        if is_local(path):
+        """Append ``text``. A file that is gone (deleted or moved while the run writes)
+        is written anew, whole, from the rows kept in memory; an object store
+        (``gs://``) cannot append, so the file is always written anew there."""
+        self._text[path] += text
+        if is_local(path) and os.path.exists(path):
             with open_run_file(path, "ab") as f:
                 f.write(text.encode())
             return
-        self._text[path] += text
         with open_run_file(path, "wb") as f:
             f.write(self._text[path].encode())
 

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 
 from seqnorm_jax.distributed import replicate
+from seqnorm_jax.train import preempt
 from seqnorm_jax.train.compiled import init_accumulator, reset_accumulator
 from seqnorm_jax.train.metrics import MetricsWriter
 
@@ -35,7 +36,10 @@ class Run:
     the host without waiting, and reads it one window later (at epoch ends, checkpoints
     and stops: at once). So the host never waits for the device inside an epoch, and a
     divergence (flagged by the step itself, which then leaves the state unchanged) is
-    seen at most two windows after it happened.
+    seen at most two windows after it happened. A stop signal
+    (:mod:`~seqnorm_jax.train.preempt`) is seen after the step in flight: the run writes
+    the metrics and a checkpoint of that step and raises
+    :class:`~seqnorm_jax.train.preempt.Preempted`.
     """
 
     def __init__(self, trainer: Any, state, window, log, checkpointer):
@@ -57,6 +61,9 @@ class Run:
                         leave=False)
         try:
             while epoch < c.epochs:
+                # a signal before the first step or during an epoch's evaluation
+                if preempt.requested() and self._stop_preempted(epoch, step_in_epoch, 0):
+                    break
                 stopped = self._epoch(epoch, step_in_epoch)
                 if stopped:
                     break
@@ -163,6 +170,8 @@ class Run:
                 if self.diverged is not None and stop_on_divergence:
                     return self._stop_diverged()
                 t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window)
+            if not at_end and preempt.requested():
+                return self._stop_preempted(epoch, step_in_epoch, n_window)
         if step_in_epoch != spe:
             raise RuntimeError(f"the loader gave {step_in_epoch - start} batches in epoch {epoch} "
                                f"after step {start}; expected {spe - start}.")
@@ -190,6 +199,24 @@ class Run:
                 hook.on_epoch_end(self.state, epoch)
         t._save(self.checkpointer, self.state, epoch + 1, 0, w)
         return t.max_steps is not None and end_step >= t.max_steps
+
+    def _stop_preempted(self, epoch: int, step_in_epoch: int, n_window: int) -> bool:
+        """Stop on a signal: write the metrics, checkpoint this step (also in a run that
+        writes no periodic checkpoints), raise :class:`~seqnorm_jax.train.preempt.Preempted`
+        (the caller waits for Orbax to commit). A divergence seen in the metrics just read
+        wins: the run stops as diverged (returns True)."""
+        t, c = self.t, self.t.config
+        step = int(jax.device_get(self.state.step))
+        self._flush(step, epoch + step_in_epoch / t.steps_per_epoch, n_window, False)
+        if self.diverged is not None and c.on_divergence == "stop":
+            return self._stop_diverged()  # a divergence is the run's result
+        if self.checkpointer is None and t.out_dir is not None:
+            self.checkpointer = t.checkpointer()
+        t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window, force=True)
+        if c.progress:
+            self.bar.write(f"{t.desc}: preempted at step {step}; checkpointed")
+        preempt.raise_if_requested(step)
+        return False  # pragma: no cover - raise_if_requested raised
 
     def _stop_diverged(self) -> bool:
         """Stop a diverged run: read what is queued, checkpoint the last finite state."""

@@ -19,9 +19,18 @@ from seqnorm_jax.train.config import RESUME_SAFE_FIELDS, TrainConfig, config_cha
 from seqnorm_jax.train.metrics import RunFileError
 from seqnorm_jax.train.paths import run_path
 
-__all__ = ["check_resume_config", "is_writer", "write_config"]
+__all__ = ["RUN_FILES", "RunFolderUsedError", "check_resume_config", "claim_run_folder",
+           "is_writer", "write_config"]
 
 CONFIG_NAME = "config.json"
+# What a training run writes into its folder (a study's run record included): a folder
+# holding any of them holds a run.
+RUN_FILES = (CONFIG_NAME, "metrics.jsonl", "metrics.csv", "checkpoints", "checkpoints.damaged",
+             "record.json")
+
+
+class RunFolderUsedError(ValueError):
+    """A run folder holds an earlier run, and neither resume nor overwrite was asked for."""
 
 
 def is_writer() -> bool:
@@ -40,6 +49,48 @@ def write_config(out_dir: str | os.PathLike, config: TrainConfig) -> None:
         path.write_text(config.to_json())
     except OSError as e:
         raise RunFileError(os.fspath(path), e.strerror or str(e)) from e
+
+
+def claim_run_folder(directory: str | os.PathLike, flag: str = "out_dir", *, resume: bool,
+                     overwrite: bool, files: Iterable[str] = RUN_FILES,
+                     marks: Iterable[str] | None = None) -> list[str]:
+    """Make ``directory`` ready for a new run: refuse it if it holds an earlier one.
+
+    A folder holding any of ``marks`` (default: ``files``) is used. A used folder is
+    refused unless ``resume`` (the run continues it) or ``overwrite`` (``files`` are
+    deleted first; nothing else in the folder is touched). Call it with the folder's
+    lock held.
+
+    Returns:
+      The names of ``marks`` present.
+
+    Raises:
+      RunFolderUsedError: a used folder without ``resume`` or ``overwrite`` (the message
+        names what it holds and the ways on).
+      ValueError: ``resume`` and ``overwrite`` together.
+    """
+    if resume and overwrite:
+        raise ValueError(f"{flag}: --resume continues the run in the folder and --overwrite "
+                         "deletes it; give one of them.")
+    folder = run_path(directory)
+    files = tuple(files)
+    present = [name for name in (files if marks is None else marks) if (folder / name).exists()]
+    if not present or resume:
+        return present
+    if not overwrite:
+        raise RunFolderUsedError(
+            f"{flag} {os.fspath(directory)!r} holds an earlier run ({', '.join(present)}); "
+            "continue it with --resume, replace it with --overwrite, or choose another "
+            "folder.")
+    for path in (folder / name for name in files):
+        if not path.exists():
+            continue
+        try:
+            path.rmtree() if path.is_dir() else path.unlink()
+        except OSError as e:
+            raise RunFileError(os.fspath(path), f"cannot delete it for --overwrite "
+                                                f"({e.strerror or e})") from e
+    return present
 
 
 def check_resume_config(out_dir: str | os.PathLike, config: TrainConfig,

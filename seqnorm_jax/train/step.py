@@ -49,6 +49,7 @@ __all__ = [
     "eval_step",
     "init_micro_batch_stats",
     "split_micro_batches",
+    "step_finite",
     "train_step",
     "update_micro_batch_stats",
 ]
@@ -88,23 +89,35 @@ def apply_model(state: TrainState, images: jax.Array, *, train: bool,
     return out, updates["batch_stats"]
 
 
+def step_finite(loss: jax.Array, grad_norm: jax.Array, new_state: TrainState) -> jax.Array:
+    """Whether a step is finite: its loss, its gradient norm and everything it writes
+    (``new_state``'s parameters, optimizer state and running statistics; a traced bool)."""
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    for leaf in jax.tree_util.tree_leaves((new_state.params, new_state.opt_state,
+                                           new_state.batch_stats)):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(leaf))
+    return ok
+
+
+def _keep_if(keep: jax.Array, new: TrainState, old: TrainState) -> TrainState:
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, old)
+
+
 def apply_update(state: TrainState, grads: Any, batch_stats: Any, loss: jax.Array,
                  grad_norm: jax.Array, guard: jax.Array | None = None) -> TrainState:
     """``state`` after the optimizer step on ``grads`` and with the new ``batch_stats``.
 
-    With ``guard`` (a traced bool) the step is taken only if ``guard`` holds and ``loss``
-    and ``grad_norm`` are finite; otherwise the state passes through unchanged. The
-    choice is a ``lax.cond`` around the update, so a step that is taken costs what an
-    unguarded one does (no select over the state).
+    With ``guard`` (a traced bool) the step is taken only if ``guard`` holds and the step
+    is finite (:func:`step_finite`: the loss, the gradient norm and every array the step
+    writes); otherwise the state passes through unchanged (an elementwise select, which
+    XLA fuses into the update).
     """
-    def update(_):
-        new = state.apply_gradients(grads=grads)
-        return new.replace(batch_stats=batch_stats) if state.batch_stats else new
-
+    new = state.apply_gradients(grads=grads)
+    new = new.replace(batch_stats=batch_stats) if state.batch_stats else new
     if guard is None:
-        return update(None)
-    keep = guard & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    return jax.lax.cond(keep, update, lambda _: state, None)
+        return new
+    return _keep_if(guard & step_finite(loss, grad_norm, new), new, state)
 
 
 def split_micro_batches(batch: PyTree, micro_batches: int) -> PyTree:
@@ -205,14 +218,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
         micro-batch index).
       output_noise: ``(mean, std)`` of Gaussian noise added to every norm layer's output
         (:func:`~seqnorm_jax.train.output_noise_scope`, paper 004's robustness study).
-      guard: a traced bool: take the step only if it holds and the loss and gradient
-        are finite (:func:`apply_update`; :func:`~seqnorm_jax.train.guarded_step`
-        passes it).
+      guard: a traced bool: take the step only if it holds and the step is finite
+        (:func:`step_finite`: loss, gradient norm, and the new parameters, optimizer
+        state and running statistics; :func:`~seqnorm_jax.train.guarded_step` passes it).
 
     Returns:
       ``(new_state, metrics)`` with scalar ``loss``, ``accuracy`` (over the whole
-      batch), ``grad_norm`` (before clipping) and ``lr`` (``lr_fn(step)`` of the step
-      just taken, 0 if ``lr_fn`` is None).
+      batch), ``grad_norm`` (before clipping), ``lr`` (``lr_fn(step)`` of the step
+      just taken, 0 if ``lr_fn`` is None) and ``finite`` (:func:`step_finite` of the
+      step as computed, a bool).
     """
     k = checks.positive_int(micro_batches, "micro_batches", "train_step")
     rngs = step_rngs(state)
@@ -236,10 +250,14 @@ def train_step(state: TrainState, batch: dict[str, jax.Array],
         (loss, new_stats, correct), grads = accumulate_gradients(
             loss_fn, state.params, batch_stats, batch, k)
     grad_norm = optax.tree.norm(grads)
-    new_state = apply_update(state, grads, new_stats, loss, grad_norm, guard)
+    new_state = apply_update(state, grads, new_stats, loss, grad_norm)
+    finite = step_finite(loss, grad_norm, new_state)
+    if guard is not None:
+        new_state = _keep_if(guard & finite, new_state, state)
     accuracy = jnp.sum(correct) / batch["label"].shape[0]
     lr = jnp.asarray(lr_fn(state.step) if lr_fn is not None else 0.0, jnp.float32)
-    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "lr": lr}
+    metrics = {"loss": loss, "accuracy": accuracy, "grad_norm": grad_norm, "lr": lr,
+               "finite": finite}
     return new_state, metrics
 
 
