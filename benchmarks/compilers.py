@@ -164,6 +164,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --layers: unknown {unknown}; choose from {list(LAYERS)}", file=sys.stderr)
         return 2
     try:
+        shapes = [tuple(int(v) for v in hwc.split("x")) for hwc in args.shapes.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(not s or min(s) < 1 or s[-1] % 32 for s in shapes) or args.per_chip < 1:
+        print(f"error: --shapes {args.shapes!r} --per-chip {args.per_chip}: give per-example "
+              "shapes such as 32x32x64,56x56x256 (positive sizes, channels a multiple of 32 "
+              "for the layers' groups) and at least one example per chip", file=sys.stderr)
+        return 2
+    try:
         topo = aot.topology(args.topology)
     except (ValueError, aot.CompilerNotInstalledError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -175,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"backward, running statistics); jax {jax.__version__}; compiled on "
           f"{platform.machine()} ({platform.node() or 'host'})")
     rows = []
-    for hwc in args.shapes.split(","):
-        shape = (args.per_chip * d,) + tuple(int(s) for s in hwc.split("x"))
+    for hwc, per_example in zip(args.shapes.split(","), shapes):
+        shape = (args.per_chip * d,) + per_example
         ref = analyze_layer(LAYERS["flax_bn"](d), topo, shape, args.dtype)
         print(f"\n## {hwc} (global {shape})\n")
         if gpu:
