@@ -270,7 +270,8 @@ def any_mesh(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     Inside, XLA partitions the group reshapes and reductions exactly as on an ``Auto``
     mesh (the same collectives: ``tests/test_hlo_collectives.py``); the output keeps
-    the input's sharding and the running-statistics targets come back replicated.
+    the input's sharding and the running-statistics targets come back sharded as the
+    input's channels (replicated unless the channels are split, e.g. over a "model" axis).
     """
 
     @functools.wraps(fn)
@@ -280,7 +281,11 @@ def any_mesh(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(x, *args, **kwargs)
         arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
         rest = {k: v for k, v in kwargs.items() if k not in arrays}
-        out = (spec, PartitionSpec()) if kwargs.get("return_stats") else spec
+        out = spec
+        if kwargs.get("return_stats"):  # the (C,) targets split as x's channels are
+            ndim = jnp.ndim(x)
+            feature = 0 if ndim == 1 else stats.feature_axis(ndim, kwargs.get("axis", -1))
+            out = (spec, PartitionSpec(spec[feature] if feature < len(spec) else None))
         run = lambda x, args, arrays: fn(x, *args, **rest, **arrays)
         # auto_axes needs the mesh in context: the input's, whether or not the caller set
         # one with jax.set_mesh.
