@@ -370,6 +370,7 @@ def test_disk_full_one_error_line_last_checkpoint_intact_resume_bit_identical(
     assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("seqnorm-jax train: error: ") and "No space left" in lines[0], err
     assert int(final_state(out).step) == 10  # the last checkpoint is intact
+    assert no_orbax_tmp(out) == []  # step 20's half-written folder went when it was opened
     if filler.exists():
         filler.unlink()
     code, _, err = run(capsys, ["train", *RUN, "--out", str(out), "--resume"])

@@ -249,7 +249,8 @@ def _train_parser(sub) -> None:
     train.add_argument("--out", required=True, metavar="DIR",
                        help="output folder (config.json, metrics, checkpoints)")
     train.add_argument("--resume", action="store_true",
-                       help="continue from the newest intact checkpoint in --out; the config "
+                       help="continue from the newest intact checkpoint in --out (none "
+                            "there: start from step 0, saying so); the config "
                             "must equal the saved one except epochs, progress, log_every, "
                             "checkpoint_every, keep_checkpoints, data_workers, "
                             "eval_batch_size, on_divergence, data_dir")
