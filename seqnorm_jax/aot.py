@@ -46,8 +46,9 @@ partitioning): a device is a chip, except on TPU v4, whose deviceless topologies
 one device per TensorCore (two per chip); :attr:`Topology.device_chip` shares the
 chip's figures out accordingly. XLA:GPU has no deviceless cost analysis; for GPU
 executables the flops and bytes come from XLA's HLO cost analysis run on the compiled
-GPU module by the host (CPU) client: the same counts, without GPU-specific cost
-modelling.
+GPU module by the host (CPU) client (the same counts, without GPU-specific cost
+modelling), plus the flops of the cuDNN convolutions, custom calls that analysis counts
+as none.
 """
 
 from __future__ import annotations
@@ -611,6 +612,39 @@ class Analysis:
         return None if self.chip is None else self.memory.total <= self.chip.hbm_bytes
 
 
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_DIM_LABELS = re.compile(r"dim_labels=\w+_(\w+)->\w+")
+_CONV_ROLES = {  # target -> (where the forward output is, where the kernel is)
+    "__cudnn$convForward": ("out", 1), "__cudnn$convBiasActivationForward": ("out", 1),
+    "__cudnn$convBackwardInput": (0, 1), "__cudnn$convBackwardFilter": (1, "out")}
+
+
+def _dims(shape: str) -> list[int]:
+    first = _ARRAY.search(shape)
+    return [int(d) for d in first[2].split(",") if d] if first else []
+
+
+def _cudnn_conv_flops(instructions: list[dict[str, Any]]) -> float:
+    """The flops of the cuDNN convolutions of an XLA:GPU module, which XLA's HLO cost
+    analysis counts as 0 (custom calls): ``2 x`` the forward output's elements ``x`` the
+    kernel's elements per output feature, for the forward and both backward passes."""
+    shapes = {ins["name"]: ins["shape"] for ins in instructions}
+    flops = 0.0
+    for ins in instructions:
+        target = _TARGET.search(ins["operands"]) if ins["op"] == "custom-call" else None
+        labels = _DIM_LABELS.search(ins["operands"]) if target else None
+        if labels is None or target[1] not in _CONV_ROLES:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", ins["operands"].split(")", 1)[0])
+        where = [ins["shape"] if r == "out" else shapes.get(operands[r], "") if r < len(operands)
+                 else "" for r in _CONV_ROLES[target[1]]]
+        y, w = (_dims(x) for x in where)
+        if not y or len(w) != len(labels[1]) or "o" not in labels[1]:
+            continue
+        flops += 2.0 * math.prod(y) * math.prod(w) / w[labels[1].index("o")]
+    return flops
+
+
 def _cost(compiled: Any) -> dict[str, float]:
     try:
         cost = compiled.cost_analysis()
@@ -625,7 +659,10 @@ def _cost(compiled: Any) -> dict[str, float]:
 
     modules = compiled.runtime_executable().hlo_modules()
     host = jax.devices("cpu")[0].client
-    return dict(xla_client._xla.hlo_module_cost_analysis(host, modules[0]))
+    cost = dict(xla_client._xla.hlo_module_cost_analysis(host, modules[0]))
+    instructions = list(hlo_instructions(compiled.as_text()))
+    cost["flops"] = cost.get("flops", 0.0) + _cudnn_conv_flops(instructions)
+    return cost
 
 
 def analyze(compiled: Any, chip: Chip | Topology | None = None) -> Analysis:

@@ -51,3 +51,22 @@ def test_target_config_states_the_published_device():
     assert "core_count: 132" in text
     assert f"memory_bandwidth: {int(3.35e12)}" in text
     assert "cuda_compute_capability { major: 9 minor: 0 }" in text
+
+
+def test_convolution_flops_counted_on_gpu():
+    # XLA:GPU runs convolutions as cuDNN custom calls, which XLA's cost analysis counts as
+    # no flops; aot adds them: forward, backward-input and backward-filter each
+    # 2 x (8 x 16 x 16 x 16 outputs per device) x (3 x 3 x 8 kernel taps per output)
+    topo = aot.topology("h100:8")
+    mesh = aot.make_mesh(topo)
+    x = aot.sharded((64, 16, 16, 8), jnp.float32, mesh, P("data"))
+    w = aot.sharded((3, 3, 8, 16), jnp.float32, mesh)
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y ** 2)
+
+    a = aot.analyze(aot.compile_for(jax.grad(loss, argnums=(0, 1)), x, w, mesh=mesh), topo)
+    convs = 3 * 2 * (8 * 16 * 16 * 16) * (3 * 3 * 8)
+    assert convs <= a.flops <= 1.01 * convs

@@ -95,3 +95,14 @@ def test_cli_bad_mesh_and_run(capsys):
     assert main(["plan", "003_fluctuation_mlp4", "--run", "BN batch 9",
                  "--topology", "v5e:2x2"]) == 2
     assert "--run 'BN batch 9'" in capsys.readouterr().err
+
+
+def test_cli_data_by_model_mesh_on_explicit_axes(capsys):
+    assert main(["plan", "--model", "cnn", "--dataset", "cifar10", "--norm",
+                 "ghost:batch_groups=2", "--batch-size", "64", "--topology", "v5e:2x2",
+                 "--mesh", "data=2,model=2", "--axis-types", "explicit", "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)["runs"][0]
+    assert run["mesh"] == {"data": 2, "model": 2} and run["axis_types"] == "explicit"
+    # ghost groups on the data shards: no collective for statistics alone
+    stats = run["collectives"]["statistics"]["count"]
+    assert stats == run["collectives"]["combined"]["count"] <= 1
