@@ -26,7 +26,7 @@ like ImageNet's files).
     python benchmarks/input_pipeline.py                    # 2000 images
     python benchmarks/input_pipeline.py --images 1000 --rounds 5 --json out.json
 
-Targets (issue 13): each preset >= 1.0x the Pillow reference per core; the
+Targets: each preset >= 1.0x the Pillow reference per core; the
 loader with all workers >= 0.8x (workers x the 1-worker rate).
 """
 
