@@ -46,3 +46,13 @@ def test_step_key_ignores_constants_not_the_step():
     assert plan.step_key(c, "v5e:1x1") == plan.step_key(c.replace(lr=0.5, epochs=3), "v5e:1x1")
     assert plan.step_key(c, "v5e:1x1") != plan.step_key(c.replace(norm="hn"), "v5e:1x1")
     assert plan.step_key(c, "v5e:1x1") != plan.step_key(c, "v5e:2x4")
+
+
+def test_step_key_changes_with_the_code_that_builds_the_step(monkeypatch):
+    # A step cached from other sources (or another jax / compiler) is never served.
+    exp = load_experiment("003_fluctuation_mlp4").resolve("full")
+    c = exp.configs()[0][1]
+    before = plan.step_key(c, "v5e:1x1")
+    assert len(plan.code_fingerprint()) == 12
+    monkeypatch.setattr(plan, "code_fingerprint", lambda: "0" * 12)
+    assert plan.step_key(c, "v5e:1x1") != before

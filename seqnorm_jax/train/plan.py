@@ -26,7 +26,9 @@ config's ``train_size`` / ``validation_size``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -314,16 +316,49 @@ _STEP_FIELDS = ("model", "model_kwargs", "norm", "dtype", "dataset", "batch_size
                 "output_noise_std", "on_divergence", "log_every")
 
 
+# The parts of the package a training step is not built from: a change there leaves every
+# cached step valid.
+_NOT_IN_THE_STEP = ("cli", "studies", "analysis", "data", os.path.join("train", "plan.py"))
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """A hash of what a compiled step depends on besides its config: the package's sources
+    that build the step (layers, statistics, models, the train step and optimizer) and the
+    jax, jaxlib and compiler versions. A cached step compiled from other code is not used."""
+    import hashlib
+    from importlib import metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha1()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if name.endswith(".py") and not rel.startswith(_NOT_IN_THE_STEP):
+                h.update(rel.encode())
+                with open(path, "rb") as f:
+                    h.update(f.read())
+    for package in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin"):
+        try:
+            h.update(f"{package}={metadata.version(package)}".encode())
+        except metadata.PackageNotFoundError:
+            h.update(f"{package}=-".encode())
+    return h.hexdigest()[:12]
+
+
 def step_key(config: TrainConfig, topology: str, image_shape=None) -> str:
     """The cache key of ``config``'s compiled step on ``topology``: the fields that change
     what the step computes (model, norm, dtype, batch, optimizer, ...), not those that only
-    set its constants (learning rates, epochs)."""
+    set its constants (learning rates, epochs), and :func:`code_fingerprint`."""
     import hashlib
     import json
 
     fields = {k: getattr(config, k) for k in _STEP_FIELDS}
     fields["grad_clip_norm"] = fields["grad_clip_norm"] is not None
-    fields.update(topology=topology, image_shape=list(image_shape or ()))
+    fields.update(topology=topology, image_shape=list(image_shape or ()),
+                  code=code_fingerprint())
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
