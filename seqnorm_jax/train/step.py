@@ -109,7 +109,7 @@ def step_finite(loss: jax.Array, grad_norm: jax.Array, new_state: TrainState) ->
 
 
 def _keep_if(keep: jax.Array, new: TrainState, old: TrainState) -> TrainState:
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, old)
+    return jax.lax.cond(keep, lambda: new, lambda: old)
 
 
 def apply_update(state: TrainState, grads: Any, batch_stats: Any, loss: jax.Array,
@@ -118,8 +118,11 @@ def apply_update(state: TrainState, grads: Any, batch_stats: Any, loss: jax.Arra
 
     With ``guard`` (a traced bool) the step is taken only if ``guard`` holds and the step
     is finite (:func:`step_finite`: the loss, the gradient norm and every array the step
-    writes); otherwise the state passes through unchanged (an elementwise select, which
-    XLA fuses into the update).
+    writes); otherwise the state passes through unchanged (a ``lax.cond`` between the two
+    states: on the TPU compiler an elementwise select over the whole state read 16 % more
+    bytes in VGG-11's step, 1.71 against 1.47 GiB per chip at 16 examples, where the
+    ``cond`` reads 1.22 GiB; ``seqnorm-jax plan 004_output_noise_vgg11 --run 0
+    --topology v5e:2x4``).
     """
     new = state.apply_gradients(grads=grads)
     new = new.replace(batch_stats=batch_stats) if state.batch_stats else new
