@@ -20,6 +20,10 @@ Trainer hooks are passed as ``Trainer(config, step_hooks=[recorder])``; each is 
 as ``hook(state, batch, step)`` before every optimizer step.
 """
 
+from seqnorm_jax._extras import require_train
+
+require_train("seqnorm_jax.analysis")
+
 from seqnorm_jax.analysis.example_weight import (
     best_example_weight,
     example_weight_sweep,

@@ -25,25 +25,32 @@ runs a command and turns its errors into the ``error:`` message and the exit sta
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
 from collections.abc import Sequence
 
-from seqnorm_jax.cli.commands import COMMANDS, DIVERGED, PREEMPTED
-from seqnorm_jax.cli.parser import (
-    COMPARE_DEFAULTS,
-    build_parser,
-    parse_groups,
-    parse_norms,
-    parse_seeds,
-)
+from seqnorm_jax._extras import MissingExtraError, require_train
 
 __all__ = ["COMPARE_DEFAULTS", "DIVERGED", "PREEMPTED", "build_parser", "error_text", "main",
            "parse_groups", "parse_norms", "parse_seeds"]
 
 
 STOPPABLE = ("train", "compare", "tune", "experiment")
+
+# The parser's and the commands' names, imported when first used: importing this package
+# (the console script does) needs nothing of the training extra until a command runs, so
+# that a missing extra ends in ``main``'s one-line error.
+_LAZY = {"COMPARE_DEFAULTS": "parser", "build_parser": "parser", "parse_groups": "parser",
+         "parse_norms": "parser", "parse_seeds": "parser", "DIVERGED": "commands",
+         "PREEMPTED": "commands"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"seqnorm_jax.cli.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def error_text(err: BaseException) -> str:
@@ -55,6 +62,14 @@ def error_text(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit status."""
+    try:
+        require_train("the seqnorm-jax command")
+    except MissingExtraError as err:
+        print(f"seqnorm-jax: error: {err}", file=sys.stderr)
+        return 2
+    from seqnorm_jax.cli.commands import COMMANDS, PREEMPTED
+    from seqnorm_jax.cli.parser import build_parser
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

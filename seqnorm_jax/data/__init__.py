@@ -31,6 +31,10 @@ constants), :mod:`~seqnorm_jax.data.readers` (file readers),
 :mod:`~seqnorm_jax.data.device` (device prefetch and normalisation).
 """
 
+from seqnorm_jax._extras import require_train
+
+require_train("seqnorm_jax.data")
+
 from seqnorm_jax.data.augment import (
     PRESETS,
     center_crop,

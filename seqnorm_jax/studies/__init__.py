@@ -21,6 +21,10 @@ thin users of it:
   (:data:`KINDS`): each kind's hooks, per-run analysis, summary columns and plots.
 """
 
+from seqnorm_jax._extras import require_train
+
+require_train("seqnorm_jax.studies")
+
 from seqnorm_jax.studies.compare import (
     DEFAULT_NORMS,
     CompareResult,

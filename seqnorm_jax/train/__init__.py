@@ -27,6 +27,10 @@ Building blocks, usable on their own with any flax model:
   metrics kept on the device, divergence caught inside the compiled step).
 """
 
+from seqnorm_jax._extras import require_train
+
+require_train("seqnorm_jax.train")
+
 from seqnorm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
 from seqnorm_jax.train.compiled import (
     StepAccumulator,
