@@ -1,9 +1,10 @@
 """The paper table of ``seqnorm-jax plan --paper-table`` from a compile cache (no compiler:
-every step is cached, so nothing compiles): the arithmetic of its rows and the order of
-its topologies."""
+every step is cached, so nothing compiles): the arithmetic of its rows, the order of its
+topologies, and when a cached step is served (lowering and compiling are stood in for)."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -27,7 +28,8 @@ def test_table_row_from_cached_steps(tmp_path):
     for c, s in zip(configs, seconds):
         key = plan.step_key(c, topology, exp.image_shape)
         with open(os.path.join(tmp_path, key + ".json"), "w") as f:
-            json.dump(_record(s, int(0.5 * GIB) if s < 4e-3 else 2 * GIB), f)
+            json.dump({"code": plan.code_fingerprint(), "program": "p",
+                       "step": _record(s, int(0.5 * GIB) if s < 4e-3 else 2 * GIB)}, f)
     out = tmp_path / "table.md"
     text = plan.plan_table(["003_fluctuation_mlp4"], str(tmp_path), out=str(out))
     assert out.read_text() == text
@@ -48,11 +50,70 @@ def test_step_key_ignores_constants_not_the_step():
     assert plan.step_key(c, "v5e:1x1") != plan.step_key(c, "v5e:2x4")
 
 
-def test_step_key_changes_with_the_code_that_builds_the_step(monkeypatch):
-    # A step cached from other sources (or another jax / compiler) is never served.
-    exp = load_experiment("003_fluctuation_mlp4").resolve("full")
-    c = exp.configs()[0][1]
-    before = plan.step_key(c, "v5e:1x1")
-    assert len(plan.code_fingerprint()) == 12
-    monkeypatch.setattr(plan, "code_fingerprint", lambda: "0" * 12)
-    assert plan.step_key(c, "v5e:1x1") != before
+class _Lowered:
+    """Stands in for :class:`plan.LoweredStep`: a program fingerprint and a compile count."""
+
+    def __init__(self, program, record):
+        self.program, self.record, self.compiles = program, record, 0
+
+    def program_fingerprint(self):
+        return self.program
+
+    def compile(self, progress=None):
+        self.compiles += 1
+        return SimpleNamespace(to_dict=lambda: self.record)
+
+
+def _cache_entry(tmp_path, config, code, program, record):
+    path = tmp_path / (plan.step_key(config, "v5e:1x1") + ".json")
+    path.write_text(json.dumps({"code": code, "program": program, "step": record}))
+    return path
+
+
+@pytest.fixture
+def config():
+    return load_experiment("003_fluctuation_mlp4").resolve("full").configs()[0][1]
+
+
+def test_cached_step_same_code_is_served_without_lowering(tmp_path, monkeypatch, config):
+    _cache_entry(tmp_path, config, plan.code_fingerprint(), "p", _record(1e-3, GIB))
+
+    def no_lowering(*args, **kwargs):
+        raise AssertionError("lowered")
+
+    monkeypatch.setattr(plan, "lower_step", no_lowering)
+    assert plan.cached_step(config, "v5e:1x1", str(tmp_path)) == _record(1e-3, GIB)
+
+
+def test_cached_step_other_code_same_program_is_served(tmp_path, monkeypatch, config):
+    # other sources (or versions) that lower to the same program: served, not compiled,
+    # and recorded with this code's fingerprint
+    path = _cache_entry(tmp_path, config, "0" * 12, "p", _record(1e-3, GIB))
+    lowered = _Lowered("p", _record(9e-3, 2 * GIB))
+    monkeypatch.setattr(plan, "lower_step", lambda *a, **k: lowered)
+    assert plan.cached_step(config, "v5e:1x1", str(tmp_path)) == _record(1e-3, GIB)
+    assert lowered.compiles == 0
+    assert json.loads(path.read_text()) == {"code": plan.code_fingerprint(), "program": "p",
+                                            "step": _record(1e-3, GIB)}
+
+
+def test_cached_step_other_program_is_compiled_again(tmp_path, monkeypatch, config):
+    path = _cache_entry(tmp_path, config, "0" * 12, "p", _record(1e-3, GIB))
+    lowered = _Lowered("q", _record(9e-3, 2 * GIB))
+    monkeypatch.setattr(plan, "lower_step", lambda *a, **k: lowered)
+    assert plan.cached_step(config, "v5e:1x1", str(tmp_path)) == _record(9e-3, 2 * GIB)
+    assert lowered.compiles == 1
+    assert json.loads(path.read_text()) == {"code": plan.code_fingerprint(), "program": "q",
+                                            "step": _record(9e-3, 2 * GIB)}
+
+
+def test_cached_step_records_a_config_that_cannot_be_planned(tmp_path, monkeypatch, config):
+    def refused(*args, **kwargs):
+        raise ValueError("batch_groups=3 does not divide the batch of 4")
+
+    monkeypatch.setattr(plan, "lower_step", refused)
+    step = plan.cached_step(config, "v5e:1x1", str(tmp_path))
+    assert step == {"error": "batch_groups=3 does not divide the batch of 4",
+                    "does_not_fit": False}
+    entry = json.loads((tmp_path / (plan.step_key(config, "v5e:1x1") + ".json")).read_text())
+    assert entry == {"code": plan.code_fingerprint(), "program": None, "step": step}

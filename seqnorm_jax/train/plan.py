@@ -36,9 +36,9 @@ from typing import Any
 from seqnorm_jax import aot
 from seqnorm_jax.train.config import TrainConfig
 
-__all__ = ["DoesNotFitError", "StepPlan", "TABLE_TOPOLOGIES", "TRAIN_EXAMPLES", "cached_step",
-           "format_bytes", "format_plan", "format_seconds", "parse_mesh", "plan_step",
-           "plan_table", "step_key", "train_examples"]
+__all__ = ["DoesNotFitError", "LoweredStep", "StepPlan", "TABLE_TOPOLOGIES", "TRAIN_EXAMPLES",
+           "cached_step", "format_bytes", "format_plan", "format_seconds", "lower_step",
+           "parse_mesh", "plan_step", "plan_table", "step_key", "train_examples"]
 
 # Training-split sizes (the TensorFlow Datasets catalog's train splits; digits: this
 # package's fixed 1,442-image train split of scikit-learn's 1,797).
@@ -183,6 +183,111 @@ class StepPlan:
         }
 
 
+@dataclasses.dataclass
+class LoweredStep:
+    """A run's training step lowered for a topology (:func:`lower_step`), ready to compile.
+
+    Attributes:
+      config, topology, mesh, axis_types: as in :class:`StepPlan`.
+      trainer: the run's :class:`~seqnorm_jax.train.Trainer` on the deviceless mesh.
+      device_mesh: that mesh (``jax.sharding.Mesh``).
+      lowered: ``trainer.loop_step`` lowered (``jax.stages.Lowered``).
+      image_shape: the input images' shape.
+    """
+
+    config: TrainConfig
+    topology: aot.Topology
+    mesh: dict[str, int]
+    axis_types: str
+    trainer: Any
+    device_mesh: Any
+    lowered: Any
+    image_shape: tuple[int, ...]
+
+    def program_fingerprint(self) -> str:
+        """A hash of what the compiler is given: the lowered program (StableHLO, without
+        source locations), the topology, the mesh, ``XLA_FLAGS`` and the jax, jaxlib and
+        compiler versions. Two steps with the same fingerprint compile to the same thing,
+        whatever Python code produced them."""
+        import hashlib
+        from importlib import metadata
+
+        compiler = "libtpu" if self.topology.chip.platform == "tpu" else "jax-cuda12-plugin"
+        h = hashlib.sha1(self.lowered.as_text().encode())
+        for package in ("jax", "jaxlib", compiler):
+            try:
+                h.update(f"{package}={metadata.version(package)}".encode())
+            except metadata.PackageNotFoundError:
+                h.update(f"{package}=-".encode())
+        h.update(f"{self.topology.name} {sorted(self.mesh.items())} {self.axis_types} "
+                 f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}".encode())
+        return h.hexdigest()[:16]
+
+    def compile(self, progress: Callable[[str], None] | None = None) -> StepPlan:
+        """Compile the step and analyse it (:func:`plan_step`)."""
+        import numpy as np
+
+        from seqnorm_jax.train.optim import model_norm_paths
+
+        config, topo = self.config, self.topology
+        if progress is not None:
+            progress(f"compiling {config.model} / {config.norm} / {config.dtype}, batch "
+                     f"{config.batch_size}, for {topo.name} "
+                     f"({_count(topo.num_devices, 'device')}) ...")
+        from seqnorm_jax.distributed import mesh_context
+
+        start = time.perf_counter()
+        try:
+            with mesh_context(self.device_mesh):
+                compiled = self.lowered.compile()
+        except Exception as err:  # noqa: BLE001 - jax's runtime error type is not public
+            text = " ".join(str(err).split())
+            if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+                raise
+            raise DoesNotFitError(
+                f"{config.model} / {config.norm}, batch {config.batch_size}, does not fit "
+                f"{topo.name}: the compiler says: {text.split(': ', 1)[-1]} Use more chips "
+                "(a larger --topology), a smaller --batch-size or more --grad-accum-steps."
+            ) from None
+        seconds = time.perf_counter() - start
+        paths = model_norm_paths(self.trainer.model,
+                                 np.zeros((1, *self.image_shape), np.float32))
+        return StepPlan(config=config, topology=topo, mesh=dict(self.mesh),
+                        axis_types=self.axis_types, analysis=aot.analyze(compiled, topo),
+                        steps_per_epoch=self.trainer.steps_per_epoch,
+                        total_steps=self.trainer.total_steps, compile_seconds=seconds,
+                        norm_paths=paths)
+
+
+def lower_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | None = None,
+               axis_types: str = "auto",
+               image_shape: Sequence[int] | None = None) -> LoweredStep:
+    """Build ``config``'s Trainer on a deviceless mesh over ``topology`` and lower its
+    training step (seconds; the compile is :meth:`LoweredStep.compile`). Arguments and
+    errors as :func:`plan_step`'s, except that nothing compiles here."""
+    from seqnorm_jax.data import dataset_info
+    from seqnorm_jax.distributed import mesh_context
+    from seqnorm_jax.train.loop import Trainer
+    from seqnorm_jax.train.validate import loop_step_arguments
+
+    config.validate()
+    topo = aot.topology(topology) if isinstance(topology, str) else topology
+    shape, names = parse_mesh(mesh, topo.num_devices)
+    device_mesh = aot.make_mesh(topo, shape, names, axis_types)
+    info = dataset_info(config.dataset)
+    if image_shape is not None:
+        info = dataclasses.replace(info, image_shape=tuple(int(d) for d in image_shape))
+    source = _SizedSource(info, train_examples(config))
+    trainer = Trainer(config, train_source=source, eval_source=source, mesh=device_mesh,
+                      save_checkpoints=False, donate=True)
+    with mesh_context(device_mesh):
+        lowered = trainer.loop_step.lower(*loop_step_arguments(trainer))
+    return LoweredStep(config=config, topology=topo, mesh=dict(zip(names, shape)),
+                       axis_types=axis_types, trainer=trainer, device_mesh=device_mesh,
+                       lowered=lowered,
+                       image_shape=tuple(info.image_shape))
+
+
 def plan_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | None = None,
               axis_types: str = "auto", image_shape: Sequence[int] | None = None,
               progress: Callable[[str], None] | None = None) -> StepPlan:
@@ -202,48 +307,8 @@ def plan_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str | 
       DoesNotFitError: the compiler found that the step does not fit the chip's HBM.
       seqnorm_jax.aot.CompilerNotInstalledError: the compiler's extra is missing.
     """
-    from seqnorm_jax.data import dataset_info
-    from seqnorm_jax.distributed import mesh_context
-    import numpy as np
-
-    from seqnorm_jax.train.loop import Trainer
-    from seqnorm_jax.train.optim import model_norm_paths
-    from seqnorm_jax.train.validate import loop_step_arguments
-
-    config.validate()
-    topo = aot.topology(topology) if isinstance(topology, str) else topology
-    shape, names = parse_mesh(mesh, topo.num_devices)
-    device_mesh = aot.make_mesh(topo, shape, names, axis_types)
-    info = dataset_info(config.dataset)
-    if image_shape is not None:
-        info = dataclasses.replace(info, image_shape=tuple(int(d) for d in image_shape))
-    source = _SizedSource(info, train_examples(config))
-    trainer = Trainer(config, train_source=source, eval_source=source, mesh=device_mesh,
-                      save_checkpoints=False, donate=True)
-    if progress is not None:
-        progress(f"compiling {config.model} / {config.norm} / {config.dtype}, batch "
-                 f"{config.batch_size}, for {topo.name} ({_count(topo.num_devices, 'device')}) ...")
-    start = time.perf_counter()
-    with mesh_context(device_mesh):
-        args = loop_step_arguments(trainer)
-        try:
-            compiled = trainer.loop_step.lower(*args).compile()
-        except Exception as err:  # noqa: BLE001 - jax's runtime error type is not public
-            text = " ".join(str(err).split())
-            if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
-                raise
-            raise DoesNotFitError(
-                f"{config.model} / {config.norm}, batch {config.batch_size}, does not fit "
-                f"{topo.name}: the compiler says: {text.split(': ', 1)[-1]} Use more chips "
-                "(a larger --topology), a smaller --batch-size or more --grad-accum-steps."
-            ) from None
-    seconds = time.perf_counter() - start
-    paths = model_norm_paths(trainer.model, np.zeros((1, *info.image_shape), np.float32))
-    return StepPlan(config=config, topology=topo, mesh=dict(zip(names, shape)),
-                    axis_types=axis_types, analysis=aot.analyze(compiled, topo),
-                    steps_per_epoch=trainer.steps_per_epoch,
-                    total_steps=trainer.total_steps, compile_seconds=seconds,
-                    norm_paths=paths)
+    return lower_step(config, topology, mesh=mesh, axis_types=axis_types,
+                      image_shape=image_shape).compile(progress)
 
 
 def format_bytes(n: float) -> str:
@@ -316,16 +381,16 @@ _STEP_FIELDS = ("model", "model_kwargs", "norm", "dtype", "dataset", "batch_size
                 "output_noise_std", "on_divergence", "log_every")
 
 
-# The parts of the package a training step is not built from: a change there leaves every
-# cached step valid.
+# The parts of the package a training step is not built from: a change there leaves the
+# code fingerprint, and so every cached step's fast path, as it is.
 _NOT_IN_THE_STEP = ("cli", "studies", "analysis", "data", os.path.join("train", "plan.py"))
 
 
 @functools.cache
 def code_fingerprint() -> str:
-    """A hash of what a compiled step depends on besides its config: the package's sources
-    that build the step (layers, statistics, models, the train step and optimizer) and the
-    jax, jaxlib and compiler versions. A cached step compiled from other code is not used."""
+    """A hash of the package's sources that build a training step (layers, statistics,
+    models, the train step and optimizer) and the installed jax, jaxlib and compilers: a
+    cached step recorded with this fingerprint is served without lowering anything."""
     import hashlib
     from importlib import metadata
 
@@ -349,16 +414,16 @@ def code_fingerprint() -> str:
 
 
 def step_key(config: TrainConfig, topology: str, image_shape=None) -> str:
-    """The cache key of ``config``'s compiled step on ``topology``: the fields that change
-    what the step computes (model, norm, dtype, batch, optimizer, ...), not those that only
-    set its constants (learning rates, epochs), and :func:`code_fingerprint`."""
+    """The cache file of ``config``'s step on ``topology``: the fields that change what
+    the step computes (model, norm, dtype, batch, optimizer, ...), not those that only set
+    its constants (learning rates, epochs). Whether the file's step is still the one this
+    code builds is :func:`cached_step`'s question."""
     import hashlib
     import json
 
     fields = {k: getattr(config, k) for k in _STEP_FIELDS}
     fields["grad_clip_norm"] = fields["grad_clip_norm"] is not None
-    fields.update(topology=topology, image_shape=list(image_shape or ()),
-                  code=code_fingerprint())
+    fields.update(topology=topology, image_shape=list(image_shape or ()))
     return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -376,24 +441,39 @@ def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_sha
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """:meth:`StepPlan.to_dict` of ``config``'s step on ``topology``, from
     ``cache_dir/<step_key>.json`` or compiled and stored there; a config that cannot be
-    planned is stored as ``{"error": message}``."""
+    planned is stored as ``{"error": message}``.
+
+    A cached step is served only if it is the program this code compiles: the file
+    records the :func:`code_fingerprint` and the :meth:`LoweredStep.program_fingerprint`
+    it was compiled from. The same code fingerprint serves it at once; otherwise the step
+    is lowered (seconds, no compile) and served if the program is unchanged (the file then
+    records the new code fingerprint), else compiled again. So a change to the package
+    recompiles only the steps whose program it changed."""
     import json
-    import os
 
     path = os.path.join(cache_dir, step_key(config, topology, image_shape) + ".json")
+    entry = None
     if os.path.exists(path):
         with open(path) as f:
-            return json.load(f)
+            entry = json.load(f)
+        if entry.get("code") == code_fingerprint():
+            return entry["step"]
     try:
-        record = plan_step(config, topology, image_shape=image_shape,
-                           progress=progress).to_dict()
+        lowered = lower_step(config, topology, image_shape=image_shape)
+        program = lowered.program_fingerprint()
+        if entry is not None and entry.get("program") == program:
+            step = entry["step"]
+        else:
+            step = lowered.compile(progress).to_dict()
     except ValueError as err:
-        record = {"error": str(err), "does_not_fit": isinstance(err, DoesNotFitError)}
+        program = None
+        step = {"error": str(err), "does_not_fit": isinstance(err, DoesNotFitError)}
     os.makedirs(cache_dir, exist_ok=True)
     with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1, sort_keys=True)
+        json.dump({"code": code_fingerprint(), "program": program, "step": step}, f,
+                  indent=1, sort_keys=True)
     os.replace(path + ".tmp", path)
-    return record
+    return step
 
 
 def _run_plan(config: TrainConfig, step: dict[str, Any]) -> float | None:

@@ -16,7 +16,7 @@ from seqnorm_jax import aot
 from seqnorm_jax.cli import main
 from seqnorm_jax.train import TrainConfig
 from seqnorm_jax.train.build import build_model
-from seqnorm_jax.train.plan import TRAIN_EXAMPLES, plan_step
+from seqnorm_jax.train.plan import TRAIN_EXAMPLES, lower_step, plan_step
 
 
 def _param_bytes(config):
@@ -106,3 +106,13 @@ def test_cli_data_by_model_mesh_on_explicit_axes(capsys):
     # ghost groups on the data shards: no collective for statistics alone
     stats = run["collectives"]["statistics"]["count"]
     assert stats == run["collectives"]["combined"]["count"] <= 1
+
+
+def test_program_fingerprint_is_the_lowered_program(topo):
+    # what keys the plan cache across code changes: the same config lowers to the same
+    # program (fresh Trainer, fresh trace), another norm layer to another one
+    bn = lower_step(_config("bn"), topo)
+    assert bn.program_fingerprint() == lower_step(_config("bn"), topo).program_fingerprint()
+    assert bn.program_fingerprint() != lower_step(_config("ghost:batch_groups=4"),
+                                                  topo).program_fingerprint()
+    assert "loc(" not in bn.lowered.as_text()            # no source lines in the hash
