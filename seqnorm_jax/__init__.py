@@ -22,6 +22,7 @@ from seqnorm_jax.linen import (
     NoisyBatchNorm,
     SeqNorm,
 )
+from seqnorm_jax.renaming import rename_norm_modules
 
 __version__ = "0.1.0"
 
@@ -39,5 +40,6 @@ __all__ = [
     "functional",
     "nnx",
     "norm_factory",
+    "rename_norm_modules",
     "stats",
 ]

@@ -21,7 +21,7 @@ __all__ = ["TRAIN_MODULES", "MissingExtraError", "missing_train_modules", "requi
 # name they are imported as. optax and orbax come with flax today, but the training side
 # imports them itself, so the extra names them with the versions it needs.
 TRAIN_MODULES = ("optax", "orbax", "etils", "tensorflow_datasets", "grain", "PIL", "tqdm",
-                 "matplotlib")
+                 "matplotlib", "tensorboardX")
 
 
 class MissingExtraError(ImportError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -262,6 +263,15 @@ def test_fashion_mnist_debian_files():
     # the 55k / 5k hold-out is stratified: 500 per class
     val = data.load("fashion_mnist", "validation", source="idx")
     np.testing.assert_array_equal(np.bincount(val.labels), [500] * 10)
+
+
+def test_auto_source_tries_tfds_quietly(caplog):
+    # source="auto" asks TFDS first; where TFDS has no prepared copy it used to log absl
+    # warnings ("Variant folder ... has no dataset_info.json") on the way to the IDX files
+    with caplog.at_level(logging.DEBUG):
+        train = data.load("fashion_mnist", "test")
+    assert len(train) == 10000
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
 
 
 def test_digits_splits_and_constants():

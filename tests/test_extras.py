@@ -18,7 +18,7 @@ from seqnorm_jax._extras import TRAIN_MODULES
 TRAINING_SIDE = ("seqnorm_jax.train", "seqnorm_jax.data", "seqnorm_jax.studies",
                  "seqnorm_jax.analysis", "seqnorm_jax.cli.commands", "seqnorm_jax.cli.parser")
 # The extra's modules that flax does not bring (flax imports optax, orbax and etils).
-NOT_FROM_FLAX = ("tensorflow_datasets", "grain", "PIL", "tqdm", "matplotlib")
+NOT_FROM_FLAX = ("tensorflow_datasets", "grain", "PIL", "tqdm", "matplotlib", "tensorboardX")
 
 CORE_USE = """
 import jax, jax.numpy as jnp

@@ -228,7 +228,8 @@ def test_a_used_folder_needs_resume_or_overwrite(tmp_path, capsys, reference):
     code, _, err = run(capsys, ["train", *TINY, "--epochs", "1", "--out", str(out)])
     assert code == 2 and err.count("\n") == 1, err
     assert (f"error: out_dir (--out) '{out}' holds an earlier run (config.json, "
-            "metrics.jsonl, metrics.csv, checkpoints); continue it with --resume, replace it "
+            "metrics.jsonl, metrics.csv, tensorboard, checkpoints); continue it with --resume, "
+            "replace it "
             "with --overwrite") in err
     assert {p: (out / p).read_bytes() for p in before} == before
     assert sorted(os.listdir(out / "checkpoints")) == ["80", "90"]
@@ -241,8 +242,15 @@ def test_a_used_folder_needs_resume_or_overwrite(tmp_path, capsys, reference):
     assert sorted(os.listdir(out / "checkpoints")) == [str(STEPS_PER_EPOCH)]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["kind"] == "eval"] == \
         [STEPS_PER_EPOCH]
+    assert len(os.listdir(out / "tensorboard")) == 1  # the earlier run's events went too
     code, stdout, err = run(capsys, ["eval", "--run", str(out)])
     assert code == 0 and json.loads(stdout)["step"] == STEPS_PER_EPOCH, err
+    # the results are kept in the run's folder too, each evaluation after the earlier ones
+    assert read_jsonl(out / "eval.jsonl") == [json.loads(stdout)]
+    code, stdout2, err = run(capsys, ["eval", "--run", str(out), "--example-weight", "0", "1"])
+    assert code == 0, err
+    assert read_jsonl(out / "eval.jsonl") == [json.loads(line) for line in
+                                              (stdout + stdout2).splitlines()]
 
 
 # ------------------------------------------------------------- 3. divergence guard

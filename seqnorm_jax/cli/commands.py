@@ -124,6 +124,7 @@ def train(args) -> int:
 def evaluate(args) -> int:
     from seqnorm_jax import data
     from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer
+    from seqnorm_jax.train.metrics import append_eval_rows
 
     path = os.path.join(args.run, "config.json")
     if not os.path.exists(path):
@@ -151,13 +152,16 @@ def evaluate(args) -> int:
         state, position = checkpointer.restore(trainer.init_state(), step=args.step)
     finally:
         checkpointer.close()
+    rows = []
     for a in args.example_weight:
         metrics = trainer.evaluate(state, source, example_weight=a)
-        print(json.dumps({"run": args.run, "step": int(state.step), "epoch": position["epoch"],
-                          "split": args.split or ("validation" if config.validation_size
-                                                  else config.eval_split),
-                          "example_weight": a, "eval_accuracy": metrics["eval_accuracy"],
-                          "eval_loss": metrics["eval_loss"], "count": int(metrics["count"])}))
+        rows.append({"run": args.run, "step": int(state.step), "epoch": position["epoch"],
+                     "split": args.split or ("validation" if config.validation_size
+                                             else config.eval_split),
+                     "example_weight": a, "eval_accuracy": metrics["eval_accuracy"],
+                     "eval_loss": metrics["eval_loss"], "count": int(metrics["count"])})
+        print(json.dumps(rows[-1]))
+    append_eval_rows(args.run, rows)
     return 0
 
 

@@ -33,7 +33,7 @@ and figures. `seqnorm-jax COMMAND --help` lists a command's flags and their defa
 
 EPILOG = """\
 examples:
-  seqnorm-jax compare                                  # the default comparison, ~10 min on CPU
+  seqnorm-jax compare                                  # the default comparison, 4-15 min on 2 cores
   seqnorm-jax compare --model cnn --norms bn,ghost,seqnorm --seeds 3 --epochs 5
   seqnorm-jax train --model cnn --norm ghost:batch_groups=8 --epochs 5 --out runs/ghost
   seqnorm-jax train --config runs/ghost/config.json --resume --out runs/ghost

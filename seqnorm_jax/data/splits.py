@@ -51,6 +51,8 @@ the dataset's sources in the order of ``DatasetInfo.sources`` and raises
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 
@@ -153,6 +155,20 @@ def stratified_holdout(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- readers
 
 
+@contextlib.contextmanager
+def _quiet_absl():
+    """TFDS's warnings while it looks for a dataset (e.g. "Variant folder ... has no
+    dataset_info.json" for a folder it cannot use) held back: whether TFDS has the data is
+    this module's to say, in the error that lists every source tried."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _tfds_source(info: DatasetInfo, base: str, data_dir,
                  decode: bool = True) -> tuple[Source | None, str]:
     """(source, "") or (None, why not)."""
@@ -163,13 +179,15 @@ def _tfds_source(info: DatasetInfo, base: str, data_dir,
     split = info.tfds_test_split if base == "test" else "train"
     decoders = None if decode else {"image": tfds.decode.SkipDecoding()}
     try:
-        ds = tfds.data_source(info.tfds_name, split=split, data_dir=data_dir, download=False,
-                              decoders=decoders)
+        with _quiet_absl():
+            ds = tfds.data_source(info.tfds_name, split=split, data_dir=data_dir,
+                                  download=False, decoders=decoders)
     except Exception as e:  # noqa: BLE001 -- TFDS raises many types for "not prepared"
         where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         try:
-            prepared = tfds.builder(info.tfds_name, data_dir=data_dir).is_prepared()
+            with _quiet_absl():
+                prepared = tfds.builder(info.tfds_name, data_dir=data_dir).is_prepared()
         except Exception:  # noqa: BLE001
             prepared = None
         if prepared is False:

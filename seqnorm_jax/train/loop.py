@@ -349,6 +349,8 @@ class Trainer:
             raise
         if run.checkpointer is not None:
             run.checkpointer.close()
+        if writer is not None:
+            writer.close()
         rows = run.log.rows
         return FitResult(state=run.state, train_rows=[r for r in rows if r["kind"] == "train"],
                          eval_rows=[r for r in rows if r["kind"] == "eval"],

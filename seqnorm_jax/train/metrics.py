@@ -1,4 +1,5 @@
-"""Metrics files: one JSON object per line (``metrics.jsonl``) and the same rows as CSV.
+"""Metrics files: one JSON object per line (``metrics.jsonl``), the same rows as CSV, and
+TensorBoard event files (``tensorboard/``, written with tensorboardX, no TensorFlow).
 
 Non-finite numbers (a diverged run's loss) are written as the JSON strings ``"nan"``,
 ``"inf"`` and ``"-inf"``, so every line is strict JSON (``json.loads`` without the
@@ -14,11 +15,13 @@ import io
 import json
 import math
 import os
+import time
 from typing import Any
 
 from seqnorm_jax.train.paths import is_local, run_path
 
-__all__ = ["METRIC_COLUMNS", "MetricsWriter", "RunFileError", "open_run_file", "read_jsonl"]
+__all__ = ["EVAL_FILE", "EVENTS_FOLDER", "METRIC_COLUMNS", "MetricsWriter", "RunFileError",
+           "SCALAR_TAGS", "append_eval_rows", "open_run_file", "read_jsonl"]
 
 # Train rows fill step..images_per_sec (means over the steps since the previous train row);
 # eval rows (one per epoch) fill eval_*, example_weight, epoch_time and, in loss and
@@ -26,6 +29,20 @@ __all__ = ["METRIC_COLUMNS", "MetricsWriter", "RunFileError", "open_run_file", "
 METRIC_COLUMNS = ("kind", "step", "epoch", "loss", "accuracy", "lr", "images_per_sec",
                   "eval_loss", "eval_accuracy", "example_weight", "epoch_time", "wall_time")
 
+
+# The TensorBoard scalar of each column, by row kind: ``tensorboard --logdir <runs>`` shows
+# the training curves (means over the steps since the previous train row), the evaluation
+# after each epoch, and the epoch's means of the training loss and accuracy.
+EVENTS_FOLDER = "tensorboard"
+# `seqnorm-jax eval`'s results, one JSON object per evaluation, in the run's folder.
+EVAL_FILE = "eval.jsonl"
+SCALAR_TAGS = {
+    "train": {"loss": "train/loss", "accuracy": "train/accuracy", "lr": "train/lr",
+              "images_per_sec": "train/images_per_sec"},
+    "eval": {"eval_loss": "eval/loss", "eval_accuracy": "eval/accuracy",
+             "example_weight": "eval/example_weight", "loss": "epoch/train_loss",
+             "accuracy": "epoch/train_accuracy", "epoch_time": "epoch/seconds"},
+}
 
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -92,25 +109,74 @@ class RunFileError(OSError):
 
 
 @contextlib.contextmanager
-def open_run_file(path: str | os.PathLike, mode: str):
-    """``path`` opened (a local path or a URL, :func:`~seqnorm_jax.train.paths.run_path`),
-    with any ``OSError`` of opening, writing or closing turned into :class:`RunFileError`
-    naming ``path`` (one error line at the CLI)."""
+def run_file_errors(path: str | os.PathLike):
+    """Turn any ``OSError`` inside into :class:`RunFileError` naming ``path`` (one error
+    line at the CLI)."""
     try:
-        with run_path(path).open(mode) as f:
-            yield f
+        yield
     except RunFileError:
         raise
     except OSError as e:
         raise RunFileError(os.fspath(path), e.strerror or str(e)) from e
 
 
+@contextlib.contextmanager
+def open_run_file(path: str | os.PathLike, mode: str):
+    """``path`` opened (a local path or a URL, :func:`~seqnorm_jax.train.paths.run_path`),
+    with any ``OSError`` of opening, writing or closing turned into :class:`RunFileError`."""
+    with run_file_errors(path), run_path(path).open(mode) as f:
+        yield f
+
+
+class _EventFile:
+    """A TensorBoard event file written synchronously, one event per metrics row, with
+    tensorboardX's protocol buffers and record writer (no TensorFlow, no writer thread: a
+    write error is this process's :class:`RunFileError`, as for the JSONL, and nothing is
+    left queued when the run stops). ``purge_step``: TensorBoard hides the events of
+    earlier files from that step on (a resumed run)."""
+
+    def __init__(self, folder, purge_step: int | None):
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self._event = Event
+        # one file per writer, in the order written (a resume within the same second as
+        # the start would otherwise reuse the file name, which has whole seconds)
+        self.folder = os.fspath(folder)
+        with run_file_errors(self.folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._writer = EventsWriter(os.path.join(self.folder, "events"),
+                                        f".{time.time_ns()}")
+            if purge_step is not None:
+                self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                               session_log=SessionLog(status=SessionLog.START)))
+            self._writer.flush()
+
+    def add(self, values: dict[str, float], step: int, wall_time: float | None) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=value)
+                                 for tag, value in values.items()])
+        with run_file_errors(self.folder):
+            self._writer.write_event(self._event(step=step, summary=summary,
+                                                 wall_time=wall_time or time.time()))
+            self._writer.flush()
+
+    def close(self) -> None:
+        with run_file_errors(self.folder):
+            self._writer.close()
+
+
 class MetricsWriter:
-    """Append metric rows to ``<dir>/metrics.jsonl`` and ``<dir>/metrics.csv``.
+    """Append metric rows to ``<dir>/metrics.jsonl`` and ``<dir>/metrics.csv``, and their
+    scalars (:data:`SCALAR_TAGS`) to TensorBoard event files in ``<dir>/tensorboard/``.
 
     Every row has the columns of :data:`METRIC_COLUMNS` (empty in the CSV where a row
     has no value). ``kind`` is ``"train"`` (a mean over the steps since the previous
-    train row) or ``"eval"`` (after an epoch).
+    train row) or ``"eval"`` (after an epoch). Event files are written for local folders
+    (a ``gs://`` run keeps its JSONL and CSV). On resume the events of the interrupted run
+    after ``resume_step`` are hidden from TensorBoard, as its JSONL rows are dropped:
+    TensorBoard shows one uninterrupted run.
 
     Args:
       directory: where the files go (created if needed).
@@ -146,6 +212,10 @@ class MetricsWriter:
         for path, text in self._text.items():
             with open_run_file(path, "wb") as f:
                 f.write(text.encode())
+        self._events = None
+        if is_local(self.jsonl_path):
+            self._events = _EventFile(folder / EVENTS_FOLDER,
+                                      None if resume_step is None else resume_step + 1)
 
     def write(self, row: dict[str, Any]) -> dict[str, Any]:
         """Append one row (keys among :data:`METRIC_COLUMNS`); returns the cleaned row."""
@@ -156,7 +226,24 @@ class MetricsWriter:
         clean = {k: _clean(v) for k, v in row.items()}
         self._append(self.jsonl_path, _json_line(clean))
         self._append(self.csv_path, _csv_lines(clean))
+        self._add_scalars(clean)
         return row
+
+    def _add_scalars(self, row: dict[str, Any]) -> None:
+        if self._events is None or "step" not in row:
+            return
+        values = {tag: float(_NON_FINITE.get(row[column], row[column]))
+                  for column, tag in SCALAR_TAGS.get(row.get("kind"), {}).items()
+                  if isinstance(row.get(column), (int, float))
+                  or row.get(column) in _NON_FINITE}
+        if values:
+            self._events.add(values, row["step"], row.get("wall_time"))
+
+    def close(self) -> None:
+        """Flush and close the event file (the JSONL and CSV are complete after each row)."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def _append(self, path: str, text: str) -> None:
         """Append ``text``. A file that is gone (deleted or moved while the run writes)
@@ -169,6 +256,20 @@ class MetricsWriter:
             return
         with open_run_file(path, "wb") as f:
             f.write(self._text[path].encode())
+
+
+def append_eval_rows(run_dir: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Add ``rows`` (``seqnorm-jax eval``'s results) to ``<run_dir>/eval.jsonl``, after the
+    earlier evaluations (the file is written whole: local folders and ``gs://`` alike).
+
+    Raises:
+      RunFileError: the file cannot be written (names it and the cause).
+    """
+    path = run_path(run_dir) / EVAL_FILE
+    text = "".join(_json_line({k: _clean(v) for k, v in r.items()})
+                   for r in [*read_jsonl(path, truncate_partial=True), *rows])
+    with open_run_file(path, "wb") as f:
+        f.write(text.encode())
 
 
 def _json_line(row: dict[str, Any]) -> str:

@@ -25,8 +25,8 @@ __all__ = ["RUN_FILES", "RunFolderUsedError", "check_resume_config", "claim_run_
 CONFIG_NAME = "config.json"
 # What a training run writes into its folder (a study's run record included): a folder
 # holding any of them holds a run.
-RUN_FILES = (CONFIG_NAME, "metrics.jsonl", "metrics.csv", "checkpoints", "checkpoints.damaged",
-             "record.json")
+RUN_FILES = (CONFIG_NAME, "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints",
+             "checkpoints.damaged", "eval.jsonl", "record.json")
 
 
 class RunFolderUsedError(ValueError):
