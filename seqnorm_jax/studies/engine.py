@@ -216,7 +216,7 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
       Records (:func:`~seqnorm_jax.studies.report.run_record`) with ``label``, ``spec``
       (``config.norm``), the setting's ``fields`` and ``seed``.
     """
-    from tqdm.auto import tqdm
+    from seqnorm_jax.train.progress import progress_bar
 
     from seqnorm_jax.studies.report import write_json
     from seqnorm_jax.train import Trainer, preempt
@@ -243,7 +243,7 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
                 raise
             raise ValueError(unfit(setting, e)) from None
     jobs = [(setting, int(seed)) for setting in settings for seed in seeds]
-    outer = tqdm(jobs, desc=desc, disable=not progress, unit="run", dynamic_ncols=True)
+    outer = progress_bar(jobs, desc=desc, enabled=progress, unit="run")
     records = []
     with preempt.stop_on_signals():  # also between the runs
         for setting, seed in outer:

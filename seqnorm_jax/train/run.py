@@ -53,12 +53,11 @@ class Run:
         self.t_window = time.perf_counter()
 
     def loop(self, epoch: int, step_in_epoch: int) -> None:
-        from tqdm.auto import tqdm
+        from seqnorm_jax.train.progress import progress_bar
 
         t, c = self.t, self.t.config
-        self.bar = tqdm(total=t.total_steps, initial=int(jax.device_get(self.state.step)),
-                        desc=t.desc, disable=not c.progress, unit="step", dynamic_ncols=True,
-                        leave=False)
+        self.bar = progress_bar(total=t.total_steps, initial=int(jax.device_get(self.state.step)),
+                                desc=t.desc, enabled=c.progress, unit="step", leave=False)
         try:
             while epoch < c.epochs:
                 # a signal before the first step or during an epoch's evaluation
