@@ -10,8 +10,9 @@ reduction), the maps' own VJP on those group-sized arrays, and one elementwise p
 the input gradient, whose group-sized coefficients are computed once. Autodiff of the same
 forward (a custom JVP for the moments and checkpointed passes) writes x-sized
 intermediates on XLA:CPU where a channel group is split off the last axis of a dense
-``(N, C)`` input: 36-37 reads and writes of x-sized arrays per forward+backward of
-SeqNorm and GN+, 22 here, against flax BatchNorm's 11 (``benchmarks/RESULTS.md``).
+``(N, C)`` input: 27-28 reads and writes of x-sized arrays per forward+backward of
+SeqNorm and GN+, 14 here, against flax BatchNorm's 11 (``benchmarks/layers.py --passes``,
+``benchmarks/RESULTS.md``).
 
 What the backward keeps is ``x``, the parameters and group-sized statistics. The rule is
 a ``jax.custom_vjp``: reverse mode to any order, no forward mode (``jax.jvp``,
