@@ -4,7 +4,9 @@ Both are computed in one pass over ``x``: the first step is affine per ``(n, c)`
 the statistics of its output follow from the input's moments
 (:func:`seqnorm_jax.stats.map_moments`); on dense inputs, where per-sample moments
 would be as large as ``x``, the second step's statistics come from one more
-reduction of ``x`` (:func:`~seqnorm_jax.functional._maps.two_steps`).
+reduction of ``x``: in training through one custom VJP
+(:func:`~seqnorm_jax.functional._maps.fused_two_steps`), or, when the batch is split over
+devices so that a group spans them, :func:`~seqnorm_jax.functional._maps.two_steps`.
 """
 
 from __future__ import annotations
