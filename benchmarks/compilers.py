@@ -6,7 +6,9 @@ with the batch sharded over every chip, and prints per layer: the all-reduces (c
 bytes per chip), the other collectives, and either the bytes accessed per chip (TPU, the
 compiler's cost analysis) or the kernels of the entry computation (GPU: fusions and
 custom calls, each a pass over memory), next to flax ``nn.BatchNorm`` compiled the same
-way.
+way; and the x-sized arrays each program reads and writes per device
+(``benchmarks/layers.py``'s ``x_passes``: a GPU kernel that touches ``x``, ``dy``, ``dx``
+or an intermediate of their size counts once per such array).
 
     python benchmarks/compilers.py --topology v5e:16x16            # TPU, both shapes
     python benchmarks/compilers.py --topology h100:8 --shapes 32x32x64
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -34,6 +37,11 @@ import jax.numpy as jnp
 import seqnorm_jax as snj
 from seqnorm_jax import aot
 from seqnorm_jax.aot import P
+
+try:  # run as a script (benchmarks/ on sys.path) or imported as benchmarks.compilers
+    from layers import x_passes
+except ImportError:
+    from benchmarks.layers import x_passes
 
 # name -> layer constructor given the number of devices the batch is split over. Ghost
 # groups: one per device (aligned with the shards); SeqNorm and the Four Things layer with
@@ -113,11 +121,13 @@ def abstract_inputs(layer: Any, shape: Sequence[int], dtype: Any, mesh: Any,
 
 def analyze_layer(layer: Any, topo: aot.Topology, shape: Sequence[int], dtype: Any = "bfloat16",
                   *, mesh: Any = None, spec: P = P("data"), shard_map: bool = False,
-                  forward_only: bool = False) -> aot.Analysis:
+                  forward_only: bool = False, passes: bool = False) -> aot.Analysis:
     """Compile one layer's training step (:func:`layer_step`, or the forward alone) for
     ``topo`` and analyze it. ``shape`` is the global input shape; ``mesh`` defaults to
     all devices on one ``"data"`` axis with ``Auto`` axes. ``shard_map``: the step runs
-    inside ``jax.shard_map`` over ``"data"`` with the layer's ``axis_name="data"``."""
+    inside ``jax.shard_map`` over ``"data"`` with the layer's ``axis_name="data"``.
+    ``passes``: return ``(analysis, x-sized arrays read and written per device)``
+    (:func:`layers.x_passes` of the compiled program)."""
     mesh = aot.make_mesh(topo) if mesh is None else mesh
     layer = layer.clone(dtype=jnp.dtype(dtype))  # computes in dtype: y and dy are dtype too
     fn = training_output(layer) if forward_only else layer_step(layer)
@@ -129,16 +139,22 @@ def analyze_layer(layer: Any, topo: aot.Topology, shape: Sequence[int], dtype: A
         batch = P("data")
         fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (batch,) * (len(args) - 1),
                            out_specs=batch if forward_only else (batch, P(), P()))
-    return aot.analyze(aot.compile_for(fn, *args, mesh=mesh), topo)
+    compiled = aot.compile_for(fn, *args, mesh=mesh)
+    analysis = aot.analyze(compiled, topo)
+    if not passes:
+        return analysis
+    return analysis, x_passes(compiled.as_text(), math.prod(shape) // topo.num_devices)
 
 
 def statistics_all_reduces(a: aot.Analysis) -> int:
     return a.collective_counts["all-reduce"]
 
 
-def _row(name: str, a: aot.Analysis, ref: aot.Analysis, gpu: bool) -> dict[str, Any]:
+def _row(name: str, a: aot.Analysis, ref: aot.Analysis, gpu: bool, passes: int,
+         ref_passes: int) -> dict[str, Any]:
     others = {k: v for k, v in a.collective_counts.items() if v and k != "all-reduce"}
-    row = {"layer": name, "all_reduces": a.collective_counts["all-reduce"],
+    row = {"layer": name, "x_passes": passes, "flax_x_passes": ref_passes,
+           "all_reduces": a.collective_counts["all-reduce"],
            "all_reduce_bytes": a.collective_bytes["all-reduce"], "other_collectives": others,
            "bytes_accessed": a.bytes_accessed, "temporaries": a.memory.temporaries,
            "kernels": a.num_kernels, "flax_all_reduces": ref.collective_counts["all-reduce"],
@@ -186,27 +202,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for hwc, per_example in zip(args.shapes.split(","), shapes):
         shape = (args.per_chip * d,) + per_example
-        ref = analyze_layer(LAYERS["flax_bn"](d), topo, shape, args.dtype)
+        ref, ref_passes = analyze_layer(LAYERS["flax_bn"](d), topo, shape, args.dtype,
+                                        passes=True)
         print(f"\n## {hwc} (global {shape})\n")
         if gpu:
             print("| layer | all-reduces (bytes/device) | other collectives | entry kernels "
-                  "| flax BatchNorm: all-reduces, kernels |")
-            print("| --- | --- | --- | --- | --- |")
+                  "| x-sized reads+writes | flax BatchNorm: all-reduces, kernels, x-sized |")
+            print("| --- | --- | --- | --- | --- | --- |")
         else:
             print("| layer | all-reduces (bytes/chip) | other collectives | bytes accessed "
                   "per chip | vs flax BatchNorm | temporaries |")
             print("| --- | --- | --- | --- | --- | --- |")
         for name in names:
             t0 = time.perf_counter()
-            a = ref if name == "flax_bn" else analyze_layer(LAYERS[name](d), topo, shape,
-                                                            args.dtype)
-            row = _row(name, a, ref, gpu) | {"shape": hwc, "compile_s": time.perf_counter() - t0}
+            a, n_passes = ((ref, ref_passes) if name == "flax_bn" else
+                           analyze_layer(LAYERS[name](d), topo, shape, args.dtype, passes=True))
+            row = _row(name, a, ref, gpu, n_passes, ref_passes) | {
+                "shape": hwc, "compile_s": time.perf_counter() - t0}
             rows.append(row)
             others = ", ".join(f"{v} {k}" for k, v in row["other_collectives"].items()) or "-"
             ar = f"{row['all_reduces']} ({row['all_reduce_bytes']:,})"
             if gpu:
-                print(f"| {name} | {ar} | {others} | {row['kernels']} | "
-                      f"{row['flax_all_reduces']}, {row['flax_kernels']} |")
+                print(f"| {name} | {ar} | {others} | {row['kernels']} | {n_passes} | "
+                      f"{row['flax_all_reduces']}, {row['flax_kernels']}, {ref_passes} |")
             else:
                 print(f"| {name} | {ar} | {others} | {row['bytes_accessed'] / 1e6:.0f} MB | "
                       f"{row['ratio']:.2f}x | {row['temporaries'] / 1e6:.0f} MB |")

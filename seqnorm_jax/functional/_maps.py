@@ -191,6 +191,43 @@ def finish_view(call: Call, x: Array, view: stats.GroupView, ab: ScaleShift, k: 
     return _view_pass(x, k.astype(a.dtype), a, b, a2, b2, call.dtype, view.view_shape)
 
 
+def affine_map(view: stats.GroupView, ab: ScaleShift | None, params) -> ScaleShift:
+    """``ab`` (None: the identity) followed by gamma and beta, ``params = (scale, bias)``
+    laid out as the view's channels; ``(None, None)`` when there is nothing to apply."""
+    scale, bias = params
+    if ab is None:
+        if scale is None and bias is None:
+            return None, None
+        given = scale if scale is not None else bias
+        one = jnp.ones(view.channels(jnp.zeros(view.shape[view.axis])).shape,
+                       stats.stat_dtype(jnp.result_type(given)))
+        ab = (one, jnp.zeros_like(one))
+    return _with_affine(ab, scale, bias, view.channels)
+
+
+def fused(call: Call, x: Array, view: stats.GroupView, params, first, second, red1,
+          red2=None) -> tuple[Array, Array, Moments, Moments | None]:
+    """:func:`stats.normalize` of ``x`` seen through ``view``, in the call's dtype."""
+    return stats.normalize(x, params, first, second, shape=view.view_shape, red1=red1,
+                           red2=red2, use_fast_variance=call.use_fast_variance,
+                           dtype=call.dtype)
+
+
+def fused_two_steps(call: Call, x: Array, view: stats.GroupView, params, first_over_batch: bool,
+                    second) -> tuple[Array, Array, Moments, Moments]:
+    """SeqNorm's and GN+'s two steps on dense inputs (:func:`stats.normalize`): the first
+    normalization over the sample group's members when ``first_over_batch``, else over the
+    channel group's; ``second(moments of its output, params) -> (a2, b2)`` the second
+    map, gamma and beta included. Returns ``(y, k, first statistics relative to k,
+    second statistics)``."""
+    over_batch = view.axes(batch=True, channels=False)
+    over_channels = view.axes(batch=False, channels=True)
+    red1, red2 = ((over_batch, over_channels) if first_over_batch
+                  else (over_channels, over_batch))
+    return fused(call, x, view, params, lambda m, p: normalizer(m, call.epsilon), second,
+                 red1, red2)
+
+
 # ----------------------------------------------------------------------------
 # two normalizations in a row, straight from x (SeqNorm and GN+ on dense inputs)
 # ----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 
 from seqnorm_jax import stats
 from seqnorm_jax.functional._call import GN_FIX, any_mesh, check_input, setup
-from seqnorm_jax.functional._maps import centered, finish, finish_view, normalizer, sample_set
+from seqnorm_jax.functional._maps import (affine_map, centered, finish, fused, normalizer,
+                                          sample_set)
 from seqnorm_jax.stats import Moments
 
 Array = jax.Array
@@ -51,10 +52,11 @@ def group_norm(
     if axis_name is None:
         call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX, per_sample=True)
     if call.whole_local_batch and call.dense:
-        # Dense: straight to the (N, G) statistics (per-sample moments would be x itself).
+        # Dense: straight to the (N, G) statistics (per-sample moments would be x itself),
+        # gamma and beta as a second map (folded, the map would be as large as x).
         view = stats.GroupView(x.shape, call.axis, None, g)
-        k, st = stats.group_moments(x, view, use_fast_variance=use_fast_variance)
-        return finish_view(call, x, view, normalizer(st, epsilon), k, scale, bias)
+        return fused(call, x, view, (scale, bias), lambda m, p: normalizer(m, epsilon),
+                     lambda m, p: affine_map(view, None, p), view.reduce)[0]
     k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,
                                       mask=mask)
     if axis_name is None:

@@ -4,7 +4,9 @@ Both are computed in one pass over ``x``: the first step is affine per ``(n, c)`
 the statistics of its output follow from the input's moments
 (:func:`seqnorm_jax.stats.map_moments`); on dense inputs, where per-sample moments
 would be as large as ``x``, the second step's statistics come from one more
-reduction of ``x`` (:func:`~seqnorm_jax.functional._maps.two_steps`).
+reduction of ``x``: in training through one custom VJP
+(:func:`~seqnorm_jax.functional._maps.fused_two_steps`), or, when the batch is split over
+devices so that a group spans them, :func:`~seqnorm_jax.functional._maps.two_steps`.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import jax.numpy as jnp
 from seqnorm_jax import stats
 from seqnorm_jax.functional._call import (GHOST_FIX, GN_FIX, BatchSizeError, any_mesh, output,
                                           setup)
-from seqnorm_jax.functional._maps import (batch_set, blend, compose, finish, finish_view,
-                                          inference_two_steps, normalizer, sample_set, two_steps)
+from seqnorm_jax.functional._maps import (affine_map, batch_set, blend, compose, finish,
+                                          finish_view, fused_two_steps, inference_two_steps,
+                                          normalizer, sample_set, two_steps)
 from seqnorm_jax.stats import GROUPINGS, Moments
 
 Array = jax.Array
@@ -64,10 +67,15 @@ def seq_norm(
         return output(finish_view(call, x, view, f1, k, scale, bias, f2), None, return_stats)
     if call.dense and call.training and call.whole_local_batch:
         view = stats.GroupView(x.shape, call.axis, g_m, g_c, grouping)
-        k, f1, st1, st2 = two_steps(call, x, view, first_over_batch=not group_first)
+        if stats.pooling.spanning_blocks(x, g_m, grouping) == 1:
+            y, k, st1, st2 = fused_two_steps(
+                call, x, view, (scale, bias), not group_first,
+                lambda m, p: affine_map(view, normalizer(m, epsilon), p))
+        else:  # ghost batches across devices: statistics merged from blocks (over_blocks)
+            k, f1, st1, st2 = two_steps(call, x, view, first_over_batch=not group_first)
+            y = finish_view(call, x, view, f1, k, scale, bias, normalizer(st2, epsilon))
         ghost_stats = st2 if group_first else Moments(k + st1.mean, st1.var)
         update = Moments(view.per_channel(ghost_stats.mean), view.per_channel(ghost_stats.var))
-        y = finish_view(call, x, view, f1, k, scale, bias, normalizer(st2, epsilon))
         return output(y, update, return_stats)
 
     k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,
@@ -135,12 +143,20 @@ def gn_plus(
     if (call.dense and call.training and call.whole_local_batch
             and variant != "parallel"):
         view = stats.GroupView(x.shape, call.axis, 1, g)
-        k, f1, st1, st2 = two_steps(call, x, view, first_over_batch=not gn_first)
-        s = jax.nn.sigmoid(jnp.asarray(mixing, st1.mean.dtype))
+        if stats.pooling.spanning_blocks(x, 1) == 1:
+            def second(m, p):
+                s = jax.nn.sigmoid(jnp.asarray(p[2], m.mean.dtype))
+                return affine_map(view, mixed(s, *normalizer(m, epsilon)), p[:2])
+
+            y, k, st1, st2 = fused_two_steps(call, x, view, (scale, bias, jnp.asarray(mixing)),
+                                             not gn_first, second)
+        else:  # a batch split over devices: statistics merged from blocks (over_blocks)
+            k, f1, st1, st2 = two_steps(call, x, view, first_over_batch=not gn_first)
+            s = jax.nn.sigmoid(jnp.asarray(mixing, st1.mean.dtype))
+            y = finish_view(call, x, view, f1, k, scale, bias,
+                            mixed(s, *normalizer(st2, epsilon)))
         bn_stats = st2 if gn_first else Moments(k + st1.mean, st1.var)
         update = Moments(view.per_channel(bn_stats.mean), view.per_channel(bn_stats.var))
-        y = finish_view(call, x, view, f1, k, scale, bias,
-                        mixed(s, *normalizer(st2, epsilon)))
         return output(y, update, return_stats)
 
     k, mc = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,

@@ -20,10 +20,13 @@ Numerical conventions
 
 Everything here is a pure function of arrays: no Flax, no state. The moments are in
 :mod:`seqnorm_jax.stats.moments`, pooling and the cross-device reductions in
-:mod:`seqnorm_jax.stats.pooling`; both are read through this module.
+:mod:`seqnorm_jax.stats.pooling`, and :func:`normalize` (statistics, maps and the output
+pass of per-sample channel groups in one custom VJP) in :mod:`seqnorm_jax.stats.fused`;
+all are read through this module.
 """
 
 from seqnorm_jax.checks import divisors
+from seqnorm_jax.stats.fused import normalize
 from seqnorm_jax.stats.moments import (
     GROUPINGS,
     GroupView,
@@ -67,6 +70,7 @@ __all__ = [
     "merge",
     "mix",
     "moments_of_affine",
+    "normalize",
     "pool",
     "pool_with_target",
     "running_target",

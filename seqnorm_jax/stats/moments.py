@@ -96,16 +96,22 @@ def _shifted_moments(v: Array, red: tuple[int, ...], use_fast_variance: bool):
 
 
 def _plain_mean(a: Array, red: tuple[int, ...]) -> Array:
-    """``mean(a, red)`` (dims kept) with the leading axes of ``red`` reduced first and the
-    last axis after, when both are reduced: XLA:CPU's vectorized reductions keep the last
-    axis, and reduce a view such as ``(G_M, N/G_M, G_C, C/G_C)`` over axes 1 and 3 in one
-    loop 6x slower than in these two steps (dense BatchGroupNorm, benchmarks/RESULTS.md).
-    Plain sums only: the shifted sums of one group share their ``k``."""
+    """``mean(a, red)`` (dims kept) in the order of :func:`reduce_in_order`. Plain sums
+    only: the shifted sums of one group share their ``k``."""
+    return reduce_in_order(jnp.mean, a, red)
+
+
+def reduce_in_order(reduce, a: Array, red: tuple[int, ...]) -> Array:
+    """``reduce(a, axis=red, keepdims=True)`` (``jnp.sum`` or ``jnp.mean``) with the leading
+    axes of ``red`` reduced first and the last axis after, when both are reduced: XLA:CPU's
+    vectorized reductions keep the last axis, and reduce a view such as
+    ``(G_M, N/G_M, G_C, C/G_C)`` over axes 1 and 3 in one loop 6x slower than in these
+    two steps (dense BatchGroupNorm, benchmarks/RESULTS.md)."""
     last = a.ndim - 1
     if last in red and len(red) > 1:
-        a = jnp.mean(a, axis=tuple(i for i in red if i != last), keepdims=True)
+        a = reduce(a, axis=tuple(i for i in red if i != last), keepdims=True)
         red = (last,)
-    return jnp.mean(a, axis=red, keepdims=True)
+    return reduce(a, axis=red, keepdims=True)
 
 
 def _plain_then_shifted(v: Array, red: tuple[int, ...]):
