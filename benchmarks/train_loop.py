@@ -24,6 +24,20 @@ set (the CNN on 6400 examples: 50 steps an epoch). Each round starts one run of 
 
     python benchmarks/train_loop.py                           # SimpleNet and the CNN
     python benchmarks/train_loop.py --models simplenet --rounds 5 --epochs 4
+
+``--causes`` breaks SimpleNet's step down instead (in this process, batch 128, the same
+10 random batches): the lean loop's step; the same step with the ``simplenet`` model and
+a ``TrainState``; then adding, one at a time, what ``train_step`` and the loop's compiled
+step add (the gradient norm and accuracy; the finiteness check of everything the step
+writes, ``step_finite``; the divergence guard as a ``lax.cond`` between the new and the
+old state, as before, or as an elementwise select, as now); the loop's own compiled step
+(``Trainer.loop_step``: the metrics accumulator, uint8 images normalised in the step); and
+the host's share per batch: ``jax.device_put`` of a batch against the step taking the
+NumPy batch, and one batch of the loader. Each is timed over ``--steps`` steps, rounds
+interleaved; the median wall and process CPU time per step are printed (CPU time is the
+steadier figure on a loaded machine).
+
+    python benchmarks/train_loop.py --causes --rounds 30 --steps 50
 """
 
 from __future__ import annotations
@@ -165,23 +179,175 @@ def bench(model_name: str, rounds: int, epochs: int) -> dict:
                 cli_all=ours, lean_all=theirs)
 
 
+def causes(rounds: int, steps: int) -> None:
+    """Per-step wall and CPU milliseconds of the lean step and of what the loop adds."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from seqnorm_jax import data
+    from seqnorm_jax.train import (TrainConfig, Trainer, apply_model, cross_entropy_loss,
+                                   step_finite)
+    from seqnorm_jax.train.compiled import init_accumulator
+
+    config = TrainConfig(model="simplenet", norm="bn", dataset="fashion_mnist",
+                         data_dir=FOLDER, epochs=1, batch_size=BATCH, optimizer="sgd", lr=LR,
+                         momentum=MOMENTUM, schedule="constant", progress=False)
+    trainer = Trainer(config)
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (10, BATCH, 28, 28, 1), dtype=np.uint8)
+    ys = rng.integers(0, 10, (10, BATCH)).astype(np.int32)
+    xf = ((x8 / 255. - 0.286) / 0.353).astype(np.float32)
+
+    class MLP(nn.Module):  # the lean loop's
+        @nn.compact
+        def __call__(self, x, train):
+            x = x.reshape(x.shape[0], -1)
+            for w in (512, 300):
+                x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(w)(x)))
+            return nn.Dense(10)(x)
+
+    m, tx = MLP(), optax.sgd(LR, momentum=MOMENTUM)
+    v = m.init(jax.random.key(0), xf[0], train=False)
+
+    @jax.jit
+    def lean_step(p, bs_, opt, x, y):
+        def loss(p):
+            lg, upd = m.apply({"params": p, "batch_stats": bs_}, x, train=True,
+                              mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(lg, y).mean(), upd
+        (l, upd), g = jax.value_and_grad(loss, has_aux=True)(p)
+        u, opt = tx.update(g, opt, p)
+        return optax.apply_updates(p, u), upd["batch_stats"], opt, l
+
+    def state_step(metrics=False, finite=False, guard=None):
+        """The lean step on a TrainState with the simplenet model, plus the extras named."""
+        @jax.jit
+        def step(state, x, y):
+            def loss_fn(p):
+                logits, stats = apply_model(state, x, train=True, params=p)
+                return cross_entropy_loss(logits, y).mean(), (stats, logits)
+            (loss, (stats, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params)
+            new = state.apply_gradients(grads=grads).replace(batch_stats=stats)
+            out = {"loss": loss}
+            if metrics:
+                out["grad_norm"] = optax.tree.norm(grads)
+                out["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == y)
+            if finite:
+                ok = step_finite(loss, out["grad_norm"], new)
+                out["finite"] = ok
+                if guard == "cond":
+                    new = jax.lax.cond(ok, lambda: new, lambda: state)
+                elif guard == "select":
+                    new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
+            return new, out
+        return step
+
+    state0 = trainer.init_state()
+
+    def run_lean():
+        c = [v["params"], v["batch_stats"], tx.init(v["params"])]
+        for i in range(steps):
+            *c[:], loss = lean_step(*c, xf[i % 10], ys[i % 10])
+        return c
+
+    def run_state(step):
+        def run():
+            s = state0
+            for i in range(steps):
+                s, _ = step(s, xf[i % 10], ys[i % 10])
+            return s
+        return run
+
+    def run_loop(put):
+        def run():
+            s, acc = state0, init_accumulator(config.log_every)
+            for i in range(steps):
+                if i % config.log_every == 0:
+                    acc = init_accumulator(config.log_every)
+                batch = {"image": x8[i % 10], "label": ys[i % 10]}
+                s, acc = trainer.loop_step(s, jax.device_put(batch) if put else batch, acc)
+            return s
+        return run
+
+    runs = {
+        "lean loop's step (flax MLP, float32 batch)": run_lean,
+        "the same step, simplenet model, TrainState": run_state(state_step()),
+        "+ gradient norm and accuracy": run_state(state_step(metrics=True)),
+        "+ finiteness check (step_finite)": run_state(state_step(True, True)),
+        "+ guard as lax.cond (before)": run_state(state_step(True, True, "cond")),
+        "+ guard as elementwise select (now)": run_state(state_step(True, True, "select")),
+        "Trainer.loop_step, NumPy uint8 batch (now)": run_loop(put=False),
+        "Trainer.loop_step, jax.device_put batch (before)": run_loop(put=True),
+    }
+    for run in runs.values():
+        jax.block_until_ready(run())
+    wall = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, run in runs.items():
+            t, c = time.perf_counter(), time.process_time()
+            jax.block_until_ready(run())
+            wall[k].append((time.perf_counter() - t) / steps * 1e3)
+            cpu[k].append((time.process_time() - c) / steps * 1e3)
+    base_w, base_c = (statistics.median(wall[next(iter(runs))]),
+                      statistics.median(cpu[next(iter(runs))]))
+    print("| SimpleNet step, batch 128 | wall ms | x lean | CPU ms | x lean |")
+    print("| --- | --- | --- | --- | --- |")
+    for k in runs:
+        w, c = statistics.median(wall[k]), statistics.median(cpu[k])
+        print(f"| {k} | {w:.3f} | {w / base_w:.3f} | {c:.3f} | {c / base_c:.3f} |")
+
+    # the host's share per batch
+    batch = {"image": x8[0], "label": ys[0]}
+    loader = data.make_loader(trainer.train_source, batch_size=BATCH, train=True,
+                              normalize=False)
+    touch = jax.jit(lambda b: b["label"][0])
+    host = {"jax.device_put(batch)": lambda: jax.device_put(batch),
+            "a jitted call on the device batch": (lambda d=jax.device_put(batch): touch(d)),
+            "a jitted call on the NumPy batch": lambda: touch(batch),
+            "one loader batch (uint8, whole-array gather)": lambda: loader.dataset[0]}
+    times = {k: [] for k in host}
+    for _ in range(rounds):
+        for k, fn in host.items():
+            t = time.perf_counter()
+            for _ in range(200):
+                out = fn()
+            jax.block_until_ready(out)
+            times[k].append((time.perf_counter() - t) / 200 * 1e6)
+    for k, ts in times.items():
+        print(f"  host, per batch: {k}: {statistics.median(ts):.0f} us")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="simplenet,cnn")
     parser.add_argument("--rounds", type=int, default=3, help="runs of each loop")
     parser.add_argument("--epochs", type=int, default=3,
                         help="epochs per run (the first, with compilation, left out)")
+    parser.add_argument("--causes", action="store_true",
+                        help="break SimpleNet's step down instead (see the docstring)")
+    parser.add_argument("--steps", type=int, default=50, help="steps per round (--causes)")
     parser.add_argument("--lean", metavar="MODEL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.lean:  # a run of the lean loop: its epoch times, as JSON
         print(json.dumps(lean(args.lean, args.epochs)))
+        return 0
+    load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if args.causes:
+        print(f"{platform.machine()}, {os.cpu_count()} cores; {args.rounds} interleaved "
+              f"rounds of {args.steps} steps, median; load average at start: {load()}")
+        causes(args.rounds, args.steps)
+        print(f"load average at the end: {load()}")
         return 0
     names = [n.strip() for n in args.models.split(",")]
     unknown = [n for n in names if n not in MODELS]
     if unknown or args.rounds < 1 or args.epochs < 2:
         parser.error(f"--models takes {', '.join(MODELS)} (got {unknown}); --rounds >= 1; "
                      "--epochs >= 2")
-    load = lambda: " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"{platform.machine()}, {os.cpu_count()} cores; batch {BATCH}; {args.rounds} "
           f"interleaved runs of each loop x {args.epochs - 1} epochs after the first, median; "
           f"load average at start: {load()}")
