@@ -72,15 +72,9 @@ def load_train(train_size: int | None):
     return xs[:n], ys[:n]
 
 
-def lean(model_name: str, epochs: int) -> list[float]:
-    """Seconds of each epoch of the lean loop (the first includes compilation)."""
+def lean_model(model_name: str):
+    """The lean loop's flax model: the reference's MLP, or the ``cnn`` model's layers."""
     import flax.linen as nn
-    import jax
-    import numpy as np
-    import optax
-
-    xs, ys = load_train(MODELS[model_name])
-    xs = (xs.astype(np.float32) / 255. - 0.286) / 0.353
 
     class MLP(nn.Module):
         @nn.compact
@@ -100,12 +94,13 @@ def lean(model_name: str, epochs: int) -> list[float]:
                     x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
             return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
-    if model_name == "simplenet":
-        xs = xs.reshape(len(xs), -1)
-    m = MLP() if model_name == "simplenet" else CNN()
-    v = m.init(jax.random.key(0), xs[:2], train=False)
-    tx = optax.sgd(LR, momentum=MOMENTUM)
-    opt = tx.init(v["params"])
+    return MLP() if model_name == "simplenet" else CNN()
+
+
+def lean_step(m, tx):
+    """The lean loop's jitted step: ``step(params, batch_stats, opt_state, x, y)``."""
+    import jax
+    import optax
 
     @jax.jit
     def step(p, bs_, opt, x, y):
@@ -116,6 +111,25 @@ def lean(model_name: str, epochs: int) -> list[float]:
         (l, upd), g = jax.value_and_grad(loss, has_aux=True)(p)
         u, opt = tx.update(g, opt, p)
         return optax.apply_updates(p, u), upd["batch_stats"], opt, l
+
+    return step
+
+
+def lean(model_name: str, epochs: int) -> list[float]:
+    """Seconds of each epoch of the lean loop (the first includes compilation)."""
+    import jax
+    import numpy as np
+    import optax
+
+    xs, ys = load_train(MODELS[model_name])
+    xs = (xs.astype(np.float32) / 255. - 0.286) / 0.353
+    if model_name == "simplenet":
+        xs = xs.reshape(len(xs), -1)
+    m = lean_model(model_name)
+    v = m.init(jax.random.key(0), xs[:2], train=False)
+    tx = optax.sgd(LR, momentum=MOMENTUM)
+    opt = tx.init(v["params"])
+    step = lean_step(m, tx)
 
     p, b = v["params"], v["batch_stats"]
     rng = np.random.default_rng(0)
@@ -181,7 +195,6 @@ def bench(model_name: str, rounds: int, epochs: int) -> dict:
 
 def causes(rounds: int, steps: int) -> None:
     """Per-step wall and CPU milliseconds of the lean step and of what the loop adds."""
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -201,26 +214,9 @@ def causes(rounds: int, steps: int) -> None:
     ys = rng.integers(0, 10, (10, BATCH)).astype(np.int32)
     xf = ((x8 / 255. - 0.286) / 0.353).astype(np.float32)
 
-    class MLP(nn.Module):  # the lean loop's
-        @nn.compact
-        def __call__(self, x, train):
-            x = x.reshape(x.shape[0], -1)
-            for w in (512, 300):
-                x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(w)(x)))
-            return nn.Dense(10)(x)
-
-    m, tx = MLP(), optax.sgd(LR, momentum=MOMENTUM)
+    m, tx = lean_model("simplenet"), optax.sgd(LR, momentum=MOMENTUM)
     v = m.init(jax.random.key(0), xf[0], train=False)
-
-    @jax.jit
-    def lean_step(p, bs_, opt, x, y):
-        def loss(p):
-            lg, upd = m.apply({"params": p, "batch_stats": bs_}, x, train=True,
-                              mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(lg, y).mean(), upd
-        (l, upd), g = jax.value_and_grad(loss, has_aux=True)(p)
-        u, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, u), upd["batch_stats"], opt, l
+    step_lean = lean_step(m, tx)
 
     def state_step(metrics=False, finite=False, guard=None):
         """The lean step on a TrainState with the simplenet model, plus the extras named."""
@@ -251,7 +247,7 @@ def causes(rounds: int, steps: int) -> None:
     def run_lean():
         c = [v["params"], v["batch_stats"], tx.init(v["params"])]
         for i in range(steps):
-            *c[:], loss = lean_step(*c, xf[i % 10], ys[i % 10])
+            *c[:], loss = step_lean(*c, xf[i % 10], ys[i % 10])
         return c
 
     def run_state(step):
@@ -311,6 +307,8 @@ def causes(rounds: int, steps: int) -> None:
             "a jitted call on the NumPy batch": lambda: touch(batch),
             "one loader batch (uint8, whole-array gather)": lambda: loader.dataset[0]}
     times = {k: [] for k in host}
+    for fn in host.values():
+        jax.block_until_ready(fn())  # compiles the jitted call
     for _ in range(rounds):
         for k, fn in host.items():
             t = time.perf_counter()
