@@ -113,8 +113,8 @@ def _keep_if(keep: jax.Array, new: TrainState, old: TrainState) -> TrainState:
     ``lax.cond`` on the other backends.
 
     On XLA:CPU the select fuses into the optimizer update that writes ``new``, while the
-    ``cond`` copies every leaf of the state into its result (SimpleNet's step, batch 128:
-    about 0.7 ms of a 3 ms step; see ``benchmarks/RESULTS.md``). On the TPU compiler the
+    ``cond`` copies every leaf of the state into its result (+25 % of SimpleNet's step at
+    batch 128, ``python benchmarks/train_loop.py --causes``). On the TPU compiler the
     select read 16 % more bytes in VGG-11's step, 1.71 against 1.47 GiB per chip at 16
     examples, where the ``cond`` reads 1.22 GiB (``seqnorm-jax plan
     004_output_noise_vgg11 --run 0 --topology v5e:2x4``).
