@@ -113,7 +113,7 @@ def _keep_if(keep: jax.Array, new: TrainState, old: TrainState) -> TrainState:
     ``lax.cond`` on the other backends.
 
     On XLA:CPU the select fuses into the optimizer update that writes ``new``, while the
-    ``cond`` copies every leaf of the state into its result (+25 % of SimpleNet's step at
+    ``cond`` copies every leaf of the state into its result (+24 % of SimpleNet's step at
     batch 128, ``python benchmarks/train_loop.py --causes``). On the TPU compiler the
     select read 16 % more bytes in VGG-11's step, 1.71 against 1.47 GiB per chip at 16
     examples, where the ``cond`` reads 1.22 GiB (``seqnorm-jax plan
