@@ -585,6 +585,27 @@ def test_fit_with_gradient_accumulation_trains_ghost_norm():
         digits_config(grad_accum_steps=3)
 
 
+def test_one_cpu_device_loop_takes_host_batches_and_trains_as_train_step():
+    # on one CPU device the loop hands the loader's uint8 NumPy batches to its compiled step
+    # (normalised there); the run equals train_step over the host-normalised batches, and
+    # the run on the 4-device mesh (batches put on the devices ahead)
+    cfg = digits_config(norm="bn", epochs=1)
+    one = Trainer(cfg, mesh=distributed.data_mesh(jax.devices()[:1]), max_steps=6)
+    first = next(iter(one._device_batches(0, 0)))
+    assert isinstance(first["image"], np.ndarray) and first["image"].dtype == np.uint8
+    result = one.fit()
+    assert int(result.state.step) == 6
+
+    state = one.init_state()
+    step = jax.jit(train_step)
+    for _, batch in zip(range(6), one._loader(0, 0)):
+        state, _ = step(state, {"image": batch["image"], "label": batch["label"]})
+    chex.assert_trees_all_close((result.state.params, result.state.batch_stats),
+                                (state.params, state.batch_stats), atol=1e-6, rtol=1e-5)
+    mesh = Trainer(cfg, max_steps=6).fit()
+    chex.assert_trees_all_close(result.state.params, mesh.state.params, atol=1e-5, rtol=1e-5)
+
+
 def test_evaluate_counts_every_example_once():
     cfg = digits_config(epochs=1, eval_batch_size=50)  # 50 -> 52 per batch on 4 devices
     trainer = Trainer(cfg)

@@ -77,9 +77,10 @@ def guarded_step(step_fn: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     optimizer state, running statistics) is not finite (``metrics["finite"]`` of
     :func:`~seqnorm_jax.train.train_step`). With
     ``stop_on_divergence`` (the default) that step and every later one return the state
-    unchanged (``step_fn(state, batch, guard=...)``, a ``lax.cond`` in the compiled step;
-    no host round trip), so the state stays the last finite one until the host sees
-    ``acc.diverged_step`` and stops; otherwise the updates are applied as computed.
+    unchanged (``step_fn(state, batch, guard=...)``: a select on XLA:CPU, a ``lax.cond``
+    elsewhere, in the compiled step; no host round trip), so the state stays the last
+    finite one until the host sees ``acc.diverged_step`` and stops; otherwise the updates
+    are applied as computed.
     ``acc`` must have room for the step (the caller resets it at least every
     ``acc.loss.shape[0]`` steps).
     """
