@@ -17,6 +17,11 @@ Epochs alternate between the three and the medians are compared.
 
     python benchmarks/tiny_step.py                       # 2,500 steps per epoch, 3 epochs
     python benchmarks/tiny_step.py --train-size 4000 --epochs 5
+    python benchmarks/tiny_step.py --breakdown           # also: where the scanned step's time goes
+
+``--breakdown`` times a ``lax.scan`` of 256 steps of the bare ``train_step``, of the same
+step with the divergence guard (``guard=True``) and of the loop's whole step (guard and
+metrics accumulator), on batches already normalised on the device.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import optax
 from layers import machine_info  # benchmarks/layers.py
 
 from seqnorm_jax import data
-from seqnorm_jax.train import TrainConfig, Trainer, cross_entropy_loss, load_sources
+from seqnorm_jax.train import TrainConfig, Trainer, cross_entropy_loss, load_sources, train_step
+from seqnorm_jax.train.compiled import init_accumulator, loop_step_fn
 
 
 def lean_scan_loop(trainer: Trainer, images: np.ndarray, labels: np.ndarray):
@@ -74,11 +80,49 @@ def lean_scan_loop(trainer: Trainer, images: np.ndarray, labels: np.ndarray):
     return epoch
 
 
+def breakdown(trainer: Trainer, rounds: int = 3, steps: int = 256) -> None:
+    """Per-step time of a scan of the bare step, with the guard, and the loop's step."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    shape = trainer.train_source.info.image_shape
+    batches = jax.device_put({
+        "image": rng.standard_normal((steps, trainer.config.batch_size, *shape)).astype(np.float32),
+        "label": rng.integers(0, 10, (steps, trainer.config.batch_size)).astype(np.int32)})
+    state, acc = trainer.init_state(), init_accumulator(steps)
+
+    def scanned(step):
+        body = lambda carry, batch: (step(carry[0], batch, carry[1]), None)
+        return jax.jit(lambda s, b, a: jax.lax.scan(body, (s, a), b)[0])
+
+    lr = trainer.schedule
+    variants = {
+        "bare train_step": scanned(lambda s, b, a: (train_step(s, b, lr)[0], a)),
+        "train_step with the divergence guard": scanned(
+            lambda s, b, a: (train_step(s, b, lr, guard=jnp.bool_(True))[0], a)),
+        "the loop's step (guard and metrics)": scanned(loop_step_fn(lr)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for f in variants.values():
+        jax.block_until_ready(f(state, batches, acc))
+    for _ in range(rounds):
+        for k, f in variants.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f(state, batches, acc))
+            times[k].append((time.perf_counter() - t0) / steps * 1e6)
+    print(f"| scan of {steps} steps | per step (us), median of {rounds} | all rounds |")
+    print("| --- | --- | --- |")
+    for k, v in times.items():
+        print(f"| {k} | {statistics.median(v):.1f} | {[round(t) for t in v]} |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-size", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=3, help="measured epochs of each loop")
     parser.add_argument("--steps-per-call", type=int, default=64)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time scans of the bare step, with the guard, the loop's step")
     args = parser.parse_args(argv)
     machine_info(args.epochs)
     config = TrainConfig(model="mlp4", norm="bn", dataset="fashion_mnist", epochs=1,
@@ -113,6 +157,8 @@ def main(argv=None) -> int:
     for k, label in names.items():
         print(f"| {label} | {per_step[k]:.1f} | {per_step[k] / per_step['lean']:.2f} |")
     print("epochs (s): " + ", ".join(f"{k} {[round(t, 3) for t in v]}" for k, v in times.items()))
+    if args.breakdown:
+        breakdown(trainers[1], args.epochs)
     return 0
 
 
