@@ -146,6 +146,21 @@ def mesh_for(batch_size: int):
     return data_mesh(jax.devices()[:k])
 
 
+SMALL_BATCH = 16  # at most this many examples per step: several steps per compiled call
+SMALL_BATCH_STEPS_PER_CALL = 64
+
+
+def steps_per_call(config: TrainConfig) -> int:
+    """Steps per compiled call of a study's run: :data:`SMALL_BATCH_STEPS_PER_CALL` at batches
+    of at most :data:`SMALL_BATCH` (a tiny step, paced by its dispatch; the results are
+    those of one step per call, bit for bit, :mod:`seqnorm_jax.train.multistep`), else 1."""
+    import jax
+
+    if config.batch_size <= SMALL_BATCH and jax.process_count() == 1:
+        return SMALL_BATCH_STEPS_PER_CALL
+    return 1
+
+
 def _no_hooks(trainer) -> list[Any]:
     return []
 
@@ -232,7 +247,8 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
         train_src, eval_src = sources(config)
         return Trainer(config, out_dir=run_dir(setting, seed),
                        train_source=train_src, eval_source=eval_src, save_checkpoints=False,
-                       desc=f"{setting.label} seed {seed}", mesh=mesh_for(config.batch_size))
+                       desc=f"{setting.label} seed {seed}", mesh=mesh_for(config.batch_size),
+                       steps_per_call=steps_per_call(config))
 
     first = {}
     for setting in settings:

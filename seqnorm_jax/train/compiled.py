@@ -30,6 +30,7 @@ __all__ = [
     "jit_eval_step",
     "jit_loop_step",
     "jit_train_step",
+    "loop_step_fn",
     "normalize_images",
     "reset_accumulator",
 ]
@@ -119,6 +120,16 @@ def jit_loop_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None =
     XLA into the first layer), so a quarter of the bytes cross to the device and the
     host does no per-batch arithmetic.
     """
+    fn = loop_step_fn(lr_fn, micro_batches=micro_batches, output_noise=output_noise,
+                      stop_on_divergence=stop_on_divergence, image_norm=image_norm)
+    return _jit(fn, mesh, donate, axis_name, extra_in=1)
+
+
+def loop_step_fn(lr_fn: Callable[[Any], Any] | None = None, *, micro_batches: int = 1,
+                 output_noise: tuple[float, float] | None = None,
+                 stop_on_divergence: bool = True, image_norm: tuple[Any, Any] | None = None):
+    """The uncompiled ``step(state, batch, acc) -> (state, acc)`` that :func:`jit_loop_step`
+    compiles (and :func:`~seqnorm_jax.train.multistep.jit_loop_steps` scans)."""
     step = _step_fn(lr_fn, micro_batches, output_noise)
 
     def fn(s, b, a):
@@ -126,7 +137,7 @@ def jit_loop_step(mesh: Mesh | None = None, lr_fn: Callable[[Any], Any] | None =
             b = normalize_images(b, image_norm)
         return guarded_step(step, s, b, a, stop_on_divergence=stop_on_divergence)
 
-    return _jit(fn, mesh, donate, axis_name, extra_in=1)
+    return fn
 
 
 def normalize_images(batch: dict[str, Any], image_norm: tuple[Any, Any]) -> dict[str, Any]:

@@ -49,6 +49,7 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from seqnorm_jax import checks
 from seqnorm_jax.distributed import (
     batch_sharding,
     data_mesh,
@@ -68,6 +69,7 @@ from seqnorm_jax.train.config import TrainConfig
 from seqnorm_jax.train.evaluation import evaluate
 from seqnorm_jax.train.lock import check_out_dir, run_lock
 from seqnorm_jax.train.metrics import MetricsWriter, RunFileError
+from seqnorm_jax.train.multistep import chunk_length, device_chunks, jit_loop_steps
 from seqnorm_jax.train.optim import make_optimizer, make_schedule
 from seqnorm_jax.train.paths import run_path
 from seqnorm_jax.train.preempt import Preempted, stop_on_signals
@@ -133,14 +135,22 @@ class Trainer:
         resumed run.
       donate: the compiled steps donate the input state's buffers (default: on
         accelerators, not on CPU; ``seqnorm-jax plan`` sets it to compile for them here).
+      steps_per_call: take up to this many steps per compiled call, a ``lax.scan`` of
+        the same step (:mod:`seqnorm_jax.train.multistep`; same results bit for bit):
+        for tiny models, whose step is shorter than a call's dispatch. One process only.
     """
 
     def __init__(self, config: TrainConfig, *, out_dir: str | os.PathLike | None = None,
                  model: nn.Module | None = None, train_source=None, eval_source=None,
                  mesh: Mesh | None = None, save_checkpoints: bool = True,
                  max_steps: int | None = None, desc: str | None = None,
-                 step_hooks: Iterable[Any] = (), donate: bool | None = None):
+                 step_hooks: Iterable[Any] = (), donate: bool | None = None,
+                 steps_per_call: int = 1):
         config.validate()
+        self.steps_per_call = checks.positive_int(steps_per_call, "steps_per_call", "Trainer")
+        if steps_per_call > 1 and jax.process_count() > 1:
+            raise ValueError(f"Trainer: steps_per_call={steps_per_call} needs one process; "
+                             f"this run has {jax.process_count()}. Use steps_per_call=1.")
         self.config = config
         self.out_dir = None if out_dir is None else os.fspath(run_path(out_dir))
         if self.out_dir is not None:
@@ -206,6 +216,9 @@ class Trainer:
         self.loop_step = jit_loop_step(self.mesh, self.schedule, **step_kw,
                                        stop_on_divergence=config.on_divergence == "stop",
                                        image_norm=self.image_norm)
+        self.loop_steps = (None if self.steps_per_call == 1 else jit_loop_steps(
+            self.mesh, self.schedule, **step_kw, image_norm=self.image_norm,
+            stop_on_divergence=config.on_divergence == "stop"))
         self._hook_batch = jax.jit(lambda b: normalize_images(b, self.image_norm))
         self.eval_step = jit_eval_step(self.mesh, axis_name=self.batch_axis)
         check_step(self)
@@ -251,6 +264,25 @@ class Trainer:
         else:
             sharding = batch_sharding(self.mesh, self.batch_axis)
         return prefetch_to_device(batches, size=2, sharding=sharding)
+
+    def _step_batches(self, epoch: int, start_step: int, first_step: int):
+        """``(n, batch)`` for the epoch from ``start_step`` (global step ``first_step``): one
+        batch per step, or with ``steps_per_call > 1`` chunks of ``n`` stacked batches
+        that end where the loop acts between steps (:func:`~seqnorm_jax.train.multistep.
+        chunk_length`)."""
+        if self.steps_per_call == 1:
+            return ((1, b) for b in self._device_batches(epoch, start_step))
+        c = self.config
+
+        def length(done: int) -> int:
+            return chunk_length(first_step + done, start_step + done,
+                                steps_per_call=self.steps_per_call,
+                                steps_per_epoch=self.steps_per_epoch, log_every=c.log_every,
+                                checkpoint_every=c.checkpoint_every, max_steps=self.max_steps,
+                                hooks=self.step_hooks)
+
+        return device_chunks(self._loader(epoch, start_step, normalize=False), length,
+                             self.mesh, self.batch_axis)
 
     def evaluate(self, state: TrainState, source=None, example_weight: float | None = None
                  ) -> dict[str, float]:

@@ -135,19 +135,22 @@ class Run:
         spe = t.steps_per_epoch
         step_in_epoch, n_window = start, 0
         stop_on_divergence = c.on_divergence == "stop"
-        for batch in t._device_batches(epoch, start):
+        for n, batch in t._step_batches(epoch, start, step0):
             if step_in_epoch >= spe:
                 break
             step = step0 + step_in_epoch - start
-            if t.step_hooks:
-                normalized = t._hook_batch(batch)  # hooks see the model's input
-                for hook in t.step_hooks:
-                    hook(self.state, normalized, step)
-            self.state, self.acc = t.loop_step(self.state, batch, self.acc)
-            step_in_epoch += 1
-            n_window += 1
-            self.bar.update(1)
-            step += 1
+            if n > 1:  # a chunk of steps no hook records (Trainer.steps_per_call)
+                self.state, self.acc = t.loop_steps(self.state, batch, self.acc)
+            else:
+                if t.step_hooks:
+                    normalized = t._hook_batch(batch)  # hooks see the model's input
+                    for hook in t.step_hooks:
+                        hook(self.state, normalized, step)
+                self.state, self.acc = t.loop_step(self.state, batch, self.acc)
+            step_in_epoch += n
+            n_window += n
+            self.bar.update(n)
+            step += n
             at_end = step_in_epoch == spe
             if step % c.log_every == 0:
                 self._end_window(step, epoch + step_in_epoch / spe, n_window)
