@@ -49,3 +49,14 @@ def test_progress_bar_is_lines_off_a_terminal_and_silent_when_disabled():
     silent.write("not shown")
     silent.close()
     assert quiet.getvalue() == ""
+
+
+def test_close_right_after_a_line_adds_none():
+    out, clock = io.StringIO(), Clock()
+    bar = LogProgress(total=2, desc="study", unit="run", file=out, interval=30.0, clock=clock)
+    clock.now = 40.0
+    bar.update()
+    clock.now = 80.0
+    bar.update()                 # the interval has passed: the line of 2/2 is written here
+    bar.close()
+    assert out.getvalue() == "study: 1/2 runs (50%)\nstudy: 2/2 runs (100%), 0.025 run/s\n"

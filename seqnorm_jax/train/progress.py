@@ -51,6 +51,7 @@ class LogProgress:
         self.postfix = ""
         self._first: tuple[float, int] | None = None    # (time, n) at the first update
         self._last_line = clock()
+        self._last_n: int | None = None
         self._closed = False
 
     def __iter__(self) -> Iterator[Any]:
@@ -81,10 +82,11 @@ class LogProgress:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._line(self.clock())
+            if self.n != self._last_n:     # not just written by the last update
+                self._line(self.clock())
 
     def _line(self, now: float) -> None:
-        self._last_line = now
+        self._last_line, self._last_n = now, self.n
         parts = [f"{self.n}/{self.total} {self.unit}s" if self.total else
                  f"{self.n} {self.unit}s"]
         if self.total:
