@@ -210,15 +210,10 @@ class LoweredStep:
         compiler versions. Two steps with the same fingerprint compile to the same thing,
         whatever Python code produced them."""
         import hashlib
-        from importlib import metadata
 
         compiler = "libtpu" if self.topology.chip.platform == "tpu" else "jax-cuda12-plugin"
         h = hashlib.sha1(self.lowered.as_text().encode())
-        for package in ("jax", "jaxlib", compiler):
-            try:
-                h.update(f"{package}={metadata.version(package)}".encode())
-            except metadata.PackageNotFoundError:
-                h.update(f"{package}=-".encode())
+        h.update(_versions("jax", "jaxlib", compiler).encode())
         h.update(f"{self.topology.name} {sorted(self.mesh.items())} {self.axis_types} "
                  f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}".encode())
         return h.hexdigest()[:16]
@@ -392,7 +387,6 @@ def code_fingerprint() -> str:
     models, the train step and optimizer) and the installed jax, jaxlib and compilers: a
     cached step recorded with this fingerprint is served without lowering anything."""
     import hashlib
-    from importlib import metadata
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     h = hashlib.sha1()
@@ -405,12 +399,21 @@ def code_fingerprint() -> str:
                 h.update(rel.encode())
                 with open(path, "rb") as f:
                     h.update(f.read())
-    for package in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin"):
-        try:
-            h.update(f"{package}={metadata.version(package)}".encode())
-        except metadata.PackageNotFoundError:
-            h.update(f"{package}=-".encode())
+    h.update(_versions("jax", "jaxlib", "libtpu", "jax-cuda12-plugin").encode())
     return h.hexdigest()[:12]
+
+
+def _versions(*packages: str) -> str:
+    """``"jax=0.10.2jaxlib=0.10.2libtpu=-..."``: each installed version, ``-`` if absent."""
+    from importlib import metadata
+
+    out = []
+    for package in packages:
+        try:
+            out.append(f"{package}={metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{package}=-")
+    return "".join(out)
 
 
 def step_key(config: TrainConfig, topology: str, image_shape=None) -> str:
