@@ -226,16 +226,16 @@ class MetricsWriter:
         clean = {k: _clean(v) for k, v in row.items()}
         self._append(self.jsonl_path, _json_line(clean))
         self._append(self.csv_path, _csv_lines(clean))
-        self._add_scalars(clean)
+        self._add_scalars(_restore(clean))
         return row
 
     def _add_scalars(self, row: dict[str, Any]) -> None:
+        """``row`` as :func:`read_jsonl` gives it (plain numbers, non-finite ones as floats)."""
         if self._events is None or "step" not in row:
             return
-        values = {tag: float(_NON_FINITE.get(row[column], row[column]))
+        values = {tag: float(row[column])
                   for column, tag in SCALAR_TAGS.get(row.get("kind"), {}).items()
-                  if isinstance(row.get(column), (int, float))
-                  or row.get(column) in _NON_FINITE}
+                  if isinstance(row.get(column), (int, float))}
         if values:
             self._events.add(values, row["step"], row.get("wall_time"))
 
