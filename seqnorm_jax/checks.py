@@ -13,6 +13,7 @@ the name says enough.
 from __future__ import annotations
 
 import difflib
+import math
 import numbers
 from collections.abc import Iterable
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["positive_int", "choice", "suggest", "divisors", "resolve_groups", "static_number",
-           "example_weight", "static_bool"]
+           "example_weight", "momentum", "epsilon", "noise_std", "static_bool"]
 
 T = TypeVar("T")
 
@@ -65,6 +66,41 @@ def example_weight(value: Any, who: str = "") -> Any:
             )
         return value
     return jnp.clip(value, 0, 1)
+
+
+def momentum(value: Any, who: str = "") -> Any:
+    """A running-statistics ``momentum`` (the old statistics' weight in the moving
+    average), in ``[0, 1]``: 1 freezes the running statistics, 0 keeps the last batch's.
+    A traced value (under ``jax.jit``) is not checked."""
+    if static_number(value) and not 0 <= value <= 1:
+        raise ValueError(
+            f"{_prefix(who)}momentum must be in [0, 1] (the weight of the old running "
+            f"statistics in the moving average), got {value!r}; flax's default is 0.99 "
+            "(PyTorch's momentum m corresponds to 1 - m)."
+        )
+    return value
+
+
+def epsilon(value: Any, who: str = "") -> Any:
+    """``epsilon``, added to the variance before ``1/sqrt``: a positive finite number.
+    A traced value (under ``jax.jit``) is not checked."""
+    if static_number(value) and not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            f"{_prefix(who)}epsilon must be a positive finite number, got {value!r}; it is "
+            "added to the variance before 1/sqrt, so use a small positive value such as 1e-5."
+        )
+    return value
+
+
+def noise_std(value: Any, who: str = "") -> Any:
+    """The standard deviation of a noisy BatchNorm's input noise: a finite number ``>= 0``.
+    A traced value (under ``jax.jit``) is not checked."""
+    if static_number(value) and not (value >= 0 and math.isfinite(value)):
+        raise ValueError(
+            f"{_prefix(who)}noise_std must be a finite number >= 0, got {value!r}; "
+            "0 turns the noise off (paper 000's best is 3e-4)."
+        )
+    return value
 
 
 def static_bool(value: Any, name: str, who: str = "", *, fix: str = "") -> bool:

@@ -61,22 +61,13 @@ __all__ = [
 
 
 def check_epsilon(who: str, epsilon: Any) -> None:
-    """``epsilon`` must be a positive number (it keeps ``1/sqrt(var + epsilon)`` finite)."""
-    if checks.static_number(epsilon) and not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(
-            f"{who}: epsilon must be a positive finite number, got {epsilon!r}; it is added to "
-            "the variance before 1/sqrt, so use a small positive value such as 1e-5."
-        )
+    """``epsilon`` must be a positive number (:func:`checks.epsilon`)."""
+    checks.epsilon(epsilon, who)
 
 
 def check_momentum(who: str, momentum: Any) -> None:
-    """``momentum`` must lie in [0, 1]: the running statistics' weight in the EMA."""
-    if checks.static_number(momentum) and not 0 <= momentum <= 1:
-        raise ValueError(
-            f"{who}: momentum must be in [0, 1] (the weight of the old running statistics in "
-            f"the moving average), got {momentum!r}; flax's default is 0.99 (PyTorch's "
-            "momentum m corresponds to 1 - m)."
-        )
+    """``momentum`` must lie in [0, 1] (:func:`checks.momentum`)."""
+    checks.momentum(momentum, who)
 
 
 def check_example_weight(who: str, example_weight: Any, training: bool) -> None:

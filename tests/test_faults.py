@@ -336,9 +336,9 @@ BAD_SETTINGS = [
     ("out not writable", lambda t, cf: ["--out", "/proc/seqnorm-jax-test/run"],
      "/proc/seqnorm-jax-test/run"),
     ("bn momentum 2", lambda t, cf: ["--norm", "bn:momentum=2"],
-     "BatchNorm momentum=2: must lie in [0, 1)"),
+     "BatchNorm: momentum must be in [0, 1]"),
     ("bn epsilon -1", lambda t, cf: ["--norm", "bn:epsilon=-1"],
-     "BatchNorm epsilon=-1: must be > 0"),
+     "BatchNorm: epsilon must be a positive finite number, got -1.0"),
     ("b2 1.5", lambda t, cf: ["--b2", "1.5"], "TrainConfig.b2=1.5: must lie in [0, 1)"),
     ("lr inf", lambda t, cf: ["--lr", "inf"], "TrainConfig.lr=inf: must be a finite number"),
     ("momentum -5", lambda t, cf: ["--momentum", "-5"],
@@ -392,7 +392,7 @@ def test_tune_checks_norm_fields_before_any_work(tmp_path, capsys):
                                 "--batch-groups", "1,2", "--channel-groups", "1",
                                 "--out", str(tmp_path / "t")])
     assert code == 2 and err.count("\n") == 1, err
-    assert "norm_fields='momentum=2'" in err and "momentum=2: must lie in [0, 1)" in err
+    assert "norm_fields='momentum=2'" in err and "momentum must be in [0, 1]" in err
     assert not (tmp_path / "t").exists()
 
 

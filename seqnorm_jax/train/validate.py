@@ -6,14 +6,13 @@ the run's global size, sharded over the run's mesh. Every norm layer of the mode
 sees the shape it will see in training, so a group count that does not divide the batch
 or a layer's width, or a setting the mesh cannot shard, fails here in a second, with one
 message naming the setting, instead of after other runs have trained. The layers' own
-fields are range-checked on the way (``momentum`` in ``[0, 1)``, ``epsilon > 0``,
-``noise_std >= 0``).
+fields are range-checked on the way (``momentum`` in ``[0, 1]``, ``epsilon > 0``,
+``noise_std >= 0``: the rules of :mod:`seqnorm_jax.checks`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import jax
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from seqnorm_jax import registry
+from seqnorm_jax import checks, registry
 from seqnorm_jax.distributed import batch_sharding, mesh_context, replicated_sharding
 from seqnorm_jax.train.compiled import init_accumulator
 from seqnorm_jax.train.optim import model_norm_paths
@@ -30,26 +29,22 @@ from seqnorm_jax.train.state import create_train_state
 __all__ = ["check_norm_fields", "check_step", "checked_norm_paths", "fit_errors",
            "loop_step_arguments"]
 
-# field -> (test, what it must be)
-_FIELD_RULES = {
-    "momentum": (lambda v: 0 <= v < 1, "must lie in [0, 1) (e.g. 0.9 or 0.99)"),
-    "epsilon": (lambda v: v > 0, "must be > 0 (e.g. 1e-5)"),
-    "noise_std": (lambda v: v >= 0, "must be >= 0"),
-}
+# field -> its range rule, defined once in seqnorm_jax.checks
+_FIELD_RULES = {"momentum": checks.momentum, "epsilon": checks.epsilon,
+                "noise_std": checks.noise_std}
 
 
 def check_norm_fields(module: nn.Module) -> None:
     """Raise ``ValueError`` if a norm layer's ``momentum``, ``epsilon`` or ``noise_std`` is
-    out of range (or not a finite number)."""
-    for field, (ok, want) in _FIELD_RULES.items():
-        if not hasattr(module, field):
-            continue
-        v = getattr(module, field)
+    not a number or out of its range (the rules of :mod:`seqnorm_jax.checks`)."""
+    who = type(module).__name__
+    for field, rule in _FIELD_RULES.items():
+        v = getattr(module, field, None)
         if v is None:
             continue
-        number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-        if not number or not math.isfinite(float(v)) or not ok(float(v)):
-            raise ValueError(f"{type(module).__name__} {field}={v!r}: {want}.")
+        if not isinstance(v, (int, float, np.number)) or isinstance(v, bool):
+            raise ValueError(f"{who}: {field} must be a number, got {v!r}.")
+        rule(float(v), who)
 
 
 def _check_fields(next_fun, args, kwargs, context):
