@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_parser(sub) -> None:
+    from seqnorm_jax.train.config import RESUME_SAFE_FIELDS
+
     train = sub.add_parser("train", help="train one model with one norm layer",
                            description="Train a model with one norm layer; evaluate after "
                                        "every epoch; write config.json, the metrics and Orbax "
@@ -208,9 +210,8 @@ def _train_parser(sub) -> None:
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest intact checkpoint in --out (none "
                             "there: start from step 0, saying so); the config "
-                            "must equal the saved one except epochs, progress, log_every, "
-                            "checkpoint_every, keep_checkpoints, data_workers, "
-                            "eval_batch_size, on_divergence, data_dir")
+                            "must equal the saved one except "
+                            + ", ".join(RESUME_SAFE_FIELDS))
     train.add_argument("--overwrite", action="store_true",
                        help="delete the earlier run in --out first (without it or --resume, a "
                             "folder holding a run is refused)")
