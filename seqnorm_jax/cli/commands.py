@@ -123,11 +123,12 @@ def train(args) -> int:
 def evaluate(args) -> int:
     from seqnorm_jax import data
     from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer
+    from seqnorm_jax.train.files import CONFIG_NAME
     from seqnorm_jax.train.metrics import append_eval_rows
 
     for a in args.example_weight:  # the one range rule, before any work
         checks.example_weight(a, "--example-weight")
-    path = os.path.join(args.run, "config.json")
+    path = os.path.join(args.run, CONFIG_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--run: {args.run!r} has no config.json; pass the --out "
                                 "directory of a `seqnorm-jax train` run.")

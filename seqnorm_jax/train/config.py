@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from seqnorm_jax.train.files import RunFileError, run_path
+from seqnorm_jax.train.files import CONFIG_NAME, RunFileError, run_path
 
 __all__ = ["CONFIG_NAME", "DTYPES", "NORM_DECAY_MODES", "ON_DIVERGENCE", "OPTIMIZERS",
            "RESUME_SAFE_FIELDS", "SCHEDULES", "TrainConfig", "check_resume_config",
@@ -29,8 +29,6 @@ OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "one_cycle", "cosine_one_cycle", "step")
 DTYPES = ("float32", "bfloat16")
 ON_DIVERGENCE = ("stop", "continue")
-# the name of a run's saved config in its folder
-CONFIG_NAME = "config.json"
 # Fields that a resumed run may change freely: they do not change what the steps done so
 # far computed, nor the state's structure (``epochs`` extends or shortens the run; with the
 # ``cosine``/``one_cycle`` schedules this also stretches the learning rate's curve from the

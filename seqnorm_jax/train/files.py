@@ -43,14 +43,16 @@ from collections.abc import Iterable, Iterator
 
 from etils import epath
 
-__all__ = ["LOCK_NAME", "PREEMPTED", "RUN_FILES", "Preempted", "RunFileError",
+__all__ = ["CONFIG_NAME", "LOCK_NAME", "PREEMPTED", "RUN_FILES", "Preempted", "RunFileError",
            "RunFolderUsedError", "RunLockedError", "check_out_dir", "claim_run_folder",
            "is_local", "is_writer", "open_run_file", "raise_if_requested", "requested",
            "run_file_errors", "run_lock", "run_path", "stop_on_signals"]
 
+# the name of a run's saved config (TrainConfig.to_json) in its folder
+CONFIG_NAME = "config.json"
 # What a training run writes into its folder (a study's run record included): a folder
 # holding any of them holds a run.
-RUN_FILES = ("config.json", "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints",
+RUN_FILES = (CONFIG_NAME, "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints",
              "checkpoints.damaged", "eval.jsonl", "record.json")
 
 

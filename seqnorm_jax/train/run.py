@@ -98,9 +98,9 @@ class Run:
         self.t_window = time.perf_counter()
 
     def loop(self, epoch: int, step_in_epoch: int) -> None:
-        t, c = self.parts, self.parts.config
-        self.bar = progress_bar(total=t.total_steps, initial=int(jax.device_get(self.state.step)),
-                                desc=t.desc, enabled=c.progress, unit="step", leave=False)
+        p, c = self.parts, self.parts.config
+        self.bar = progress_bar(total=p.total_steps, initial=int(jax.device_get(self.state.step)),
+                                desc=p.desc, enabled=c.progress, unit="step", leave=False)
         try:
             while epoch < c.epochs:
                 # a signal before the first step or during an epoch's evaluation
@@ -127,7 +127,7 @@ class Run:
 
     def _drain(self, keep: int) -> None:
         """Read queued accumulators (all but the newest ``keep``) and write their rows."""
-        t, c = self.parts, self.parts.config
+        p, c = self.parts, self.parts.config
         while len(self.pending) > keep:
             acc, meta = self.pending.pop(0)
             a = jax.device_get(acc)
@@ -154,7 +154,7 @@ class Run:
                     and self.diverged["step"] < step:
                 # the steps after the diverging one did nothing: the row ends there
                 step = self.diverged["step"]
-                epoch = step / t.steps_per_epoch
+                epoch = step / p.steps_per_epoch
             row = self.log.write(dict(
                 kind="train", step=step, epoch=epoch, loss=w["loss"] / w["n"],
                 accuracy=w["accuracy"] / w["n"], lr=w["lr"], images_per_sec=ips,
@@ -171,25 +171,25 @@ class Run:
 
     # -------------------------------------------------------------------- epochs
     def _epoch(self, epoch: int, start: int) -> bool:
-        t, c = self.parts, self.parts.config
+        p, c = self.parts, self.parts.config
         t_epoch = time.perf_counter()
         self.t_window = t_epoch
         step0 = int(jax.device_get(self.state.step))
-        spe = t.steps_per_epoch
+        spe = p.steps_per_epoch
         step_in_epoch, n_window = start, 0
         stop_on_divergence = c.on_divergence == "stop"
-        for n, batch in t.batches(epoch, start, step0):
+        for n, batch in p.batches(epoch, start, step0):
             if step_in_epoch >= spe:
                 break
             step = step0 + step_in_epoch - start
             if n > 1:  # a chunk of steps no hook records (RunParts.loop_steps)
-                self.state, self.acc = t.loop_steps(self.state, batch, self.acc)
+                self.state, self.acc = p.loop_steps(self.state, batch, self.acc)
             else:
-                if t.hooks:
-                    normalized = t.hook_input(batch)  # hooks see the model's input
-                    for hook in t.hooks:
+                if p.hooks:
+                    normalized = p.hook_input(batch)  # hooks see the model's input
+                    for hook in p.hooks:
                         hook(self.state, normalized, step)
-                self.state, self.acc = t.loop_step(self.state, batch, self.acc)
+                self.state, self.acc = p.loop_step(self.state, batch, self.acc)
             step_in_epoch += n
             n_window += n
             self.bar.update(n)
@@ -202,7 +202,7 @@ class Run:
                 self._drain(1)
                 if self.diverged is not None and stop_on_divergence:
                     return self._stop_diverged()
-            if t.max_steps is not None and step >= t.max_steps and not at_end:
+            if p.max_steps is not None and step >= p.max_steps and not at_end:
                 self._flush(step, epoch + step_in_epoch / spe, n_window, False)
                 n_window = 0
                 if self.diverged is not None and stop_on_divergence:
@@ -225,7 +225,7 @@ class Run:
         if self.diverged is not None and stop_on_divergence:
             return self._stop_diverged()
         epoch_time = time.perf_counter() - t_epoch
-        metrics = t.evaluate(self.state)
+        metrics = p.evaluate(self.state)
         w = self.window
         train_loss = w["epoch_loss"] / max(w["epoch_n"], 1)
         self.log.write(dict(kind="eval", step=end_step, epoch=epoch + 1,
@@ -236,14 +236,14 @@ class Run:
                             epoch_time=epoch_time, wall_time=time.time()))
         w.update(epoch_loss=0.0, epoch_accuracy=0.0, epoch_n=0)
         if c.progress:
-            self.bar.write(f"{t.desc} epoch {epoch + 1}/{c.epochs}: train loss "
+            self.bar.write(f"{p.desc} epoch {epoch + 1}/{c.epochs}: train loss "
                            f"{train_loss:.4f}, eval loss {metrics['eval_loss']:.4f}, eval "
                            f"accuracy {metrics['eval_accuracy']:.4f} ({epoch_time:.1f} s)")
-        for hook in t.hooks:
+        for hook in p.hooks:
             if hasattr(hook, "on_epoch_end"):
                 hook.on_epoch_end(self.state, epoch)
         self.save(epoch + 1, 0, w)
-        return t.max_steps is not None and end_step >= t.max_steps
+        return p.max_steps is not None and end_step >= p.max_steps
 
     def save(self, epoch: int, step_in_epoch: int, window: dict[str, float],
              force: bool = False) -> None:
@@ -261,29 +261,29 @@ class Run:
         writes no periodic checkpoints), raise :class:`~seqnorm_jax.train.files.Preempted`
         (the caller waits for Orbax to commit). A divergence seen in the metrics just read
         wins: the run stops as diverged (returns True)."""
-        t, c = self.parts, self.parts.config
+        p, c = self.parts, self.parts.config
         step = int(jax.device_get(self.state.step))
-        self._flush(step, epoch + step_in_epoch / t.steps_per_epoch, n_window, False)
+        self._flush(step, epoch + step_in_epoch / p.steps_per_epoch, n_window, False)
         if self.diverged is not None and c.on_divergence == "stop":
             return self._stop_diverged()  # a divergence is the run's result
-        if self.checkpointer is None and t.new_checkpointer is not None:
-            self.checkpointer = t.new_checkpointer()
+        if self.checkpointer is None and p.new_checkpointer is not None:
+            self.checkpointer = p.new_checkpointer()
         self.save(epoch, step_in_epoch, self.window, force=True)
         if c.progress:
-            self.bar.write(f"{t.desc}: preempted at step {step}; checkpointed")
+            self.bar.write(f"{p.desc}: preempted at step {step}; checkpointed")
         raise_if_requested(step)
         return False  # pragma: no cover - raise_if_requested raised
 
     def _stop_diverged(self) -> bool:
         """Stop a diverged run: read what is queued, checkpoint the last finite state."""
         self._drain(0)
-        t = self.parts
+        p = self.parts
         last = int(jax.device_get(self.state.step))  # the step loop left it unchanged since
-        epoch, step_in_epoch = divmod(last, t.steps_per_epoch)
+        epoch, step_in_epoch = divmod(last, p.steps_per_epoch)
         self.save(epoch, step_in_epoch, empty_window())
         self.diverged["last_finite_step"] = last
-        if t.config.progress:
-            self.bar.write(f"{t.desc}: diverged at step {self.diverged['step']} (loss "
+        if p.config.progress:
+            self.bar.write(f"{p.desc}: diverged at step {self.diverged['step']} (loss "
                            f"{self.diverged['loss']}); kept the state of step {last}")
         return True
 
