@@ -58,7 +58,7 @@ def lazy_exports(package: str, init_file: str) -> tuple[Any, Any]:
     type checkers read, and each is imported when first used. So ``import seqnorm_jax``
     costs nothing until a layer is touched, and ``seqnorm-jax --help`` never loads jax.
     ``from package import submodule`` names under the ``TYPE_CHECKING`` block import the
-    submodule."""
+    submodule; any other submodule (``seqnorm_jax.linen``) is imported when first named."""
     tree = ast.parse(Path(init_file).read_text(encoding="utf-8"))
     where: dict[str, tuple[str, str]] = {}
     for node in tree.body:
@@ -70,6 +70,9 @@ def lazy_exports(package: str, init_file: str) -> tuple[Any, Any]:
 
     def __getattr__(name: str) -> Any:
         if name not in where:
+            # a submodule (``package.linen``) is found as an eager package's would be
+            if not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}"):
+                return importlib.import_module(f"{package}.{name}")
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
         source, attr = where[name]
         if source == package:  # a submodule

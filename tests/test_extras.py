@@ -105,6 +105,7 @@ def test_the_package_exports_lazily():
 import json, sys
 import seqnorm_jax as snj, seqnorm_jax.train as train
 before = sorted(m for m in ("jax", "flax", "optax", "orbax") if m in sys.modules)
+submodule = sorted(snj.linen.LAYERS)[:2]  # a submodule not named in __all__, first use
 layer = snj.GhostNorm(batch_groups=2)
 print(json.dumps({
     "before": before, "after": "jax" in sys.modules, "layer": type(layer).__module__,
@@ -112,7 +113,8 @@ print(json.dumps({
                + sorted(n for n in train.__all__ if n not in dir(train)),
     "resolved": all(getattr(snj, n) is not None for n in snj.__all__)
                 and all(getattr(train, n) is not None for n in train.__all__),
-    "functional": snj.functional.__name__, "trainer": train.Trainer.__module__}))
+    "functional": snj.functional.__name__, "trainer": train.Trainer.__module__,
+    "submodule": submodule}))
 try:
     snj.NoSuchLayer
 except AttributeError as err:
@@ -123,5 +125,5 @@ except AttributeError as err:
     assert json.loads(lines[0]) == {
         "before": [], "after": True, "layer": "seqnorm_jax.linen", "missing": [],
         "resolved": True, "functional": "seqnorm_jax.functional",
-        "trainer": "seqnorm_jax.train.loop"}
+        "trainer": "seqnorm_jax.train.loop", "submodule": ["BGN", "BatchGroupNorm"]}
     assert lines[1] == "module 'seqnorm_jax' has no attribute 'NoSuchLayer'"
