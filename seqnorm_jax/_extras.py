@@ -10,8 +10,9 @@ extra (``pip install "seqnorm-jax[train]"``). Each of those packages calls
 :class:`MissingExtraError` naming the extra, never in a ``ModuleNotFoundError`` from
 deep inside a pipeline.
 
-The package and :mod:`seqnorm_jax.train` export their names lazily
-(:func:`lazy_exports`): importing them imports nothing heavy until a name is used.
+The package, :mod:`seqnorm_jax.train`, :mod:`~seqnorm_jax.studies` and
+:mod:`~seqnorm_jax.cli` export their names lazily (:func:`lazy_exports`): importing them
+imports nothing heavy until a name is used.
 """
 
 from __future__ import annotations
