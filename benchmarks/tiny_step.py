@@ -6,8 +6,8 @@ what the loop does around it sets the pace. Per-step time (epoch time / steps, t
 only, the epoch with compilation left out) of
 
 * the ``Trainer`` with one step per call (``steps_per_call=1``, the default) and with
-  ``steps_per_call=64`` (:mod:`seqnorm_jax.train.multistep`: a ``lax.scan`` of the same
-  step, chunks cut at each metrics row), each as ``seqnorm-jax`` runs it (loader,
+  ``steps_per_call=64`` (:func:`seqnorm_jax.train.compiled.jit_loop_steps`: a ``lax.scan``
+  of the same step, chunks cut at each metrics row), each as ``seqnorm-jax`` runs it (loader,
   metrics, divergence guard, progress bar off);
 * a lean loop: the epoch's batches normalised and already on the device, one jitted
   ``lax.scan`` over all of them of forward, backward, running statistics and the same

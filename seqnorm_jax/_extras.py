@@ -9,13 +9,23 @@ extra (``pip install "seqnorm-jax[train]"``). Each of those packages calls
 :func:`require_train` before it imports anything, so a missing extra ends in one
 :class:`MissingExtraError` naming the extra, never in a ``ModuleNotFoundError`` from
 deep inside a pipeline.
+
+The package, :mod:`seqnorm_jax.train`, :mod:`~seqnorm_jax.studies` and
+:mod:`~seqnorm_jax.cli` export their names lazily (:func:`lazy_exports`): importing them
+imports nothing heavy until a name is used.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
 
-__all__ = ["TRAIN_MODULES", "MissingExtraError", "missing_train_modules", "require_train"]
+__all__ = ["TRAIN_MODULES", "MissingExtraError", "lazy_exports", "missing_train_modules",
+           "require_train"]
 
 # The top-level modules the ``train`` extra installs (pyproject.toml, [train]), by the
 # name they are imported as. optax and orbax come with flax today, but the training side
@@ -41,3 +51,39 @@ def require_train(part: str) -> None:
         raise MissingExtraError(
             f"{part} needs the training extra, which is not installed (missing: "
             f"{', '.join(missing)}): pip install \"seqnorm-jax[train]\"")
+
+
+def lazy_exports(package: str, init_file: str) -> tuple[Any, Any]:
+    """``(__getattr__, __dir__)`` for ``package`` (PEP 562): its public names are the
+    imports under ``if TYPE_CHECKING:`` in its ``__init__`` (``init_file``), which static
+    type checkers read, and each is imported when first used. So ``import seqnorm_jax``
+    costs nothing until a layer is touched, and ``seqnorm-jax --help`` never loads jax.
+    ``from package import submodule`` names under the ``TYPE_CHECKING`` block import the
+    submodule; any other submodule (``seqnorm_jax.linen``) is imported when first named."""
+    tree = ast.parse(Path(init_file).read_text(encoding="utf-8"))
+    where: dict[str, tuple[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for imp in node.body:
+                if isinstance(imp, ast.ImportFrom) and imp.module:
+                    for alias in imp.names:
+                        where[alias.asname or alias.name] = (imp.module, alias.name)
+
+    def __getattr__(name: str) -> Any:
+        if name not in where:
+            # a submodule (``package.linen``) is found as an eager package's would be
+            if not name.startswith("__") and importlib.util.find_spec(f"{package}.{name}"):
+                return importlib.import_module(f"{package}.{name}")
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        source, attr = where[name]
+        if source == package:  # a submodule
+            value = importlib.import_module(f"{package}.{attr}")
+        else:
+            value = getattr(importlib.import_module(source), attr)
+        setattr(sys.modules[package], name, value)  # found directly from now on
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted(set(vars(sys.modules[package])) | set(where))
+
+    return __getattr__, __dir__

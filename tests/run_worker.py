@@ -24,7 +24,7 @@ import os
 import sys
 import time
 
-from seqnorm_jax.train import Checkpointer, Trainer, loop, preempt
+from seqnorm_jax.train import Checkpointer, Trainer, files, loop
 
 
 def _say(text: str) -> None:
@@ -33,7 +33,7 @@ def _say(text: str) -> None:
 
 def _wait_for_signal(count: int = 1) -> None:
     _say("ready")
-    while preempt.requested() is None:  # set by the signal handler
+    while files.requested() is None:  # set by the signal handler
         time.sleep(0.005)
     if count > 1:
         _say("got one")

@@ -217,6 +217,93 @@ def test_help_shows_descriptions_and_defaults(capsys):
             assert "(default: cpu)" in text
 
 
+def _train_flags() -> dict:
+    from seqnorm_jax.cli.parser import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    return {a.dest: a for a in sub.choices["train"]._actions}
+
+
+def test_every_config_field_has_a_flag_documented_by_the_field():
+    import dataclasses
+
+    from seqnorm_jax.cli.parser import COMPARE_DEFAULTS
+    from seqnorm_jax.train.config import field_docs
+
+    flags, docs, defaults = _train_flags(), field_docs(), TrainConfig()
+    for field in dataclasses.fields(TrainConfig):
+        action = flags[field.name]
+        assert action.option_strings[0] == "--" + field.name.replace("_", "-")
+        assert docs[field.name].strip(), field.name
+        assert action.help.startswith(docs[field.name].rstrip(".") + " (default: "), field.name
+    # the text is the docstring's entry, continuation lines joined, roles as plain text
+    assert docs["seed"] == ("seeds the initialisation, the per-step random numbers and the "
+                            "data order.")
+    assert docs["model"].endswith("or vgg11 (seqnorm_jax.models.get_model).")
+    assert flags["lr"].help == ("peak (cosine, one-cycle) or initial (step, constant) "
+                                "learning rate (default: 0.05)")
+    assert flags["epochs"].help.endswith(f"(default: {defaults.epochs})")
+    TrainConfig(**COMPARE_DEFAULTS)  # the studies' defaults are a valid config
+
+
+def test_a_field_without_its_doc_is_refused():
+    import dataclasses
+
+    from seqnorm_jax.train.config import field_docs
+
+    @dataclasses.dataclass
+    class Config:
+        """Settings.
+
+        Attributes:
+          a: the first,
+            on two lines.
+        """
+
+        a: int = 1
+        b: int = 2
+
+    with pytest.raises(TypeError, match=r"undocumented: \['b'\]"):
+        field_docs(Config)
+    entry = "Attributes:\n" + " " * 10 + "b: second.\n"
+    Config.__doc__ = Config.__doc__.replace("Attributes:\n", entry)
+    assert field_docs(Config) == {"a": "the first, on two lines.", "b": "second."}
+
+
+HELP_WITHOUT_JAX = """
+import runpy, sys
+sys.argv = ["seqnorm-jax", *sys.argv[1:]]
+try:
+    runpy.run_module("seqnorm_jax", run_name="__main__")
+except SystemExit as exc:
+    code = exc.code
+heavy = sorted(m for m in ("jax", "jaxlib", "flax", "optax", "orbax", "numpy",
+                           "tensorflow_datasets", "grain") if m in sys.modules)
+print("EXIT", code, "HEAVY", heavy, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["compare"], ["tune"],
+                                     ["experiment"], ["plan"]])
+def test_help_imports_no_jax(command):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", HELP_WITHOUT_JAX, *command, "--help"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stderr.strip().splitlines()[-1] == "EXIT 0 HEAVY []", proc.stderr
+    assert proc.stdout.startswith("usage: seqnorm-jax")
+
+
+def test_eval_example_weight_out_of_range_before_any_work(tmp_path, capsys):
+    # checked by the one rule (seqnorm_jax.checks.example_weight) before the run is read
+    code, out, err = run(capsys, ["eval", "--run", str(tmp_path / "none"),
+                                  "--example-weight", "0.5", "1.5"])
+    assert code == 2 and out == ""
+    assert err.startswith("seqnorm-jax eval: error: --example-weight: example_weight must be "
+                          "in [0, 1]")
+    assert "got 1.5" in err and err.count("\n") == 1
+
+
 def test_python_dash_m_entry_point():
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-m", "seqnorm_jax", "train", "--out", "o",

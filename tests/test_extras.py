@@ -96,3 +96,34 @@ sys.exit(main(["train", "--model", "simplenet", "--dataset", "digits"]))
     assert proc.stderr == (
         "seqnorm-jax: error: the seqnorm-jax command needs the training extra, which is not "
         "installed (missing: tqdm): pip install \"seqnorm-jax[train]\"\n")
+
+
+def test_the_package_exports_lazily():
+    # PEP 562: importing the package imports no jax; each public name resolves when first
+    # used, and dir() lists every name of __all__
+    proc = _python("""
+import json, sys
+import seqnorm_jax as snj, seqnorm_jax.train as train
+before = sorted(m for m in ("jax", "flax", "optax", "orbax") if m in sys.modules)
+submodule = sorted(snj.linen.LAYERS)[:2]  # a submodule not named in __all__, first use
+layer = snj.GhostNorm(batch_groups=2)
+print(json.dumps({
+    "before": before, "after": "jax" in sys.modules, "layer": type(layer).__module__,
+    "missing": sorted(n for n in snj.__all__ if n not in dir(snj))
+               + sorted(n for n in train.__all__ if n not in dir(train)),
+    "resolved": all(getattr(snj, n) is not None for n in snj.__all__)
+                and all(getattr(train, n) is not None for n in train.__all__),
+    "functional": snj.functional.__name__, "trainer": train.Trainer.__module__,
+    "submodule": submodule}))
+try:
+    snj.NoSuchLayer
+except AttributeError as err:
+    print(err)
+""")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert json.loads(lines[0]) == {
+        "before": [], "after": True, "layer": "seqnorm_jax.linen", "missing": [],
+        "resolved": True, "functional": "seqnorm_jax.functional",
+        "trainer": "seqnorm_jax.train.loop", "submodule": ["BGN", "BatchGroupNorm"]}
+    assert lines[1] == "module 'seqnorm_jax' has no attribute 'NoSuchLayer'"

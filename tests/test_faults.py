@@ -1,4 +1,4 @@
-"""Runs that never hang, never mix, never mislead (issue 15, items 1-6).
+"""Runs that never hang, never mix, never mislead (the README section of that name).
 
 Write faults end the process within a bounded time with one ``error: <path>: <cause>``
 line and exit status 2; a non-finite loss is a result (``diverged at step N``, exit 3,
@@ -21,8 +21,8 @@ import pytest
 
 from seqnorm_jax.cli import DIVERGED, main
 from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer, read_jsonl
-from seqnorm_jax.train.lock import run_lock
-from seqnorm_jax.train.metrics import RunFileError
+from seqnorm_jax.train.files import run_lock
+from seqnorm_jax.train.files import RunFileError
 
 TINY = ["--dataset", "digits", "--model", "mlp", "--model-kwargs", "features=16,",
         "--batch-size", "32", "--eval-batch-size", "512", "--no-progress"]
@@ -189,7 +189,7 @@ def test_cli_divergence_exit_3_and_compare_goes_on(tmp_path, capsys):
 def test_second_writer_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from seqnorm_jax.train.lock import run_lock\n"
+        [sys.executable, "-c", "import sys; from seqnorm_jax.train.files import run_lock\n"
          "with run_lock(sys.argv[1]):\n print('locked', flush=True); sys.stdin.read()",
          str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
     try:
@@ -344,7 +344,7 @@ BAD_SETTINGS = [
     ("momentum -5", lambda t, cf: ["--momentum", "-5"],
      "TrainConfig.momentum=-5.0: must lie in [0, 1)"),
     ("example weight 1.5", lambda t, cf: ["--example-weight", "1.5"],
-     "TrainConfig.example_weight=1.5: must lie in [0, 1]"),
+     "TrainConfig: example_weight must be in [0, 1]"),
     ("ghost groups vs batch", lambda t, cf: ["--norm", "ghost:batch_groups=7"],
      "TrainConfig.norm (--norm)='ghost:batch_groups=7' does not fit this run"),
     ("groups vs width", lambda t, cf: ["--norm", "gn:num_groups=5"],
@@ -401,12 +401,12 @@ def test_tune_checks_norm_fields_before_any_work(tmp_path, capsys):
 def test_only_process_0_writes_the_run_files(tmp_path, monkeypatch):
     """Process 1 of a multi-process run trains and evaluates but writes nothing into the
     run folder (config.json, metrics, lock): process 0 does."""
-    from seqnorm_jax.train import loop, run_files
+    from seqnorm_jax.train import files, loop
 
     with monkeypatch.context() as m:
         m.setattr(jax, "process_index", lambda: 1)
-        assert not run_files.is_writer()
-    assert run_files.is_writer()
+        assert not files.is_writer()
+    assert files.is_writer()
     monkeypatch.setattr(loop, "is_writer", lambda: False)  # what process 1 sees
     out = tmp_path / "run"
     result = Trainer(tiny(), out_dir=out, save_checkpoints=False).fit()
@@ -444,8 +444,8 @@ def test_a_gs_run_folder_stays_a_url(tmp_path):
     bucket (here a local folder behind a mocked epath), never to a local "gs:" folder."""
     from etils.epath import testing as epath_testing
 
-    from seqnorm_jax.train.lock import check_out_dir
-    from seqnorm_jax.train.paths import run_path
+    from seqnorm_jax.train.files import check_out_dir
+    from seqnorm_jax.train.files import run_path
 
     root = tmp_path / "buckets"
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from seqnorm_jax.train import TrainConfig, Trainer
-from seqnorm_jax.train.multistep import chunk_length, device_chunks
+from seqnorm_jax.train.compiled import chunk_length, device_chunks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # XLA's own defaults (conftest.py leaves flags already set in XLA_FLAGS alone)

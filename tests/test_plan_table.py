@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from seqnorm_jax.studies.experiment import load_experiment
-from seqnorm_jax.train import plan
+from seqnorm_jax.train import plan_table as plan
 
 GIB = 2 ** 30
 

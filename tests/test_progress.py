@@ -2,7 +2,7 @@
 
 import io
 
-from seqnorm_jax.train.progress import LogProgress, progress_bar
+from seqnorm_jax.train.metrics import LogProgress, progress_bar
 
 
 class Clock:

@@ -9,7 +9,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from seqnorm_jax.train import TrainConfig, Trainer
-from seqnorm_jax.train.metrics import (EVENTS_FOLDER, SCALAR_TAGS, MetricsWriter, RunFileError,
+from seqnorm_jax.train.files import RunFileError
+from seqnorm_jax.train.metrics import (EVENTS_FOLDER, SCALAR_TAGS, MetricsWriter,
                                        read_jsonl)
 
 

@@ -512,7 +512,8 @@ def test_train_config_json_round_trip_and_errors(tmp_path):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="TrainConfig.norm_weight_decay='two'"):
         TrainConfig(norm_weight_decay="two")
-    with pytest.raises(ValueError, match="TrainConfig.example_weight=1.5"):
+    with pytest.raises(ValueError,
+                       match=r"TrainConfig: example_weight must be in \[0, 1\].*got 1\.5"):
         TrainConfig(example_weight=1.5)
 
 

@@ -102,7 +102,7 @@ def sweep_run(run_dir: str | os.PathLike, example_weights: Sequence[float], *,
     """
     from seqnorm_jax import data
     from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer, load_sources
-    from seqnorm_jax.train.paths import run_path
+    from seqnorm_jax.train.files import run_path
 
     shown = os.fspath(run_dir)
     if split is not None and source is not None:

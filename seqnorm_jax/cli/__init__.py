@@ -25,13 +25,13 @@ runs a command and turns its errors into the ``error:`` message and the exit sta
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from seqnorm_jax._extras import MissingExtraError, require_train
+from seqnorm_jax._extras import MissingExtraError, lazy_exports, require_train
 
 __all__ = ["COMPARE_DEFAULTS", "DIVERGED", "PREEMPTED", "build_parser", "error_text", "main",
            "parse_groups", "parse_norms", "parse_seeds"]
@@ -42,15 +42,17 @@ STOPPABLE = ("train", "compare", "tune", "experiment")
 # The parser's and the commands' names, imported when first used: importing this package
 # (the console script does) needs nothing of the training extra until a command runs, so
 # that a missing extra ends in ``main``'s one-line error.
-_LAZY = {"COMPARE_DEFAULTS": "parser", "build_parser": "parser", "parse_groups": "parser",
-         "parse_norms": "parser", "parse_seeds": "parser", "DIVERGED": "commands",
-         "PREEMPTED": "commands"}
+if TYPE_CHECKING:
+    from seqnorm_jax.cli.commands import DIVERGED, PREEMPTED
+    from seqnorm_jax.cli.parser import (
+        COMPARE_DEFAULTS,
+        build_parser,
+        parse_groups,
+        parse_norms,
+        parse_seeds,
+    )
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(f"seqnorm_jax.cli.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, __file__)
 
 
 def error_text(err: BaseException) -> str:
@@ -67,11 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MissingExtraError as err:
         print(f"seqnorm-jax: error: {err}", file=sys.stderr)
         return 2
-    from seqnorm_jax.cli.commands import COMMANDS, PREEMPTED
+    # the parser and the config it reads import no jax: --help answers at once
     from seqnorm_jax.cli.parser import build_parser
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    from seqnorm_jax.cli.commands import COMMANDS
     try:
         from absl import logging as absl_logging
 
@@ -81,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - absl comes with jax's dependencies
         pass
     from seqnorm_jax.data import DatasetNotFoundError
-    from seqnorm_jax.train.preempt import Preempted, stop_on_signals
+    from seqnorm_jax.train.files import PREEMPTED, Preempted, stop_on_signals
 
     try:
         if args.command in STOPPABLE:  # SIGTERM/SIGINT: stop at a step, checkpointed

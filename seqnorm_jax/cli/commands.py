@@ -12,7 +12,7 @@ from typing import Any
 
 from seqnorm_jax import checks
 from seqnorm_jax.cli.parser import COMPARE_DEFAULTS, parse_groups, parse_norms, parse_seeds
-from seqnorm_jax.train.preempt import PREEMPTED
+from seqnorm_jax.train.files import PREEMPTED
 
 __all__ = ["COMMANDS", "DIVERGED", "PREEMPTED"]
 
@@ -57,7 +57,7 @@ def train_config(args: argparse.Namespace, defaults: dict[str, Any] | None = Non
 
 
 def _check_out(path: str) -> None:
-    from seqnorm_jax.train.lock import check_out_dir
+    from seqnorm_jax.train.files import check_out_dir
 
     check_out_dir(path, "--out", create=False)
 
@@ -82,8 +82,7 @@ def _claimed_out(args):
     """Hold ``--out``'s lock; refuse a folder holding an earlier run unless ``--resume`` or
     ``--overwrite`` (which clears it). The first thing a run does, before any data load
     or compilation."""
-    from seqnorm_jax.train.lock import run_lock
-    from seqnorm_jax.train.run_files import claim_run_folder
+    from seqnorm_jax.train.files import claim_run_folder, run_lock
 
     with run_lock(args.out, "out_dir (--out)"):
         claim_run_folder(args.out, "out_dir (--out)", resume=args.resume,
@@ -124,9 +123,12 @@ def train(args) -> int:
 def evaluate(args) -> int:
     from seqnorm_jax import data
     from seqnorm_jax.train import Checkpointer, TrainConfig, Trainer
+    from seqnorm_jax.train.files import CONFIG_NAME
     from seqnorm_jax.train.metrics import append_eval_rows
 
-    path = os.path.join(args.run, "config.json")
+    for a in args.example_weight:  # the one range rule, before any work
+        checks.example_weight(a, "--example-weight")
+    path = os.path.join(args.run, CONFIG_NAME)
     if not os.path.exists(path):
         raise FileNotFoundError(f"--run: {args.run!r} has no config.json; pass the --out "
                                 "directory of a `seqnorm-jax train` run.")
@@ -137,9 +139,6 @@ def evaluate(args) -> int:
     if args.batch_size is not None:
         changes["eval_batch_size"] = args.batch_size
     config = config.replace(**changes)
-    for a in args.example_weight:
-        if not 0.0 <= a <= 1.0:
-            raise ValueError(f"--example-weight {a} must lie in [0, 1].")
     trainer = Trainer(config)
     source = trainer.eval_source
     if args.split is not None:
@@ -308,13 +307,14 @@ def _plan(args) -> int:
 
     if args.paper_table:
         from seqnorm_jax.studies.experiment import list_experiments
+        from seqnorm_jax.train import plan_table
 
         names = [e.name for e in list_experiments()]
-        topologies = (args.topology,) if args.topology else planning.TABLE_TOPOLOGIES
+        topologies = (args.topology,) if args.topology else plan_table.TABLE_TOPOLOGIES
         for name in topologies:
             aot.parse_topology(name)
-        print(planning.plan_table(names, args.cache, topologies=topologies, out=args.out,
-                                  progress=_progress), end="")
+        print(plan_table.plan_table(names, args.cache, topologies=topologies, out=args.out,
+                                    progress=_progress), end="")
         return 0
     if not args.topology:
         raise ValueError("--topology is required: a TPU chip grid (v5e:16x16, v4:2x2x2, "

@@ -7,8 +7,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["COMPARE_DEFAULTS", "COMPARE_SEEDS", "build_parser", "parse_groups", "parse_norms",
-           "parse_seeds"]
+__all__ = ["COMPARE_DEFAULTS", "COMPARE_SEEDS", "add_config_flags", "build_parser",
+           "config_defaults", "parse_groups", "parse_norms", "parse_seeds"]
 
 # The default `compare`: paper 000's MNIST network (SimpleNet, 784-512-300-10) on all of
 # Fashion-MNIST (60k/10k), 7 layers x 3 seeds x 4 epochs. Measured with 3 epochs on 2 CPU
@@ -55,63 +55,6 @@ exit status:
        step in flight, its state checkpointed ("preempted at step N; resume with
        --resume"); a second signal exits at once (143 SIGTERM, 130 SIGINT)
   130  interrupted"""
-
-# What each TrainConfig flag sets (argparse adds the default).
-HELP: dict[str, str] = {
-    "model": "model to train: simplenet, mlp, mlp4, cnn, resnet20, resnet56, wrn28_10, "
-             "resnet18, resnet50 or vgg11",
-    "norm": "norm layer spec NAME[:KEY=VALUE,...], e.g. seqnorm:channel_groups=4,"
-            "batch_groups=8, or none",
-    "model_kwargs": "extra model fields as KEY=VALUE; a comma makes a list (features=16,32,32, "
-                    "or features=16, for one element)",
-    "dtype": "compute dtype; bfloat16 is mixed precision (float32 parameters)",
-    "dataset": "dataset: fashion_mnist, mnist, cifar10, cifar100, imagenet2012 or digits "
-               "(scikit-learn's 8x8 digits)",
-    "data_dir": "folder of the dataset (TFDS data_dir, IDX or CIFAR files)",
-    "data_source": "reader: auto, tfds, idx, cifar or digits",
-    "train_size": "train on a stratified random subset of this many examples",
-    "validation_size": "hold out this many training examples and evaluate on them instead "
-                       "of --eval-split",
-    "eval_split": "split evaluated after each epoch",
-    "augment": "training augmentation: none, flip_crop, flip_crop_cutout, imagenet or default",
-    "non_iid_classes": "non-i.i.d. batches drawn from this many classes (paper 002)",
-    "data_workers": "Grain worker processes preparing training batches (0: none)",
-    "epochs": "passes over the training set",
-    "batch_size": "global batch size, over all devices",
-    "eval_batch_size": "batch size of the evaluation",
-    "grad_accum_steps": "accumulate gradients over this many micro-batches per step",
-    "optimizer": "optimizer; adam has coupled L2, adamw decoupled weight decay",
-    "lr": "peak (cosine, one-cycle) or initial (step, constant) learning rate",
-    "momentum": "SGD momentum",
-    "b1": "Adam's first-moment decay",
-    "b2": "Adam's second-moment decay",
-    "schedule": "learning-rate schedule",
-    "warmup_epochs": "epochs of linear warm-up before the cosine decay",
-    "warmup_init_lr": "learning rate at the start of the warm-up",
-    "end_lr": "learning rate at the end of the cosine decay",
-    "one_cycle_init_lr": "one-cycle: first learning rate (none: lr / 25)",
-    "one_cycle_final_lr": "one-cycle: last learning rate (none: the initial one / 1e4)",
-    "one_cycle_pct_up": "one-cycle: share of the steps rising to lr",
-    "one_cycle_pct_down": "one-cycle: share of the steps falling back",
-    "decay_epochs": "step schedule: epochs at which lr is multiplied by --decay-factor",
-    "decay_factor": "step schedule: the factor applied at each of --decay-epochs",
-    "weight_decay": "L2 (SGD, Adam) or decoupled (AdamW) weight decay",
-    "norm_weight_decay": "decay of the norm layers' gamma/beta: towards zero, towards one "
-                         "(gamma), or off (paper 002)",
-    "grad_clip_norm": "clip gradients to this global norm (none: off)",
-    "output_noise_mean": "mean of the Gaussian noise added to every norm layer's output in "
-                         "training (paper 004)",
-    "output_noise_std": "std of that noise (0 with mean 0: off)",
-    "example_weight": "'Four Things' inference example weight alpha of the evaluation",
-    "seed": "seeds the initialisation, the per-step random numbers and the data order",
-    "log_every": "write a training metrics row every this many steps",
-    "checkpoint_every": "also checkpoint every this many steps (none: at epoch ends only)",
-    "keep_checkpoints": "how many checkpoints to keep",
-    "progress": "show progress bars",
-    "on_divergence": "at a non-finite loss: stop (keep and checkpoint the last finite state) "
-                     "or continue",
-}
-
 
 class HelpFormatter(argparse.HelpFormatter):
     """Flags in a column wide enough for ``--one-cycle-final-lr`` and its value."""
@@ -162,11 +105,11 @@ def _key_value(text: str) -> tuple[str, Any]:
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
-    from seqnorm_jax.train import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
-    from seqnorm_jax.train.config import ON_DIVERGENCE
+    from seqnorm_jax.train.config import (DTYPES, NORM_DECAY_MODES, ON_DIVERGENCE, OPTIMIZERS,
+                                          SCHEDULES)
 
     return {"optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-            "norm_weight_decay": NORM_DECAY_MODES, "dtype": ("float32", "bfloat16"),
+            "norm_weight_decay": NORM_DECAY_MODES, "dtype": DTYPES,
             "on_divergence": ON_DIVERGENCE}
 
 
@@ -182,22 +125,36 @@ def _default_text(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def config_defaults(defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every TrainConfig field's default, ``defaults`` over the dataclass's own (read from
+    the fields: no config is built, so nothing is validated or imported here)."""
+    from seqnorm_jax.train.config import TrainConfig
+
+    values = {f.name: (f.default_factory() if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(TrainConfig)}
+    return {**values, **(defaults or {})}
+
+
 def add_config_flags(parser: argparse.ArgumentParser, skip: Sequence[str] = (),
                      defaults: Mapping[str, Any] | None = None) -> None:
-    """One flag per TrainConfig field, its help ending with the default (``defaults`` over
-    TrainConfig's). The parsed values default to SUPPRESS, so only given flags are seen."""
-    from seqnorm_jax.train import TrainConfig
+    """One flag per TrainConfig field, its help the field's documentation
+    (:func:`~seqnorm_jax.train.config.field_docs`) ending with the default (``defaults``
+    over TrainConfig's). The parsed values default to SUPPRESS, so only given flags are
+    seen."""
+    from seqnorm_jax.train.config import TrainConfig, field_docs
 
     group = parser.add_argument_group("training configuration (TrainConfig fields; --config "
                                       "loads them from JSON first)")
     choices = _choices()
-    config = TrainConfig(**(defaults or {}))
+    docs = field_docs()
+    values = config_defaults(defaults)
     types = {"int": int, "float": float, "str": str}
     for field in dataclasses.fields(TrainConfig):
         if field.name in skip:
             continue
         kind = str(field.type).replace(" ", "")
-        help_ = f"{HELP[field.name]} (default: {_default_text(getattr(config, field.name))})"
+        text = f"{docs[field.name].rstrip('.')} (default: {_default_text(values[field.name])})"
+        help_ = text.replace("%", "%%")  # argparse formats help with %
         common = dict(dest=field.name, default=argparse.SUPPRESS, help=help_)
         if kind == "bool":
             group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction,
@@ -241,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_parser(sub) -> None:
+    from seqnorm_jax.train.config import RESUME_SAFE_FIELDS
+
     train = sub.add_parser("train", help="train one model with one norm layer",
                            description="Train a model with one norm layer; evaluate after "
                                        "every epoch; write config.json, the metrics and Orbax "
@@ -251,9 +210,8 @@ def _train_parser(sub) -> None:
     train.add_argument("--resume", action="store_true",
                        help="continue from the newest intact checkpoint in --out (none "
                             "there: start from step 0, saying so); the config "
-                            "must equal the saved one except epochs, progress, log_every, "
-                            "checkpoint_every, keep_checkpoints, data_workers, "
-                            "eval_batch_size, on_divergence, data_dir")
+                            "must equal the saved one except "
+                            + ", ".join(RESUME_SAFE_FIELDS))
     train.add_argument("--overwrite", action="store_true",
                        help="delete the earlier run in --out first (without it or --resume, a "
                             "folder holding a run is refused)")
@@ -307,7 +265,7 @@ def _resume_flags(parser) -> None:
 
 
 def _compare_parser(sub) -> None:
-    from seqnorm_jax.studies.compare import DEFAULT_NORMS, LABELS
+    from seqnorm_jax.studies.labels import DEFAULT_NORMS, LABELS
 
     cmp_ = sub.add_parser(
         "compare", help="compare norm layers on one model over several seeds",
@@ -324,7 +282,7 @@ def _compare_parser(sub) -> None:
 
 
 def _tune_parser(sub) -> None:
-    from seqnorm_jax.studies.selection import METRICS
+    from seqnorm_jax.studies.labels import METRICS
 
     tune = sub.add_parser(
         "tune", help="tune SeqNorm's batch_groups then channel_groups (paper 000, 3.2.1)",
@@ -458,7 +416,7 @@ def parse_groups(text: str, flag: str) -> list[int]:
 
 def parse_norms(text: str | None) -> list[str]:
     """``--norms``: labels and specs; ``KEY=VALUE`` items continue the previous spec."""
-    from seqnorm_jax.studies.compare import DEFAULT_NORMS
+    from seqnorm_jax.studies.labels import DEFAULT_NORMS
 
     if text is None:
         return list(DEFAULT_NORMS)

@@ -21,38 +21,46 @@ thin users of it:
   (:data:`KINDS`): each kind's hooks, per-run analysis, summary columns and plots.
 """
 
-from seqnorm_jax._extras import require_train
+from typing import TYPE_CHECKING
+
+from seqnorm_jax._extras import lazy_exports, require_train
 
 require_train("seqnorm_jax.studies")
 
-from seqnorm_jax.studies.compare import (
-    DEFAULT_NORMS,
-    CompareResult,
-    compare,
-    default_norm_specs,
-    format_table,
-    model_norm_widths,
-    write_outputs,
-)
-from seqnorm_jax.studies.engine import Setting, SourceCache, mock_sources, norm_widths, run_settings
-from seqnorm_jax.studies.experiment import (
-    SCALES,
-    Experiment,
-    list_experiments,
-    load_experiment,
-    run_experiment,
-)
-from seqnorm_jax.studies.kinds import KINDS, Kind
-from seqnorm_jax.studies.report import summarize
-from seqnorm_jax.studies.selection import (
-    METRICS,
-    VALIDATION_FRACTION,
-    select,
-    valid_batch_groups,
-    valid_channel_groups,
-)
-from seqnorm_jax.studies.tune import sequential_tune
-from seqnorm_jax.studies.tune_report import TuneResult, format_stage
+if TYPE_CHECKING:
+    from seqnorm_jax.studies.compare import (
+        CompareResult,
+        compare,
+        default_norm_specs,
+        format_table,
+        model_norm_widths,
+        write_outputs,
+    )
+    from seqnorm_jax.studies.engine import (
+        Setting,
+        SourceCache,
+        mock_sources,
+        norm_widths,
+        run_settings,
+    )
+    from seqnorm_jax.studies.experiment import (
+        SCALES,
+        Experiment,
+        list_experiments,
+        load_experiment,
+        run_experiment,
+    )
+    from seqnorm_jax.studies.kinds import KINDS, Kind
+    from seqnorm_jax.studies.labels import DEFAULT_NORMS, METRICS
+    from seqnorm_jax.studies.report import summarize
+    from seqnorm_jax.studies.selection import (
+        VALIDATION_FRACTION,
+        select,
+        valid_batch_groups,
+        valid_channel_groups,
+    )
+    from seqnorm_jax.studies.tune import sequential_tune
+    from seqnorm_jax.studies.tune_report import TuneResult, format_stage
 
 __all__ = [
     "DEFAULT_NORMS",
@@ -84,3 +92,5 @@ __all__ = [
     "valid_channel_groups",
     "write_outputs",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)

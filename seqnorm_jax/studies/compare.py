@@ -25,18 +25,15 @@ import jax
 import seqnorm_jax.studies.report as report
 from seqnorm_jax.registry import NormSpec
 from seqnorm_jax.studies.engine import Setting, SourceCache, norm_widths, run_settings
+from seqnorm_jax.studies.labels import DEFAULT_NORMS, LABELS
 from seqnorm_jax.train.config import TrainConfig
-from seqnorm_jax.train.run_files import claim_run_folder, is_writer
+from seqnorm_jax.train.files import claim_run_folder, is_writer
 
 __all__ = ["DEFAULT_NORMS", "LABELS", "RESULT_FILES", "CompareResult", "compare", "default_norm_specs",
            "format_table", "model_norm_widths", "write_outputs"]
 
-# The layers of the default comparison, by short label.
-DEFAULT_NORMS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+")
 # What a comparison writes into its folder (its runs first: a folder holding runs/ holds one).
 RESULT_FILES = ("runs", "results.json", "results.csv", "results.md", "curves.png")
-# Every short label default_norm_specs knows (others are taken as norm specs).
-LABELS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+", "bgn", "fourthings", "noisybn")
 
 
 def model_norm_widths(config: TrainConfig, image_shape: Sequence[int],
@@ -197,7 +194,7 @@ def compare(base: TrainConfig, *, norms: Sequence[str | NormSpec] = DEFAULT_NORM
       Preempted: SIGTERM or SIGINT stopped it (resume with ``resume=True``).
       RunFileError: an output file cannot be written.
     """
-    from seqnorm_jax.train.lock import run_lock
+    from seqnorm_jax.train.files import run_lock
 
     if not norms:
         raise ValueError("compare: norms is empty; name at least one layer, e.g. 'bn'.")

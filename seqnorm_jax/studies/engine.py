@@ -153,7 +153,8 @@ SMALL_BATCH_STEPS_PER_CALL = 64
 def steps_per_call(config: TrainConfig) -> int:
     """Steps per compiled call of a study's run: :data:`SMALL_BATCH_STEPS_PER_CALL` at batches
     of at most :data:`SMALL_BATCH` (a tiny step, paced by its dispatch; the results are
-    those of one step per call, bit for bit, :mod:`seqnorm_jax.train.multistep`), else 1."""
+    those of one step per call, bit for bit,
+    :func:`seqnorm_jax.train.compiled.jit_loop_steps`), else 1."""
     import jax
 
     if config.batch_size <= SMALL_BATCH and jax.process_count() == 1:
@@ -174,11 +175,11 @@ RECORD_NAME = "record.json"  # a finished run's record, in its run folder
 
 def _kept_record(run_dir: str, config: TrainConfig) -> dict[str, Any] | None:
     """The record of a finished run in ``run_dir`` (``None``: not finished), after checking
-    that the run had ``config`` (:func:`~seqnorm_jax.train.run_files.check_resume_config`)."""
+    that the run had ``config`` (:func:`~seqnorm_jax.train.config.check_resume_config`)."""
     import json
 
-    from seqnorm_jax.train.paths import run_path
-    from seqnorm_jax.train.run_files import check_resume_config
+    from seqnorm_jax.train.files import run_path
+    from seqnorm_jax.train.config import check_resume_config
 
     path = run_path(run_dir) / RECORD_NAME
     if not path.exists():
@@ -208,8 +209,8 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
     ``resume``, a run whose record is there is kept (its config checked against the
     setting's), a run stopped by a signal continues from its checkpoint (one with
     ``hooks``, which cannot see the steps already done, starts over) and the others are
-    trained. A stop signal (:mod:`seqnorm_jax.train.preempt`) ends the study with
-    :class:`~seqnorm_jax.train.preempt.Preempted` naming the run.
+    trained. A stop signal (:func:`seqnorm_jax.train.files.stop_on_signals`) ends the study
+    with :class:`~seqnorm_jax.train.files.Preempted` naming the run.
 
     Args:
       settings: the settings (unique labels).
@@ -231,11 +232,11 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
       Records (:func:`~seqnorm_jax.studies.report.run_record`) with ``label``, ``spec``
       (``config.norm``), the setting's ``fields`` and ``seed``.
     """
-    from seqnorm_jax.train.progress import progress_bar
+    from seqnorm_jax.train.metrics import progress_bar
 
     from seqnorm_jax.studies.report import write_json
-    from seqnorm_jax.train import Trainer, preempt
-    from seqnorm_jax.train.run_files import is_writer
+    from seqnorm_jax.train import Trainer
+    from seqnorm_jax.train.files import Preempted, is_writer, raise_if_requested, stop_on_signals
 
     run_progress = progress if run_progress is None else run_progress
 
@@ -261,10 +262,10 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
     jobs = [(setting, int(seed)) for setting in settings for seed in seeds]
     outer = progress_bar(jobs, desc=desc, enabled=progress, unit="run")
     records = []
-    with preempt.stop_on_signals():  # also between the runs
+    with stop_on_signals():  # also between the runs
         for setting, seed in outer:
             where = f"{setting.label} seed {seed}"
-            preempt.raise_if_requested(None, where)
+            raise_if_requested(None, where)
             outer.set_postfix(run=setting.label, seed=seed, refresh=True)
             folder = run_dir(setting, seed)
             kept = _kept_record(folder, setting.config.replace(seed=seed)) if resume else None
@@ -281,7 +282,7 @@ def run_settings(settings: Sequence[Setting], seeds: Sequence[int], out_dir: str
                        and os.path.isdir(os.path.join(folder, "checkpoints")))
             try:
                 result = trainer.fit(resume=stopped, overwrite=resume and not stopped)
-            except preempt.Preempted as e:
+            except Preempted as e:
                 e.where = where
                 raise
             record = run_record(result, label=setting.label, spec=trainer.config.norm,

@@ -37,8 +37,8 @@ import seqnorm_jax.studies.report as report
 from seqnorm_jax.studies.engine import Setting, SourceCache, run_settings
 from seqnorm_jax.studies.kinds import KINDS
 from seqnorm_jax.train.config import TrainConfig
-from seqnorm_jax.train.paths import run_path
-from seqnorm_jax.train.run_files import is_writer
+from seqnorm_jax.train.files import run_path
+from seqnorm_jax.train.files import is_writer
 
 __all__ = ["SCALES", "Experiment", "config_path", "environment", "list_experiments",
            "load_experiment", "run_experiment"]
@@ -329,8 +329,8 @@ def run_experiment(exp: Experiment | str | os.PathLike, scale: str | None = None
         return _replot(exp, out_dir, command)
     from seqnorm_jax.studies.compare import RESULT_FILES
     from seqnorm_jax.studies.tune import TUNE_FILES, TUNE_STAGES
-    from seqnorm_jax.train.lock import run_lock
-    from seqnorm_jax.train.run_files import claim_run_folder
+    from seqnorm_jax.train.files import run_lock
+    from seqnorm_jax.train.files import claim_run_folder
 
     with run_lock(out_dir, "out_dir (--out)"):
         claim_run_folder(out_dir, "out_dir (--out)", resume=resume, overwrite=overwrite,

@@ -184,9 +184,9 @@ def jsonable(value: Any) -> Any:
 
 
 def write_text(path: str, text: str) -> None:
-    """``text`` into ``path`` (:func:`~seqnorm_jax.train.metrics.open_run_file`: a local
+    """``text`` into ``path`` (:func:`~seqnorm_jax.train.files.open_run_file`: a local
     path or a URL; a failed write is a :class:`~seqnorm_jax.train.RunFileError` naming it)."""
-    from seqnorm_jax.train.metrics import open_run_file
+    from seqnorm_jax.train.files import open_run_file
 
     with open_run_file(path, "w") as f:
         f.write(text)
@@ -195,7 +195,7 @@ def write_text(path: str, text: str) -> None:
 def result_paths(out_dir: str, stem: str, plot: str) -> dict[str, str]:
     """``{"json", "csv", "markdown", "plot"}``: a study's result files in ``out_dir``
     (created): ``<stem>.json``, ``<stem>.csv``, ``<stem>.md`` and ``plot``."""
-    from seqnorm_jax.train.paths import run_path
+    from seqnorm_jax.train.files import run_path
 
     run_path(out_dir).mkdir(parents=True, exist_ok=True)
     return {"json": os.path.join(out_dir, f"{stem}.json"),
@@ -239,7 +239,7 @@ def save_figure(fig, path: str, title: str | None = None) -> None:
     """:func:`seqnorm_jax.analysis.plots.save_figure`, a failed write raised as
     :class:`~seqnorm_jax.train.RunFileError` naming ``path``."""
     from seqnorm_jax.analysis.plots import save_figure as save
-    from seqnorm_jax.train.metrics import RunFileError
+    from seqnorm_jax.train.files import RunFileError
 
     try:
         save(fig, path, title=title)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from seqnorm_jax import checks
+from seqnorm_jax.studies.labels import METRICS
 
 __all__ = [
     "METRICS",
@@ -30,12 +31,6 @@ __all__ = [
 # None: paper 000 tunes on 5,000 of CIFAR's 50,000 training images ("randomly stratified").
 VALIDATION_FRACTION = 0.1
 
-# The selectable metrics: name -> (description, higher is better).
-METRICS: dict[str, tuple[str, bool]] = {
-    "eval_accuracy": ("validation accuracy after the last epoch", True),
-    "best_eval_accuracy": ("best validation accuracy over the epochs", True),
-    "eval_loss": ("validation loss after the last epoch", False),
-}
 
 # (parameter, sub-folder of out_dir, symbol) of each stage
 STAGES = (("batch_groups", "stage1_batch_groups", "G_M"),

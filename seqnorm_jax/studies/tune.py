@@ -44,8 +44,8 @@ from seqnorm_jax.studies.selection import (
 )
 from seqnorm_jax.studies.tune_report import TuneResult
 from seqnorm_jax.train.config import TrainConfig
-from seqnorm_jax.train.lock import run_lock
-from seqnorm_jax.train.run_files import claim_run_folder
+from seqnorm_jax.train.files import run_lock
+from seqnorm_jax.train.files import claim_run_folder
 
 __all__ = ["TUNE_FILES", "TUNE_STAGES", "AllDivergedError", "sequential_tune"]
 
@@ -120,7 +120,7 @@ def _candidate_specs(norm_fields: str):
     """GhostNorm's and SeqNorm's specs with ``norm_fields`` (``"momentum=0.9"``) set,
     parsed and checked once, before any work."""
     from seqnorm_jax.registry import NormSpec
-    from seqnorm_jax.train.validate import check_norm_fields
+    from seqnorm_jax.train.build import check_norm_fields
 
     fields = norm_fields.strip().strip(",")
     specs = []

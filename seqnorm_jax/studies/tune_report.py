@@ -13,7 +13,7 @@ import numpy as np
 import seqnorm_jax.studies.report as report
 from seqnorm_jax.studies.selection import METRICS, STAGES, best_and_tolerance
 from seqnorm_jax.train.config import TrainConfig
-from seqnorm_jax.train.run_files import is_writer
+from seqnorm_jax.train.files import is_writer
 
 __all__ = ["TuneResult", "format_stage"]
 

@@ -25,62 +25,110 @@ Building blocks, usable on their own with any flax model:
 * :func:`run_lock` (one writer per run folder), :class:`RunFileError` (a run's file
   cannot be written), :func:`guarded_step` / :func:`jit_loop_step` (the loop's step:
   metrics kept on the device, divergence caught inside the compiled step).
+
+The modules, in the order of their imports: each imports only modules listed before it
+and none of their private (``_name``) names (``tests/test_train_layout.py`` checks it).
+
+* :mod:`~seqnorm_jax.train.files` -- a run's folder: paths (local or ``gs://``), the
+  one-writer lock, the files that mark a run, file errors, and stop signals.
+* :mod:`~seqnorm_jax.train.config` -- :class:`TrainConfig`, the names its fields take,
+  its field docs (the command line's ``--help``) and what a resume may change; no jax.
+* :mod:`~seqnorm_jax.train.metrics` -- the metrics files, TensorBoard events and
+  progress bars a run writes.
+* :mod:`~seqnorm_jax.train.norm_calls` -- the norm layers a model calls, and the
+  interceptors that pass the example weight and output noise to them.
+* :mod:`~seqnorm_jax.train.state` -- the train state, optax optimizers, schedules and
+  the norm layers' weight decay.
+* :mod:`~seqnorm_jax.train.step` -- the pure train and eval steps, micro-batches.
+* :mod:`~seqnorm_jax.train.compiled` -- those steps jitted for a mesh, the loop's step
+  with device-side metrics and a divergence guard, several steps per call.
+* :mod:`~seqnorm_jax.train.checkpoint` -- Orbax checkpoints of the state and the data
+  position, damaged ones skipped.
+* :mod:`~seqnorm_jax.train.build` -- a config's model and data, the checks of a run's
+  step before any work, and evaluation over a whole source.
+* :mod:`~seqnorm_jax.train.run` -- one fit while it runs: epochs, metric windows,
+  divergence and stop handling, checkpoints at their points.
+* :mod:`~seqnorm_jax.train.loop` -- :class:`Trainer` and :func:`fit`: builds the parts
+  of a run, locks and claims its folder, resumes and returns the result.
+* :mod:`~seqnorm_jax.train.plan` -- a run's step compiled for a TPU or GPU pod without
+  one (``seqnorm-jax plan``).
+* :mod:`~seqnorm_jax.train.plan_table` -- every paper config planned for a pod, each
+  distinct step compiled once and cached (``seqnorm-jax plan --paper-table``).
+
+Every name here is imported when first used (PEP 562), so ``import seqnorm_jax.train``
+loads no jax.
 """
 
-from seqnorm_jax._extras import require_train
+from typing import TYPE_CHECKING
+
+from seqnorm_jax._extras import lazy_exports, require_train
 
 require_train("seqnorm_jax.train")
 
-from seqnorm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
-from seqnorm_jax.train.compiled import (
-    StepAccumulator,
-    guarded_step,
-    init_accumulator,
-    jit_eval_step,
-    jit_loop_step,
-    jit_train_step,
-    reset_accumulator,
-)
-from seqnorm_jax.train.config import ON_DIVERGENCE, RESUME_SAFE_FIELDS, TrainConfig
-from seqnorm_jax.train.lock import RunLockedError, run_lock
-from seqnorm_jax.train.preempt import PREEMPTED, Preempted, stop_on_signals
-from seqnorm_jax.train.loop import FitResult, Trainer, build_model, evaluate, fit, load_sources
-from seqnorm_jax.train.metrics import METRIC_COLUMNS, MetricsWriter, RunFileError, read_jsonl
-from seqnorm_jax.train.run_files import RunFolderUsedError
-from seqnorm_jax.train.norm_calls import (
-    NormCall,
-    example_weight_scope,
-    norm_calls,
-    output_noise_scope,
-)
-from seqnorm_jax.train.optim import (
-    NORM_DECAY_MODES,
-    OPTIMIZERS,
-    SCHEDULES,
-    constant,
-    cosine_one_cycle,
-    linear_one_cycle,
-    make_optimizer,
-    make_schedule,
-    model_norm_paths,
-    norm_param_labels,
-    step_decay,
-    warmup_cosine,
-    weight_decay_towards,
-)
-from seqnorm_jax.train.state import TrainState, create_train_state, step_rngs
-from seqnorm_jax.train.step import (
-    MicroBatchStats,
-    accumulate_gradients,
-    apply_model,
-    cross_entropy_loss,
-    eval_step,
-    init_micro_batch_stats,
-    split_micro_batches,
-    step_finite,
-    train_step,
-    update_micro_batch_stats,
-)
+if TYPE_CHECKING:
+    from seqnorm_jax.train.build import build_model, evaluate, load_sources
+    from seqnorm_jax.train.checkpoint import CheckpointMismatchError, Checkpointer
+    from seqnorm_jax.train.compiled import (
+        StepAccumulator,
+        guarded_step,
+        init_accumulator,
+        jit_eval_step,
+        jit_loop_step,
+        jit_train_step,
+        reset_accumulator,
+    )
+    from seqnorm_jax.train.config import (
+        NORM_DECAY_MODES,
+        ON_DIVERGENCE,
+        OPTIMIZERS,
+        RESUME_SAFE_FIELDS,
+        SCHEDULES,
+        TrainConfig,
+    )
+    from seqnorm_jax.train.files import (
+        PREEMPTED,
+        Preempted,
+        RunFileError,
+        RunFolderUsedError,
+        RunLockedError,
+        run_lock,
+        stop_on_signals,
+    )
+    from seqnorm_jax.train.loop import FitResult, Trainer, fit
+    from seqnorm_jax.train.metrics import METRIC_COLUMNS, MetricsWriter, read_jsonl
+    from seqnorm_jax.train.norm_calls import (
+        NormCall,
+        example_weight_scope,
+        norm_calls,
+        output_noise_scope,
+    )
+    from seqnorm_jax.train.state import (
+        TrainState,
+        constant,
+        cosine_one_cycle,
+        create_train_state,
+        linear_one_cycle,
+        make_optimizer,
+        make_schedule,
+        model_norm_paths,
+        norm_param_labels,
+        step_decay,
+        step_rngs,
+        warmup_cosine,
+        weight_decay_towards,
+    )
+    from seqnorm_jax.train.step import (
+        MicroBatchStats,
+        accumulate_gradients,
+        apply_model,
+        cross_entropy_loss,
+        eval_step,
+        init_micro_batch_stats,
+        split_micro_batches,
+        step_finite,
+        train_step,
+        update_micro_batch_stats,
+    )
 
 __all__ = [
     "MicroBatchStats",
@@ -142,3 +190,5 @@ __all__ = [
     "warmup_cosine",
     "weight_decay_towards",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, __file__)

@@ -2,7 +2,7 @@
 
 Faults end cleanly: every failure to write a checkpoint (a full disk, a folder that
 stopped accepting writes, the folder replaced by a file) surfaces from :meth:`save`,
-:meth:`wait` or :meth:`close` as one :class:`~seqnorm_jax.train.metrics.RunFileError`
+:meth:`wait` or :meth:`close` as one :class:`~seqnorm_jax.train.files.RunFileError`
 naming the checkpoint folder and the cause; :meth:`close` waits a bounded time for
 Orbax's background writes, so a stuck write cannot keep the process alive. The
 checkpoints written before the fault stay intact (Orbax commits a step by an atomic
@@ -28,8 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from seqnorm_jax.train.metrics import RunFileError
-from seqnorm_jax.train.paths import run_path
+from seqnorm_jax.train.files import RunFileError, run_path
 from seqnorm_jax.train.state import TrainState
 
 __all__ = ["CLOSE_TIMEOUT_S", "Checkpointer", "CheckpointMismatchError"]
@@ -212,7 +211,7 @@ class Checkpointer:
           CheckpointMismatchError: the newest readable tree belongs to another config.
           ValueError: no step reads back (names each step and why).
         """
-        steps = self._step_folders()
+        steps = self.step_folders()
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}; train first "
                                     "(or check the directory).")
@@ -234,7 +233,9 @@ class Checkpointer:
         raise ValueError(f"no intact checkpoint in {self.directory}: "
                          + "; ".join(f"step {s}: {why}" for s, why in skipped))
 
-    def _step_folders(self) -> list[int]:
+    def step_folders(self) -> list[int]:
+        """The steps that have a folder here, finished or not (a damaged or half-written
+        one included; :meth:`all_steps` lists the finished ones), oldest first."""
         if not self.path.is_dir():
             return []
         return sorted(int(p.name) for p in self.path.iterdir() if p.name.isdigit())

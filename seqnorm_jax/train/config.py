@@ -1,20 +1,33 @@
-"""``TrainConfig``: every hyperparameter of a run, as a dataclass that round-trips through JSON."""
+"""``TrainConfig``: every hyperparameter of a run, as a dataclass that round-trips through JSON.
+
+Also the names a field may take (:data:`OPTIMIZERS`, :data:`SCHEDULES`, ...), each
+field's documentation (:func:`field_docs`, read from the class docstring: the command
+line's ``--help`` shows it), and what a resumed run may change (:func:`check_resume_config`).
+Nothing here imports jax, so ``seqnorm-jax --help`` answers at once; the range rules of
+:mod:`seqnorm_jax.checks` are imported when a config is validated.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
+from collections.abc import Iterable
 from typing import Any
 
-from seqnorm_jax import checks
-from seqnorm_jax.train.optim import NORM_DECAY_MODES, OPTIMIZERS, SCHEDULES
-from seqnorm_jax.train.paths import run_path
+from seqnorm_jax.train.files import CONFIG_NAME, RunFileError, run_path
 
-__all__ = ["ON_DIVERGENCE", "RESUME_SAFE_FIELDS", "TrainConfig", "config_changes"]
+__all__ = ["CONFIG_NAME", "DTYPES", "NORM_DECAY_MODES", "ON_DIVERGENCE", "OPTIMIZERS",
+           "RESUME_SAFE_FIELDS", "SCHEDULES", "TrainConfig", "check_resume_config",
+           "config_changes", "field_docs", "write_config"]
 
-_DTYPES = ("float32", "bfloat16")
+NORM_DECAY_MODES = ("zero", "one", "off")
+OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "one_cycle", "cosine_one_cycle", "step")
+DTYPES = ("float32", "bfloat16")
 ON_DIVERGENCE = ("stop", "continue")
 # Fields that a resumed run may change freely: they do not change what the steps done so
 # far computed, nor the state's structure (``epochs`` extends or shortens the run; with the
@@ -76,59 +89,75 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
 class TrainConfig:
     """All hyperparameters of a training run; :meth:`to_json` saves it, :meth:`from_json` loads.
 
-    Model and data:
-      model: a name of :func:`seqnorm_jax.models.get_model` (``"cnn"``, ``"resnet20"``, ...).
-      norm: a :func:`seqnorm_jax.norm_factory` spec, e.g.
-        ``"seqnorm:channel_groups=4,batch_groups=8"``.
-      model_kwargs: extra keyword arguments for ``get_model`` (e.g. a width).
-      dtype: ``"float32"`` or ``"bfloat16"`` (mixed precision: bf16 compute, float32
+    Each entry below is also the ``--help`` text of the field's command-line flag
+    (:func:`field_docs`): a new field documented here has its flag documented.
+
+    Attributes:
+      model: model to train: simplenet, mlp, mlp4, cnn, resnet20, resnet56, wrn28_10,
+        resnet18, resnet50 or vgg11 (:func:`seqnorm_jax.models.get_model`).
+      norm: norm layer spec NAME[:KEY=VALUE,...] (:func:`seqnorm_jax.norm_factory`), e.g.
+        seqnorm:channel_groups=4,batch_groups=8, or none.
+      model_kwargs: extra model fields as KEY=VALUE; a comma makes a list
+        (features=16,32,32, or features=16, for one element).
+      dtype: compute dtype, float32 or bfloat16; bfloat16 is mixed precision (float32
         parameters and running statistics).
-      dataset: a name of :func:`seqnorm_jax.data.load` (``"fashion_mnist"``, ``"cifar10"``, ...).
-      data_dir, data_source: where and how to read it (see ``seqnorm_jax.data.load``).
-      train_size: use a random subset of this many training examples (``None``: all).
-      validation_size: hold out this many training examples and evaluate on them instead
-        of ``eval_split``.
-      eval_split: the split evaluated after every epoch (``"test"``), unless
-        ``validation_size`` is set.
-      augment: the training augmentation of ``seqnorm_jax.data.make_loader``.
-      non_iid_classes: paper 002's non-i.i.d. minibatches (examples of this many classes
-        per batch); ``None`` for i.i.d.
+      dataset: dataset: fashion_mnist, mnist, cifar10, cifar100, imagenet2012 or digits
+        (scikit-learn's 8x8 digits; :func:`seqnorm_jax.data.load`).
+      data_dir: folder of the dataset (TFDS data_dir, IDX or CIFAR files).
+      data_source: reader: auto, tfds, idx, cifar or digits.
+      train_size: train on a stratified random subset of this many examples (none: all).
+      validation_size: hold out this many training examples and evaluate on them
+        instead of eval_split.
+      eval_split: split evaluated after each epoch, unless validation_size is set.
+      augment: training augmentation: none, flip_crop, flip_crop_cutout, imagenet or
+        default.
+      non_iid_classes: non-i.i.d. batches drawn from this many classes (paper 002; none:
+        i.i.d.).
       data_workers: Grain worker processes preparing training batches (0: in the
         training thread).
-
-    Optimisation:
-      epochs, batch_size (global, over all devices), eval_batch_size.
-      grad_accum_steps: run each batch as this many accumulated micro-batches (one
-        optimizer step per batch; through BatchNorm this is GhostNorm with
-        ``batch_groups=grad_accum_steps``, papers 000/001).
-      optimizer: ``"sgd"``, ``"nesterov"``, ``"adam"`` (coupled L2, as PyTorch's Adam) or
-        ``"adamw"``; momentum; b1, b2 (Adam/AdamW).
-      lr: the peak (``cosine``, ``one_cycle``) or initial (``step``, ``constant``) rate.
-      schedule: ``"constant"``, ``"cosine"`` (after ``warmup_epochs`` of linear warm-up
-        from ``warmup_init_lr``), ``"one_cycle"`` (paper 000's linear cycle,
-        ``one_cycle_*``), ``"cosine_one_cycle"`` or ``"step"`` (times ``decay_factor`` at
-        each of ``decay_epochs``).
-      weight_decay: coupled L2 for SGD and Adam, decoupled for AdamW.
-      norm_weight_decay: gamma/beta decay, ``"zero"`` (standard), ``"one"`` or ``"off"``
-        (paper 002, 3.3).
-      grad_clip_norm: clip gradients to this global norm (``None``: off).
-      output_noise_mean, output_noise_std: Gaussian noise ``N(mean, std**2)`` added to
-        every norm layer's output in training (paper 004's robustness study uses 1e-3
-        and 1.001); off while ``output_noise_std`` is 0 and ``output_noise_mean`` is 0.
-
-    Evaluation, bookkeeping:
-      example_weight: the "Four Things" alpha used in the per-epoch evaluation.
-      seed: seeds the initialisation, the per-step rngs and the data order.
-      log_every: write a train metrics row every this many steps (and at each epoch end).
-      checkpoint_every: save an Orbax checkpoint every this many steps (and at the end
-        of every epoch); ``None``/0: only at epoch ends. keep_checkpoints: how many to keep.
-      progress: show a tqdm progress bar.
-      on_divergence: what a non-finite training loss does (detected on the device, in
-        the compiled step): ``"stop"`` (default) ends the run there, keeps the last
-        finite state (the diverging step and any step after it leave the state unchanged)
-        and checkpoints it; ``"continue"`` applies the updates as computed and trains on
-        (the metrics then log the non-finite values). Either way the run reports where
-        it diverged (``FitResult.diverged``).
+      epochs: passes over the training set.
+      batch_size: global batch size, over all devices.
+      eval_batch_size: batch size of the evaluation.
+      grad_accum_steps: run each batch as this many accumulated micro-batches, one
+        optimizer step per batch (through BatchNorm this is GhostNorm with
+        batch_groups=grad_accum_steps, papers 000/001).
+      optimizer: optimizer; adam has coupled L2 (as PyTorch's Adam), adamw decoupled
+        weight decay.
+      lr: peak (cosine, one-cycle) or initial (step, constant) learning rate.
+      momentum: SGD momentum (nesterov's too), in [0, 1).
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      schedule: learning-rate schedule: constant, cosine (after warmup_epochs of linear
+        warm-up), one_cycle (paper 000's linear cycle), cosine_one_cycle or step.
+      warmup_epochs: epochs of linear warm-up before the cosine decay.
+      warmup_init_lr: learning rate at the start of the warm-up.
+      end_lr: learning rate at the end of the cosine decay.
+      one_cycle_init_lr: one-cycle: first learning rate (none: lr / 25).
+      one_cycle_final_lr: one-cycle: last learning rate (none: the initial one / 1e4).
+      one_cycle_pct_up: one-cycle: share of the steps rising to lr.
+      one_cycle_pct_down: one-cycle: share of the steps falling back.
+      decay_epochs: step schedule: epochs at which lr is multiplied by decay_factor.
+      decay_factor: step schedule: the factor applied at each of decay_epochs.
+      weight_decay: L2 (SGD, Adam) or decoupled (AdamW) weight decay.
+      norm_weight_decay: decay of the norm layers' gamma/beta: towards zero (standard),
+        towards one (gamma), or off (paper 002, 3.3).
+      grad_clip_norm: clip gradients to this global norm (none: off).
+      output_noise_mean: mean of the Gaussian noise added to every norm layer's output
+        in training (paper 004's robustness study uses 1e-3).
+      output_noise_std: std of that noise (paper 004: 1.001); off while it and
+        output_noise_mean are 0.
+      example_weight: "Four Things" inference example weight alpha of the per-epoch
+        evaluation, in [0, 1].
+      seed: seeds the initialisation, the per-step random numbers and the data order.
+      log_every: write a training metrics row every this many steps (and at each epoch
+        end).
+      checkpoint_every: also checkpoint every this many steps (none or 0: at epoch ends
+        only).
+      keep_checkpoints: how many checkpoints to keep.
+      progress: show progress bars.
+      on_divergence: at a non-finite training loss (detected in the compiled step):
+        stop ends the run there and checkpoints the last finite state; continue applies
+        the updates as computed and trains on. Either way FitResult.diverged says where.
     """
 
     model: str = "cnn"
@@ -188,6 +217,8 @@ class TrainConfig:
         ``"progress": "no"`` are refused, not coerced; integers are accepted where a float
         is expected) and then for its range. Float fields must be finite.
         """
+        from seqnorm_jax import checks
+
         for f in dataclasses.fields(self):
             _check_type(self, f.name, str(f.type).replace(" ", ""))
 
@@ -196,7 +227,7 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{field}={getattr(self, field)!r}: {msg}")
 
         for field, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES),
-                               ("norm_weight_decay", NORM_DECAY_MODES), ("dtype", _DTYPES),
+                               ("norm_weight_decay", NORM_DECAY_MODES), ("dtype", DTYPES),
                                ("on_divergence", ON_DIVERGENCE)):
             need(getattr(self, field) in choices, field, f"choose one of {list(choices)}."
                  f"{checks.suggest(getattr(self, field), choices)}")
@@ -228,7 +259,7 @@ class TrainConfig:
              f"(one_cycle_pct_up={self.one_cycle_pct_up}).")
         need(self.decay_factor > 0, "decay_factor", "must be positive.")
         need(all(e >= 0 for e in self.decay_epochs), "decay_epochs", "must be epochs >= 0.")
-        need(0.0 <= self.example_weight <= 1.0, "example_weight", "must lie in [0, 1].")
+        checks.example_weight(self.example_weight, "TrainConfig")
         need(0.0 <= self.warmup_epochs < self.epochs or self.schedule not in ("cosine", "step"),
              "warmup_epochs", "must be >= 0 and smaller than epochs.")
         need(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0.")
@@ -248,6 +279,8 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
+            from seqnorm_jax import checks
+
             hints = "".join(checks.suggest(u, names) for u in unknown)
             raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields are "
                              f"{sorted(names)}.{hints}")
@@ -299,3 +332,87 @@ class TrainConfig:
 
 def _no_constant(name: str):
     raise ValueError(f"{name} is not a JSON number; write a finite number")
+
+
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """``{field: text}`` from the "Attributes:" section of ``cls``'s docstring: one entry
+    per field, continuation lines joined, Sphinx roles and literals as plain text (the
+    ``--help`` of each config flag).
+
+    Raises:
+      TypeError: a field has no entry, or an entry names no field (a docstring out of
+        step with the dataclass).
+    """
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    start = lines.index("Attributes:") + 1 if "Attributes:" in lines else len(lines)
+    docs: dict[str, str] = {}
+    name = None
+    for line in lines[start:]:
+        if line and not line.startswith(" "):
+            break  # the next section
+        entry = re.match(r"^  (\w+): (.*)$", line)
+        if entry:
+            name = entry.group(1)
+            docs[name] = entry.group(2).strip()
+        elif name is not None and line.strip():
+            docs[name] += " " + line.strip()
+    docs = {k: re.sub(r"``([^`]+)``", r"\1", re.sub(r":\w+:`~?([^`]+)`", r"\1", v))
+            for k, v in docs.items()}
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if sorted(docs) != sorted(fields):
+        raise TypeError(f"{cls.__name__}: the docstring's Attributes do not match the fields "
+                        f"(undocumented: {sorted(set(fields) - set(docs))}, unknown: "
+                        f"{sorted(set(docs) - set(fields))}).")
+    return {k: docs[k] for k in fields}
+
+
+def write_config(out_dir: str | os.PathLike, config: TrainConfig) -> None:
+    """Write ``out_dir/config.json``.
+
+    Raises:
+      RunFileError: it cannot be written (names the file and the cause).
+    """
+    path = run_path(out_dir) / CONFIG_NAME
+    try:
+        path.write_text(config.to_json())
+    except OSError as e:
+        raise RunFileError(os.fspath(path), e.strerror or str(e)) from e
+
+
+def check_resume_config(out_dir: str | os.PathLike, config: TrainConfig,
+                        allow_changes: Iterable[str]) -> None:
+    """Refuse to resume ``out_dir`` with a config that differs from its saved one.
+
+    Fields of :data:`RESUME_SAFE_FIELDS` and those named in
+    ``allow_changes`` may differ; a run without a saved config passes.
+
+    Raises:
+      ValueError: an unknown field in ``allow_changes``, an unreadable saved config, or
+        a refused change (the message lists the changes and the ways on).
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    allow_changes = tuple(allow_changes)
+    unknown = sorted(set(allow_changes) - names)
+    if unknown:
+        raise ValueError(f"allow_changes: unknown TrainConfig field(s) {unknown}; valid "
+                         f"fields are {sorted(names)}.")
+    path = run_path(out_dir) / CONFIG_NAME
+    if not path.exists():
+        return
+    try:
+        saved: Any = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the saved config ({e}); repair it or "
+                         "start a new --out.") from None
+    changes = config_changes(saved, config.to_dict())
+    refused = {k: v for k, v in changes.items()
+               if k not in RESUME_SAFE_FIELDS and k not in allow_changes}
+    if refused:
+        listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in refused.items())
+        raise ValueError(
+            f"resume: the config differs from the run's saved {path} in {listed}; resume "
+            f"with the saved config, start a new --out, or accept the change with "
+            f"--allow-change {','.join(refused)} (freely changeable: "
+            f"{', '.join(RESUME_SAFE_FIELDS)}).")

@@ -16,16 +16,16 @@ What a run guarantees (see the README's "Runs that never hang" section):
 
 * settings are checked when the ``Trainer`` is built, before any work: the config's
   types and ranges, ``out_dir``, and the norm layers against the batch, the mesh and the
-  model (:func:`seqnorm_jax.train.validate.check_step`);
-* one writer per ``out_dir`` (:func:`seqnorm_jax.train.lock.run_lock`), and a folder
+  model (:func:`seqnorm_jax.train.build.check_step`);
+* one writer per ``out_dir`` (:func:`seqnorm_jax.train.files.run_lock`), and a folder
   that holds an earlier run is refused unless ``resume`` or ``overwrite``
-  (:func:`~seqnorm_jax.train.run_files.claim_run_folder`);
+  (:func:`~seqnorm_jax.train.files.claim_run_folder`);
 * SIGTERM and SIGINT stop the run after the step in flight, with the metrics and a
-  checkpoint of that step written (:mod:`seqnorm_jax.train.preempt`);
+  checkpoint of that step written (:func:`seqnorm_jax.train.files.stop_on_signals`);
 * ``resume`` refuses a config that differs from the saved one (except
   :data:`~seqnorm_jax.train.config.RESUME_SAFE_FIELDS` and ``allow_changes``) and skips
   damaged checkpoints;
-* a write fault raises :class:`~seqnorm_jax.train.metrics.RunFileError` naming the file,
+* a write fault raises :class:`~seqnorm_jax.train.files.RunFileError` naming the file,
   after a bounded wait for Orbax's background writes;
 * a non-finite loss is caught inside the compiled step; by default the state stays the
   last finite one, is checkpointed, and :attr:`FitResult.diverged` says where.
@@ -57,31 +57,38 @@ from seqnorm_jax.distributed import (
     mesh_context,
     replicate,
 )
-from seqnorm_jax.train.build import build_model, load_sources, source_num_classes
+from seqnorm_jax.train.build import (
+    build_model,
+    check_step,
+    checked_norm_paths,
+    evaluate,
+    load_sources,
+    source_num_classes,
+)
 from seqnorm_jax.train.checkpoint import Checkpointer
 from seqnorm_jax.train.compiled import (
+    chunk_length,
+    device_chunks,
     jit_eval_step,
     jit_loop_step,
+    jit_loop_steps,
     jit_train_step,
     normalize_images,
 )
-from seqnorm_jax.train.config import TrainConfig
-from seqnorm_jax.train.evaluation import evaluate
-from seqnorm_jax.train.lock import check_out_dir, run_lock
-from seqnorm_jax.train.metrics import MetricsWriter, RunFileError
-from seqnorm_jax.train.multistep import chunk_length, device_chunks, jit_loop_steps
-from seqnorm_jax.train.optim import make_optimizer, make_schedule
-from seqnorm_jax.train.paths import run_path
-from seqnorm_jax.train.preempt import Preempted, stop_on_signals
-from seqnorm_jax.train.run import Logger, Run, empty_window
-from seqnorm_jax.train.run_files import (
-    check_resume_config,
+from seqnorm_jax.train.config import TrainConfig, check_resume_config, write_config
+from seqnorm_jax.train.files import (
+    Preempted,
+    RunFileError,
+    check_out_dir,
     claim_run_folder,
     is_writer,
-    write_config,
+    run_lock,
+    run_path,
+    stop_on_signals,
 )
-from seqnorm_jax.train.state import TrainState, create_train_state
-from seqnorm_jax.train.validate import check_step, checked_norm_paths
+from seqnorm_jax.train.metrics import MetricsWriter
+from seqnorm_jax.train.run import Logger, Run, RunParts, empty_window
+from seqnorm_jax.train.state import TrainState, create_train_state, make_optimizer, make_schedule
 
 __all__ = ["FitResult", "Trainer", "evaluate", "fit", "load_sources", "build_model"]
 
@@ -136,7 +143,7 @@ class Trainer:
       donate: the compiled steps donate the input state's buffers (default: on
         accelerators, not on CPU; ``seqnorm-jax plan`` sets it to compile for them here).
       steps_per_call: take up to this many steps per compiled call, a ``lax.scan`` of
-        the same step (:mod:`seqnorm_jax.train.multistep`; same results bit for bit):
+        the same step (:func:`seqnorm_jax.train.compiled.jit_loop_steps`; same results bit for bit):
         for tiny models, whose step is shorter than a call's dispatch. One process only.
     """
 
@@ -199,7 +206,7 @@ class Trainer:
             one_cycle_pct_up=config.one_cycle_pct_up,
             one_cycle_pct_down=config.one_cycle_pct_down,
             decay_epochs=config.decay_epochs, decay_factor=config.decay_factor)
-        norm_paths = checked_norm_paths(self, self._sample_input())
+        norm_paths = checked_norm_paths(self.model, self._sample_input(), config, self.mesh)
         self.tx = make_optimizer(
             config.optimizer, self.schedule, momentum=config.momentum,
             weight_decay=config.weight_decay, norm_decay=config.norm_weight_decay,
@@ -219,9 +226,10 @@ class Trainer:
         self.loop_steps = (None if self.steps_per_call == 1 else jit_loop_steps(
             self.mesh, self.schedule, **step_kw, image_norm=self.image_norm,
             stop_on_divergence=config.on_divergence == "stop"))
-        self._hook_batch = jax.jit(lambda b: normalize_images(b, self.image_norm))
+        self._hook_input = jax.jit(lambda b: normalize_images(b, self.image_norm))
         self.eval_step = jit_eval_step(self.mesh, axis_name=self.batch_axis)
-        check_step(self)
+        check_step(self.loop_step, self.model, self.tx, config, self.mesh, self.batch_axis,
+                   train_source.info.image_shape)
 
     # ------------------------------------------------------------------------ state
     def _sample_input(self) -> np.ndarray:
@@ -268,7 +276,7 @@ class Trainer:
     def _step_batches(self, epoch: int, start_step: int, first_step: int):
         """``(n, batch)`` for the epoch from ``start_step`` (global step ``first_step``): one
         batch per step, or with ``steps_per_call > 1`` chunks of ``n`` stacked batches
-        that end where the loop acts between steps (:func:`~seqnorm_jax.train.multistep.
+        that end where the loop acts between steps (:func:`~seqnorm_jax.train.compiled.
         chunk_length`)."""
         if self.steps_per_call == 1:
             return ((1, b) for b in self._device_batches(epoch, start_step))
@@ -350,10 +358,10 @@ class Trainer:
         try:
             resume_step = None
             skipped: list[tuple[int, str]] = []
-            if resume and not checkpointer._step_folders():
+            if resume and not checkpointer.step_folders():
                 print(f"{self.desc}: --resume: no checkpoint in {checkpointer.directory}; "
                       "starting from step 0", file=sys.stderr)
-            if resume and checkpointer._step_folders():
+            if resume and checkpointer.step_folders():
                 state, position, skipped = checkpointer.restore_newest_intact(state)
                 for step, why in skipped:
                     print(f"{self.desc}: skipped damaged checkpoint "
@@ -366,8 +374,8 @@ class Trainer:
             if self.out_dir is not None and is_writer():  # one writer: process 0
                 write_config(self.out_dir, c)
                 writer = MetricsWriter(self.out_dir, resume_step=resume_step)
-            run = Run(self, state, window, Logger(writer, [] if writer is None
-                                                    else list(writer.rows)), checkpointer)
+            run = Run(self._run_parts(), state, window,
+                      Logger(writer, [] if writer is None else list(writer.rows)), checkpointer)
             run.skipped = skipped
             with mesh_context(self.mesh):
                 run.loop(epoch, step_in_epoch)
@@ -394,15 +402,14 @@ class Trainer:
                          eval_rows=[r for r in rows if r["kind"] == "eval"],
                          diverged=run.diverged, skipped_checkpoints=skipped)
 
-    def _save(self, checkpointer, state, epoch, step_in_epoch, window, force=False):
-        """Checkpoint ``state`` at its data position (``force``: also in a run that writes
-        no periodic checkpoints, e.g. a study's run stopped by a signal)."""
-        if checkpointer is None or not (self.save_checkpoints or force):
-            return
-        if int(jax.device_get(state.step)) in checkpointer.all_steps():
-            return
-        checkpointer.save(state, {"epoch": epoch, "step_in_epoch": step_in_epoch,
-                                  "window": dict(window)})
+    def _run_parts(self) -> RunParts:
+        return RunParts(
+            config=self.config, mesh=self.mesh, steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps, desc=self.desc, max_steps=self.max_steps,
+            hooks=self.step_hooks, batches=self._step_batches, loop_step=self.loop_step,
+            loop_steps=self.loop_steps, hook_input=self._hook_input, evaluate=self.evaluate,
+            save_checkpoints=self.save_checkpoints,
+            new_checkpointer=None if self.out_dir is None else self.checkpointer)
 
 
 def fit(config: TrainConfig, *, out_dir: str | os.PathLike | None = None, resume: bool = False,

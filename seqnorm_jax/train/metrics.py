@@ -1,27 +1,38 @@
-"""Metrics files: one JSON object per line (``metrics.jsonl``), the same rows as CSV, and
+"""What a run reports: metrics files, TensorBoard event files and progress bars.
+
+Metrics: one JSON object per line (``metrics.jsonl``), the same rows as CSV, and
 TensorBoard event files (``tensorboard/``, written with tensorboardX, no TensorFlow).
 
 Non-finite numbers (a diverged run's loss) are written as the JSON strings ``"nan"``,
 ``"inf"`` and ``"-inf"``, so every line is strict JSON (``json.loads`` without the
 ``NaN`` extension; other tools' JSON readers), and as ``nan``/``inf``/``-inf`` in the
 CSV; :func:`read_jsonl` turns those strings back into floats.
+
+Progress: tqdm redraws its bar with carriage returns and cursor moves, which a log file
+(stderr redirected, a batch job, CI) keeps as control codes, one redraw after another,
+and nested bars (a study's runs, each run's steps) interleave there.
+:func:`progress_bar` gives the bar only when its stream is a terminal; otherwise a
+:class:`LogProgress` with the same methods writes one plain line at most every
+``interval`` seconds and one at the end. Its rate counts from the first update, so the
+compilation before the first step does not drag it down.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
+import sys
 import time
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO
 
-from seqnorm_jax.train.paths import is_local, run_path
+from seqnorm_jax.train.files import is_local, open_run_file, run_file_errors, run_path
 
-__all__ = ["EVAL_FILE", "EVENTS_FOLDER", "METRIC_COLUMNS", "MetricsWriter", "RunFileError",
-           "SCALAR_TAGS", "append_eval_rows", "open_run_file", "read_jsonl"]
+__all__ = ["EVAL_FILE", "EVENTS_FOLDER", "METRIC_COLUMNS", "LogProgress", "MetricsWriter",
+           "SCALAR_TAGS", "append_eval_rows", "progress_bar", "read_jsonl"]
 
 # Train rows fill step..images_per_sec (means over the steps since the previous train row);
 # eval rows (one per epoch) fill eval_*, example_weight, epoch_time and, in loss and
@@ -98,34 +109,6 @@ def read_jsonl(path: str | os.PathLike, *, truncate_partial: bool = False
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not strict JSON")
-
-
-class RunFileError(OSError):
-    """A run's output file or folder cannot be written; ``str()`` is ``"<path>: <cause>"``."""
-
-    def __init__(self, path: str, cause: str):
-        super().__init__(f"{path}: {cause}")
-        self.path, self.cause = path, cause
-
-
-@contextlib.contextmanager
-def run_file_errors(path: str | os.PathLike):
-    """Turn any ``OSError`` inside into :class:`RunFileError` naming ``path`` (one error
-    line at the CLI)."""
-    try:
-        yield
-    except RunFileError:
-        raise
-    except OSError as e:
-        raise RunFileError(os.fspath(path), e.strerror or str(e)) from e
-
-
-@contextlib.contextmanager
-def open_run_file(path: str | os.PathLike, mode: str):
-    """``path`` opened (a local path or a URL, :func:`~seqnorm_jax.train.paths.run_path`),
-    with any ``OSError`` of opening, writing or closing turned into :class:`RunFileError`."""
-    with run_file_errors(path), run_path(path).open(mode) as f:
-        yield f
 
 
 class _EventFile:
@@ -285,3 +268,85 @@ def _csv_lines(row: dict[str, Any] | None) -> str:
     else:
         writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
     return out.getvalue()
+
+
+# ---------------------------------------------------------------------- progress
+def progress_bar(iterable: Iterable | None = None, *, total: int | None = None,
+                 initial: int = 0, desc: str = "", unit: str = "it", enabled: bool = True,
+                 leave: bool = True, file: TextIO | None = None, interval: float = 30.0):
+    """A tqdm bar if ``file`` (default ``sys.stderr``) is a terminal, else a
+    :class:`LogProgress`; nothing shown if not ``enabled``. Either has ``update``,
+    ``set_postfix``, ``write``, ``close`` and iterates over ``iterable``."""
+    stream = sys.stderr if file is None else file
+    isatty = getattr(stream, "isatty", None)
+    if enabled and isatty is not None and isatty():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit,
+                    dynamic_ncols=True, leave=leave, file=stream)
+    return LogProgress(iterable, total=total, initial=initial, desc=desc, unit=unit,
+                       enabled=enabled, file=stream, interval=interval)
+
+
+class LogProgress:
+    """Progress as plain lines: ``<desc>: <n>/<total> <unit>s (<pct>%), <rate> <unit>/s,
+    <postfix>`` at most every ``interval`` seconds and when closed; :meth:`write` prints a
+    line of its own. ``clock`` is for tests."""
+
+    def __init__(self, iterable: Iterable | None = None, *, total: int | None = None,
+                 initial: int = 0, desc: str = "", unit: str = "it", enabled: bool = True,
+                 file: TextIO | None = None, interval: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.iterable, self.desc, self.unit, self.enabled = iterable, desc, unit, enabled
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n, self.file, self.interval, self.clock = initial, file, interval, clock
+        self.postfix = ""
+        self._first: tuple[float, int] | None = None    # (time, n) at the first update
+        self._last_line = clock()
+        self._last_n: int | None = None
+        self._closed = False
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            self.update(1)
+        self.close()
+
+    def update(self, n: int = 1) -> None:
+        now = self.clock()
+        if self._first is None:
+            self._first = (now, self.n)
+        self.n += n
+        if now - self._last_line >= self.interval:
+            self._line(now)
+
+    def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True,
+                    **values: Any) -> None:
+        """As tqdm's: the ``key=value`` pairs shown after the counts (``refresh`` is
+        tqdm's redraw flag; a log line waits for its interval)."""
+        values = {**(ordered_dict or {}), **values}
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def write(self, text: str) -> None:
+        if self.enabled:
+            print(text, file=self.file or sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.n != self._last_n:     # not just written by the last update
+                self._line(self.clock())
+
+    def _line(self, now: float) -> None:
+        self._last_line, self._last_n = now, self.n
+        parts = [f"{self.n}/{self.total} {self.unit}s" if self.total else
+                 f"{self.n} {self.unit}s"]
+        if self.total:
+            parts[0] += f" ({100 * self.n / self.total:.0f}%)"
+        if self._first is not None and now > self._first[0] and self.n > self._first[1] + 1:
+            # from the end of the first update: its time is mostly compilation
+            rate = (self.n - self._first[1] - 1) / (now - self._first[0])
+            parts.append(f"{rate:.3g} {self.unit}/s")
+        if self.postfix:
+            parts.append(self.postfix)
+        self.write(f"{self.desc}: " + ", ".join(parts) if self.desc else ", ".join(parts))

@@ -26,7 +26,6 @@ config's ``train_size`` / ``validation_size``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -36,9 +35,9 @@ from typing import Any
 from seqnorm_jax import aot
 from seqnorm_jax.train.config import TrainConfig
 
-__all__ = ["DoesNotFitError", "LoweredStep", "StepPlan", "TABLE_TOPOLOGIES", "TRAIN_EXAMPLES",
-           "cached_step", "format_bytes", "format_plan", "format_seconds", "lower_step",
-           "parse_mesh", "plan_step", "plan_table", "step_key", "train_examples"]
+__all__ = ["DoesNotFitError", "LoweredStep", "StepPlan", "TRAIN_EXAMPLES", "format_bytes",
+           "format_plan", "format_seconds", "installed_versions", "lower_step", "parse_mesh",
+           "plan_step", "train_examples"]
 
 # Training-split sizes (the TensorFlow Datasets catalog's train splits; digits: this
 # package's fixed 1,442-image train split of scikit-learn's 1,797).
@@ -213,7 +212,7 @@ class LoweredStep:
 
         compiler = "libtpu" if self.topology.chip.platform == "tpu" else "jax-cuda12-plugin"
         h = hashlib.sha1(self.lowered.as_text().encode())
-        h.update(_versions("jax", "jaxlib", compiler).encode())
+        h.update(installed_versions("jax", "jaxlib", compiler).encode())
         h.update(f"{self.topology.name} {sorted(self.mesh.items())} {self.axis_types} "
                  f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')}".encode())
         return h.hexdigest()[:16]
@@ -222,7 +221,7 @@ class LoweredStep:
         """Compile the step and analyse it (:func:`plan_step`)."""
         import numpy as np
 
-        from seqnorm_jax.train.optim import model_norm_paths
+        from seqnorm_jax.train.state import model_norm_paths
 
         config, topo = self.config, self.topology
         if progress is not None:
@@ -263,7 +262,7 @@ def lower_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str |
     from seqnorm_jax.data import dataset_info
     from seqnorm_jax.distributed import mesh_context
     from seqnorm_jax.train.loop import Trainer
-    from seqnorm_jax.train.validate import loop_step_arguments
+    from seqnorm_jax.train.build import loop_step_arguments
 
     config.validate()
     topo = aot.topology(topology) if isinstance(topology, str) else topology
@@ -276,7 +275,8 @@ def lower_step(config: TrainConfig, topology: str | aot.Topology, *, mesh: str |
     trainer = Trainer(config, train_source=source, eval_source=source, mesh=device_mesh,
                       save_checkpoints=False, donate=True)
     with mesh_context(device_mesh):
-        lowered = trainer.loop_step.lower(*loop_step_arguments(trainer))
+        lowered = trainer.loop_step.lower(*loop_step_arguments(
+            trainer.model, trainer.tx, config, info.image_shape, device_mesh, trainer.batch_axis))
     return LoweredStep(config=config, topology=topo, mesh=dict(zip(names, shape)),
                        axis_types=axis_types, trainer=trainer, device_mesh=device_mesh,
                        lowered=lowered,
@@ -363,47 +363,7 @@ def format_plan(plan: StepPlan, label: str | None = None) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------- paper table
-
-# The table's topologies: a config runs on 8 TPU v5e chips (one v5litepod-8 host) when
-# every batch of it splits over 8, else on one chip.
-TABLE_TOPOLOGIES = ("v5e:2x4", "v5e:1x1")
-# Compile order: the cheaper models first, so a partial table has a row for most configs.
-_MODEL_ORDER = ("simplenet", "mlp", "mlp4", "cnn", "resnet20", "vgg11", "resnet56", "resnet18",
-                "resnet50", "wrn28_10")
-_STEP_FIELDS = ("model", "model_kwargs", "norm", "dtype", "dataset", "batch_size",
-                "grad_accum_steps", "optimizer", "grad_clip_norm", "output_noise_mean",
-                "output_noise_std", "on_divergence", "log_every")
-
-
-# The parts of the package a training step is not built from: a change there leaves the
-# code fingerprint, and so every cached step's fast path, as it is.
-_NOT_IN_THE_STEP = ("cli", "studies", "analysis", "data", os.path.join("train", "plan.py"))
-
-
-@functools.cache
-def code_fingerprint() -> str:
-    """A hash of the package's sources that build a training step (layers, statistics,
-    models, the train step and optimizer) and the installed jax, jaxlib and compilers: a
-    cached step recorded with this fingerprint is served without lowering anything."""
-    import hashlib
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    h = hashlib.sha1()
-    for folder, dirs, files in sorted(os.walk(root)):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            if name.endswith(".py") and not rel.startswith(_NOT_IN_THE_STEP):
-                h.update(rel.encode())
-                with open(path, "rb") as f:
-                    h.update(f.read())
-    h.update(_versions("jax", "jaxlib", "libtpu", "jax-cuda12-plugin").encode())
-    return h.hexdigest()[:12]
-
-
-def _versions(*packages: str) -> str:
+def installed_versions(*packages: str) -> str:
     """``"jax=0.10.2jaxlib=0.10.2libtpu=-..."``: each installed version, ``-`` if absent."""
     from importlib import metadata
 
@@ -414,145 +374,3 @@ def _versions(*packages: str) -> str:
         except metadata.PackageNotFoundError:
             out.append(f"{package}=-")
     return "".join(out)
-
-
-def step_key(config: TrainConfig, topology: str, image_shape=None) -> str:
-    """The cache file of ``config``'s step on ``topology``: the fields that change what
-    the step computes (model, norm, dtype, batch, optimizer, ...), not those that only set
-    its constants (learning rates, epochs). Whether the file's step is still the one this
-    code builds is :func:`cached_step`'s question."""
-    import hashlib
-    import json
-
-    fields = {k: getattr(config, k) for k in _STEP_FIELDS}
-    fields["grad_clip_norm"] = fields["grad_clip_norm"] is not None
-    fields.update(topology=topology, image_shape=list(image_shape or ()))
-    return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def table_topology(configs: Sequence[TrainConfig], topologies=TABLE_TOPOLOGIES) -> str:
-    """The first of ``topologies`` over whose chips every config's batch splits."""
-    for name in topologies:
-        chips = aot.parse_topology(name)[1].split("x")
-        n = math.prod(int(d) for d in chips)
-        if all(c.batch_size % n == 0 for c in configs):
-            return name
-    return topologies[-1]
-
-
-def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_shape=None,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """:meth:`StepPlan.to_dict` of ``config``'s step on ``topology``, from
-    ``cache_dir/<step_key>.json`` or compiled and stored there; a config that cannot be
-    planned is stored as ``{"error": message}``.
-
-    A cached step is served only if it is the program this code compiles: the file
-    records the :func:`code_fingerprint` and the :meth:`LoweredStep.program_fingerprint`
-    it was compiled from. The same code fingerprint serves it at once; otherwise the step
-    is lowered (seconds, no compile) and served if the program is unchanged (the file then
-    records the new code fingerprint), else compiled again. So a change to the package
-    recompiles only the steps whose program it changed."""
-    import json
-
-    path = os.path.join(cache_dir, step_key(config, topology, image_shape) + ".json")
-    entry = None
-    if os.path.exists(path):
-        with open(path) as f:
-            entry = json.load(f)
-        if entry.get("code") == code_fingerprint():
-            return entry["step"]
-    try:
-        lowered = lower_step(config, topology, image_shape=image_shape)
-        program = lowered.program_fingerprint()
-        if entry is not None and entry.get("program") == program:
-            step = entry["step"]
-        else:
-            step = lowered.compile(progress).to_dict()
-    except ValueError as err:
-        program = None
-        step = {"error": str(err), "does_not_fit": isinstance(err, DoesNotFitError)}
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"code": code_fingerprint(), "program": program, "step": step}, f,
-                  indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-    return step
-
-
-def _run_plan(config: TrainConfig, step: dict[str, Any]) -> float | None:
-    """The training seconds of ``config`` at the cached ``step``'s roofline time."""
-    if "error" in step:
-        return None
-    spe = max(train_examples(config) // config.batch_size, 1)
-    return step["step_seconds"] * spe * config.epochs
-
-
-def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOGIES,
-               out: str | None = None, progress: Callable[[str], None] | None = None) -> str:
-    """The paper configs ``names`` at full scale, one row each: the topology, the runs
-    planned, the roofline step time, the training time of all runs and seeds, the peak
-    memory per chip against HBM. Steps compile once each, cached in ``cache_dir``, the
-    cheapest models first and one run of every config before the second of any, so the
-    table can be built over several sittings; with ``out`` it is rewritten after every
-    compile."""
-    from seqnorm_jax.studies.experiment import load_experiment
-
-    exps = [load_experiment(n).resolve("full") for n in names]
-    rows = []
-    for exp in exps:
-        configs = [c for _, c in exp.configs()]
-        rows.append(dict(exp=exp, configs=configs, topology=table_topology(configs, topologies),
-                         steps={}))
-    rank = {m: i for i, m in enumerate(_MODEL_ORDER)}
-
-    def cost(row):
-        return max((rank.get(c.model, len(rank)) for c in row["configs"]), default=0)
-
-    order = sorted(rows, key=cost)
-    longest = max((len(r["configs"]) for r in rows), default=0)
-    text = _table(rows)
-    for i in range(longest):
-        for row in order:
-            if i >= len(row["configs"]):
-                continue
-            c = row["configs"][i]
-            row["steps"][i] = cached_step(c, row["topology"], cache_dir,
-                                          image_shape=row["exp"].image_shape, progress=progress)
-            text = _table(rows)
-            if out is not None:
-                with open(out, "w") as f:
-                    f.write(text)
-    return text
-
-
-def _table(rows) -> str:
-    lines = ["| config | topology | runs planned | step time (roofline) | training time, all "
-             "runs x seeds | peak memory per chip / HBM | fits |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        exp, configs, steps = row["exp"], row["configs"], row["steps"]
-        ok = {i: s for i, s in steps.items() if "error" not in s}
-        too_big = sum(1 for s in steps.values() if s.get("does_not_fit"))
-        errors = len(steps) - len(ok) - too_big
-        planned = f"{len(steps)} of {len(configs)}" + (f" ({errors} refused)" if errors else "")
-        if too_big:
-            planned += f" ({too_big} too large for a chip)"
-        if not configs:
-            lines.append(f"| {exp.name} | - | no fixed runs ({exp.kind}: chosen while it "
-                         "runs) | | | | |")
-            continue
-        if not ok:
-            lines.append(f"| {exp.name} | {row['topology']} | {planned} | | | | |")
-            continue
-        times = [s["step_seconds"] for s in ok.values()]
-        wall = sum(_run_plan(configs[i], s) for i, s in ok.items()) * len(exp.seeds)
-        mem = max(s["memory"]["total"] for s in ok.values())
-        hbm = next(iter(ok.values()))["memory"]["hbm"]
-        fits = all(s["memory"]["fits"] for s in ok.values()) and not too_big
-        span = (format_seconds(min(times)) if len(set(times)) == 1 or len(times) == 1 else
-                f"{format_seconds(min(times))} - {format_seconds(max(times))}")
-        part = "" if len(steps) == len(configs) else " (planned runs only)"
-        lines.append(f"| {exp.name} | {row['topology']} | {planned} | {span} | "
-                     f"{format_seconds(wall)}{part} | {format_bytes(mem)} / {format_bytes(hbm)} | "
-                     f"{'yes' if fits else 'no'} |")
-    return "\n".join(lines) + "\n"

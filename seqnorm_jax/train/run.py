@@ -10,22 +10,66 @@ at most two windows after it happened.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+from jax.sharding import Mesh
 
 from seqnorm_jax.distributed import replicate
-from seqnorm_jax.train import preempt
+from seqnorm_jax.train.checkpoint import Checkpointer
 from seqnorm_jax.train.compiled import init_accumulator, reset_accumulator
-from seqnorm_jax.train.metrics import MetricsWriter
+from seqnorm_jax.train.config import TrainConfig
+from seqnorm_jax.train.files import raise_if_requested, requested
+from seqnorm_jax.train.metrics import MetricsWriter, progress_bar
+from seqnorm_jax.train.state import TrainState
 
-__all__ = ["Logger", "Run", "empty_window"]
+__all__ = ["Logger", "Run", "RunParts", "empty_window"]
 
 
 def empty_window() -> dict[str, float]:
     return {"loss": 0.0, "accuracy": 0.0, "n": 0, "lr": 0.0,
             "epoch_loss": 0.0, "epoch_accuracy": 0.0, "epoch_n": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunParts:
+    """What a :class:`Run` works with, built once by its :class:`~seqnorm_jax.train.Trainer`.
+
+    Attributes:
+      config: the run's hyperparameters.
+      mesh: the data mesh (the metrics accumulator is replicated on it).
+      steps_per_epoch, total_steps: the run's length in optimizer steps.
+      desc: the label of the progress bar and the run's messages.
+      max_steps: stop after this global step (``None``: run all epochs).
+      hooks: the step hooks (``hook(state, batch, step)``, optional ``on_epoch_end``).
+      batches: ``batches(epoch, start_step, first_step)`` -> ``(n, batch)`` pairs: one
+        batch, or with ``n > 1`` a chunk of ``n`` stacked batches for ``loop_steps``.
+      loop_step: the compiled step ``(state, batch, acc) -> (state, acc)``.
+      loop_steps: its scan over a chunk of batches (``None``: one step per call).
+      hook_input: a batch as the model sees it (normalised), for the hooks.
+      evaluate: ``evaluate(state)`` -> ``{"eval_loss", "eval_accuracy", ...}``.
+      save_checkpoints: write the periodic and epoch-end checkpoints.
+      new_checkpointer: opens the run's checkpoints when a stop must save one in a run
+        that writes no periodic checkpoints (``None``: the run has no folder).
+    """
+
+    config: TrainConfig
+    mesh: Mesh
+    steps_per_epoch: int
+    total_steps: int
+    desc: str
+    max_steps: int | None
+    hooks: Sequence[Any]
+    batches: Callable[[int, int, int], Iterable[tuple[int, Any]]]
+    loop_step: Callable[..., Any]
+    loop_steps: Callable[..., Any] | None
+    hook_input: Callable[[Any], Any]
+    evaluate: Callable[[TrainState], dict[str, float]]
+    save_checkpoints: bool
+    new_checkpointer: Callable[[], Checkpointer] | None
 
 
 class Run:
@@ -37,31 +81,30 @@ class Run:
     and stops: at once). So the host never waits for the device inside an epoch, and a
     divergence (flagged by the step itself, which then leaves the state unchanged) is
     seen at most two windows after it happened. A stop signal
-    (:mod:`~seqnorm_jax.train.preempt`) is seen after the step in flight: the run writes
-    the metrics and a checkpoint of that step and raises
-    :class:`~seqnorm_jax.train.preempt.Preempted`.
+    (:func:`~seqnorm_jax.train.files.stop_on_signals`) is seen after the step in flight:
+    the run writes the metrics and a checkpoint of that step and raises
+    :class:`~seqnorm_jax.train.files.Preempted`.
     """
 
-    def __init__(self, trainer: Any, state, window, log, checkpointer):
-        self.t, self.state, self.window, self.log = trainer, state, window, log
+    def __init__(self, parts: RunParts, state: TrainState, window: dict[str, float],
+                 log: Logger, checkpointer: Checkpointer | None):
+        self.parts, self.state, self.window, self.log = parts, state, window, log
         self.checkpointer = checkpointer
         # room for a window: rows every log_every steps; flushes at checkpoints come sooner
-        self.acc = replicate(init_accumulator(trainer.config.log_every), trainer.mesh)
+        self.acc = replicate(init_accumulator(parts.config.log_every), parts.mesh)
         self.pending: list[tuple[Any, dict[str, Any]]] = []
         self.diverged: dict[str, Any] | None = None
         self.skipped: list[tuple[int, str]] = []
         self.t_window = time.perf_counter()
 
     def loop(self, epoch: int, step_in_epoch: int) -> None:
-        from seqnorm_jax.train.progress import progress_bar
-
-        t, c = self.t, self.t.config
-        self.bar = progress_bar(total=t.total_steps, initial=int(jax.device_get(self.state.step)),
-                                desc=t.desc, enabled=c.progress, unit="step", leave=False)
+        p, c = self.parts, self.parts.config
+        self.bar = progress_bar(total=p.total_steps, initial=int(jax.device_get(self.state.step)),
+                                desc=p.desc, enabled=c.progress, unit="step", leave=False)
         try:
             while epoch < c.epochs:
                 # a signal before the first step or during an epoch's evaluation
-                if preempt.requested() and self._stop_preempted(epoch, step_in_epoch, 0):
+                if requested() and self._stop_preempted(epoch, step_in_epoch, 0):
                     break
                 stopped = self._epoch(epoch, step_in_epoch)
                 if stopped:
@@ -84,7 +127,7 @@ class Run:
 
     def _drain(self, keep: int) -> None:
         """Read queued accumulators (all but the newest ``keep``) and write their rows."""
-        t, c = self.t, self.t.config
+        p, c = self.parts, self.parts.config
         while len(self.pending) > keep:
             acc, meta = self.pending.pop(0)
             a = jax.device_get(acc)
@@ -111,7 +154,7 @@ class Run:
                     and self.diverged["step"] < step:
                 # the steps after the diverging one did nothing: the row ends there
                 step = self.diverged["step"]
-                epoch = step / t.steps_per_epoch
+                epoch = step / p.steps_per_epoch
             row = self.log.write(dict(
                 kind="train", step=step, epoch=epoch, loss=w["loss"] / w["n"],
                 accuracy=w["accuracy"] / w["n"], lr=w["lr"], images_per_sec=ips,
@@ -128,25 +171,25 @@ class Run:
 
     # -------------------------------------------------------------------- epochs
     def _epoch(self, epoch: int, start: int) -> bool:
-        t, c = self.t, self.t.config
+        p, c = self.parts, self.parts.config
         t_epoch = time.perf_counter()
         self.t_window = t_epoch
         step0 = int(jax.device_get(self.state.step))
-        spe = t.steps_per_epoch
+        spe = p.steps_per_epoch
         step_in_epoch, n_window = start, 0
         stop_on_divergence = c.on_divergence == "stop"
-        for n, batch in t._step_batches(epoch, start, step0):
+        for n, batch in p.batches(epoch, start, step0):
             if step_in_epoch >= spe:
                 break
             step = step0 + step_in_epoch - start
-            if n > 1:  # a chunk of steps no hook records (Trainer.steps_per_call)
-                self.state, self.acc = t.loop_steps(self.state, batch, self.acc)
+            if n > 1:  # a chunk of steps no hook records (RunParts.loop_steps)
+                self.state, self.acc = p.loop_steps(self.state, batch, self.acc)
             else:
-                if t.step_hooks:
-                    normalized = t._hook_batch(batch)  # hooks see the model's input
-                    for hook in t.step_hooks:
+                if p.hooks:
+                    normalized = p.hook_input(batch)  # hooks see the model's input
+                    for hook in p.hooks:
                         hook(self.state, normalized, step)
-                self.state, self.acc = t.loop_step(self.state, batch, self.acc)
+                self.state, self.acc = p.loop_step(self.state, batch, self.acc)
             step_in_epoch += n
             n_window += n
             self.bar.update(n)
@@ -159,20 +202,20 @@ class Run:
                 self._drain(1)
                 if self.diverged is not None and stop_on_divergence:
                     return self._stop_diverged()
-            if t.max_steps is not None and step >= t.max_steps and not at_end:
+            if p.max_steps is not None and step >= p.max_steps and not at_end:
                 self._flush(step, epoch + step_in_epoch / spe, n_window, False)
                 n_window = 0
                 if self.diverged is not None and stop_on_divergence:
                     return self._stop_diverged()
-                t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window)
+                self.save(epoch, step_in_epoch, self.window)
                 return True
             if c.checkpoint_every and step % c.checkpoint_every == 0 and not at_end:
                 self._flush(step, epoch + step_in_epoch / spe, n_window, False)
                 n_window = 0
                 if self.diverged is not None and stop_on_divergence:
                     return self._stop_diverged()
-                t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window)
-            if not at_end and preempt.requested():
+                self.save(epoch, step_in_epoch, self.window)
+            if not at_end and requested():
                 return self._stop_preempted(epoch, step_in_epoch, n_window)
         if step_in_epoch != spe:
             raise RuntimeError(f"the loader gave {step_in_epoch - start} batches in epoch {epoch} "
@@ -182,7 +225,7 @@ class Run:
         if self.diverged is not None and stop_on_divergence:
             return self._stop_diverged()
         epoch_time = time.perf_counter() - t_epoch
-        metrics = t.evaluate(self.state)
+        metrics = p.evaluate(self.state)
         w = self.window
         train_loss = w["epoch_loss"] / max(w["epoch_n"], 1)
         self.log.write(dict(kind="eval", step=end_step, epoch=epoch + 1,
@@ -193,43 +236,54 @@ class Run:
                             epoch_time=epoch_time, wall_time=time.time()))
         w.update(epoch_loss=0.0, epoch_accuracy=0.0, epoch_n=0)
         if c.progress:
-            self.bar.write(f"{t.desc} epoch {epoch + 1}/{c.epochs}: train loss "
+            self.bar.write(f"{p.desc} epoch {epoch + 1}/{c.epochs}: train loss "
                            f"{train_loss:.4f}, eval loss {metrics['eval_loss']:.4f}, eval "
                            f"accuracy {metrics['eval_accuracy']:.4f} ({epoch_time:.1f} s)")
-        for hook in t.step_hooks:
+        for hook in p.hooks:
             if hasattr(hook, "on_epoch_end"):
                 hook.on_epoch_end(self.state, epoch)
-        t._save(self.checkpointer, self.state, epoch + 1, 0, w)
-        return t.max_steps is not None and end_step >= t.max_steps
+        self.save(epoch + 1, 0, w)
+        return p.max_steps is not None and end_step >= p.max_steps
+
+    def save(self, epoch: int, step_in_epoch: int, window: dict[str, float],
+             force: bool = False) -> None:
+        """Checkpoint the state at its data position (``force``: also in a run that writes
+        no periodic checkpoints, e.g. a study's run stopped by a signal)."""
+        if self.checkpointer is None or not (self.parts.save_checkpoints or force):
+            return
+        if int(jax.device_get(self.state.step)) in self.checkpointer.all_steps():
+            return
+        self.checkpointer.save(self.state, {"epoch": epoch, "step_in_epoch": step_in_epoch,
+                                            "window": dict(window)})
 
     def _stop_preempted(self, epoch: int, step_in_epoch: int, n_window: int) -> bool:
         """Stop on a signal: write the metrics, checkpoint this step (also in a run that
-        writes no periodic checkpoints), raise :class:`~seqnorm_jax.train.preempt.Preempted`
+        writes no periodic checkpoints), raise :class:`~seqnorm_jax.train.files.Preempted`
         (the caller waits for Orbax to commit). A divergence seen in the metrics just read
         wins: the run stops as diverged (returns True)."""
-        t, c = self.t, self.t.config
+        p, c = self.parts, self.parts.config
         step = int(jax.device_get(self.state.step))
-        self._flush(step, epoch + step_in_epoch / t.steps_per_epoch, n_window, False)
+        self._flush(step, epoch + step_in_epoch / p.steps_per_epoch, n_window, False)
         if self.diverged is not None and c.on_divergence == "stop":
             return self._stop_diverged()  # a divergence is the run's result
-        if self.checkpointer is None and t.out_dir is not None:
-            self.checkpointer = t.checkpointer()
-        t._save(self.checkpointer, self.state, epoch, step_in_epoch, self.window, force=True)
+        if self.checkpointer is None and p.new_checkpointer is not None:
+            self.checkpointer = p.new_checkpointer()
+        self.save(epoch, step_in_epoch, self.window, force=True)
         if c.progress:
-            self.bar.write(f"{t.desc}: preempted at step {step}; checkpointed")
-        preempt.raise_if_requested(step)
+            self.bar.write(f"{p.desc}: preempted at step {step}; checkpointed")
+        raise_if_requested(step)
         return False  # pragma: no cover - raise_if_requested raised
 
     def _stop_diverged(self) -> bool:
         """Stop a diverged run: read what is queued, checkpoint the last finite state."""
         self._drain(0)
-        t = self.t
+        p = self.parts
         last = int(jax.device_get(self.state.step))  # the step loop left it unchanged since
-        epoch, step_in_epoch = divmod(last, t.steps_per_epoch)
-        t._save(self.checkpointer, self.state, epoch, step_in_epoch, empty_window())
+        epoch, step_in_epoch = divmod(last, p.steps_per_epoch)
+        self.save(epoch, step_in_epoch, empty_window())
         self.diverged["last_finite_step"] = last
-        if t.config.progress:
-            self.bar.write(f"{t.desc}: diverged at step {self.diverged['step']} (loss "
+        if p.config.progress:
+            self.bar.write(f"{p.desc}: diverged at step {self.diverged['step']} (loss "
                            f"{self.diverged['loss']}); kept the state of step {last}")
         return True
 
