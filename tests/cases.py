@@ -1,16 +1,14 @@
 """One table of the pure functions of ``seqnorm_jax.functional``, one entry per configuration.
 
-The gradient checks (``test_grads.py``), the backward-residual checks (``test_lean.py``) and
-the large-mean numerics (``test_numerics_masks.py``) all run over this table, through
-``cases(check)``, which gives a ``pytest.param`` (id: the case's ``id``) of every case that
-applies to ``check``. A case that does not apply to a check says so in ``not_for``, with
-the reason; where a check needs a looser tolerance for a case at one input layout, the
-case declares it in ``tolerance`` with the measured figure and the reason.
+The gradient checks (``test_grads.py``), the backward-residual checks (``test_lean.py``), the
+large-mean numerics and the masked-gradient check (``test_numerics_masks.py``) all run over
+this table through ``cases(check)``: a ``pytest.param`` (id: the case's ``id``) of every case
+that applies to ``check``. A case that does not apply to a check says so in ``not_for``, with
+the reason; where a check needs a looser tolerance for a case at one input layout, the case
+declares it in ``tolerance``, with the figure measured and the reason.
 
-The group counts are written for inputs with a channel count divisible by 8 and a batch
-divisible by 8: with 8 channels, ``num_groups=4`` puts two channels in each group (the
-smallest group that is not one channel, where the channel-group statistics are least
-forgiving).
+The group counts are written for a channel count and a batch both divisible by 8 (the
+shapes those tests use): with 8 channels, ``num_groups=4`` puts two channels in each group.
 """
 
 from __future__ import annotations
@@ -32,6 +30,8 @@ CHECKS = {
     "large_mean": "test_numerics_masks.py: float32 at mean 1e4, std 1 against float64",
     "two_pass_large_mean": "test_numerics_masks.py: the same at mean 1e6 with "
                            "use_fast_variance=False",
+    "masked_nan_gradients": "test_numerics_masks.py: NaN in entries the mask drops reaches "
+                            "no gradient",
 }
 
 

@@ -97,12 +97,8 @@ def test_mask_statistics_over_kept_entries(fn, kw, groups_of):
     np.testing.assert_allclose(got_finite, want, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("fn,kw", [
-    (F.batch_norm, {}), (F.ghost_norm, {"batch_groups": 2}), (F.group_norm, {"num_groups": 2}),
-    (F.seq_norm, {"channel_groups": 2, "batch_groups": 2}), (F.heterologous_norm, {}),
-    (F.gn_plus, {"num_groups": 2}), (F.bgn, {"num_groups": 2}),
-], ids=["bn", "ghost", "gn", "seq", "hn", "gnplus", "bgn"])
-def test_masked_nan_never_leaks_into_gradients(fn, kw):
+@pytest.mark.parametrize("case", cases("masked_nan_gradients"))
+def test_masked_nan_never_leaks_into_gradients(case):
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 2, 3, 8)).astype(np.float32)
     mask = np.ones(x.shape, bool)
@@ -112,7 +108,8 @@ def test_masked_nan_never_leaks_into_gradients(fn, kw):
     scale, bias = jnp.ones(8), jnp.zeros(8)
 
     def loss(x, scale, bias):
-        y = fn(x, scale, bias, mask=jnp.asarray(mask), **kw)
+        y = case.fn(*case.args(x, scale, bias), mask=jnp.asarray(mask),
+                    **case.training_kwargs())
         return jnp.sum(jnp.where(mask, y * w, 0.0))
 
     gx, gs, gb = jax.grad(loss, argnums=(0, 1, 2))(x_nan, scale, bias)
