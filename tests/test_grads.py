@@ -8,31 +8,9 @@ import pytest
 from jax.test_util import check_grads
 
 import seqnorm_jax as snj
-from seqnorm_jax import functional as F
+from cases import cases
 
-SHAPE = (4, 2, 3, 4)
-
-CASES = [
-    ("batch_norm", F.batch_norm, {}),
-    ("ghost_norm", F.ghost_norm, {"batch_groups": 2}),
-    ("ghost_norm_strided", F.ghost_norm, {"batch_groups": 2, "grouping": "strided"}),
-    ("group_norm", F.group_norm, {"num_groups": 2}),
-    ("seq_norm", F.seq_norm, {"channel_groups": 2, "batch_groups": 2}),
-    ("seq_norm_ghost_first", F.seq_norm, {"channel_groups": 2, "batch_groups": 2,
-                                          "order": "ghost_first"}),
-    ("batch_group_norm", F.batch_group_norm, {"batch_groups": 2, "channel_groups": 2}),
-    ("heterologous_norm", F.heterologous_norm, {"std_groups": 2}),
-    ("heterologous_norm_pooled", F.heterologous_norm, {"mean_set": "group", "mean_groups": 2,
-                                                       "std_set": "batch",
-                                                       "std_center": "pooled"}),
-    ("gn_plus_gn_first", F.gn_plus, {"num_groups": 2, "variant": "gn_first"}),
-    ("gn_plus_bn_first", F.gn_plus, {"num_groups": 2, "variant": "bn_first"}),
-    ("gn_plus_parallel", F.gn_plus, {"num_groups": 2, "variant": "parallel"}),
-    ("bgn", F.bgn, {"num_groups": 2}),
-    ("noisy_batch_norm", F.noisy_batch_norm, {"noise_std": 0.1}),
-]
-RUNNING = {"batch_norm", "ghost_norm", "seq_norm", "batch_group_norm", "heterologous_norm",
-           "gn_plus_gn_first", "gn_plus_bn_first", "gn_plus_parallel", "bgn"}
+SHAPE = (8, 2, 3, 8)  # the group counts of tests/cases.py: two channels per group
 
 
 @pytest.fixture(autouse=True)
@@ -49,33 +27,24 @@ def inputs(seed=0):
     return jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta)
 
 
-@pytest.mark.parametrize("name,fn,kw", CASES, ids=[c[0] for c in CASES])
-def test_training_gradients(name, fn, kw):
+@pytest.mark.parametrize("case", cases("training_gradients"))
+def test_training_gradients(case):
     x, gamma, beta = inputs()
-    kw = dict(kw)
-    if name == "noisy_batch_norm":
-        kw["rng"] = jax.random.key(0)
-    if name.startswith("gn_plus"):
-        f = lambda x, g, b, lam: fn(x, g, b, lam, **kw)
-        args = (x, gamma, beta, jnp.asarray(0.3))
-    else:
-        f = lambda x, g, b: fn(x, g, b, **kw)
-        args = (x, gamma, beta)
-    check_grads(f, args, order=2, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
+    kw = case.training_kwargs()
+    check_grads(lambda *args: case.fn(*args, **kw), case.args(x, gamma, beta), order=2,
+                modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,fn,kw", [c for c in CASES if c[0] in RUNNING],
-                         ids=[c[0] for c in CASES if c[0] in RUNNING])
-def test_inference_gradients_including_example_weight(name, fn, kw):
+@pytest.mark.parametrize("case", cases("inference_gradients"))
+def test_inference_gradients_including_example_weight(case):
     x, gamma, beta = inputs(1)
-    kw = {k: v for k, v in kw.items() if k != "batch_groups"}
+    kw = {k: v for k, v in case.kwargs.items() if k != "batch_groups"}
     rm = jnp.linspace(-1.0, 1.0, SHAPE[-1])
     rv = jnp.linspace(0.5, 2.0, SHAPE[-1])
-    lam = (jnp.asarray(0.3),) if name.startswith("gn_plus") else ()
-    f = lambda x, g, b, alpha: fn(x, g, b, *lam, running_mean=rm, running_var=rv,
-                                  example_weight=alpha, **kw)
-    check_grads(f, (x, gamma, beta, jnp.asarray(0.4)), order=1, modes=("fwd", "rev"),
-                atol=1e-5, rtol=1e-5)
+    f = lambda alpha, *args: case.fn(*args, running_mean=rm, running_var=rv,
+                                     example_weight=alpha, **kw)
+    check_grads(f, (jnp.asarray(0.4), *case.args(x, gamma, beta)), order=1,
+                modes=("fwd", "rev"), atol=1e-5, rtol=1e-5)
 
 
 def test_gradients_equal_flax_batch_norm():

@@ -1,4 +1,4 @@
-"""What the backward pass keeps, and mixed precision (issue 3).
+"""What the backward pass keeps, and mixed precision.
 
 The backward pass of every layer may keep the input ``x`` (it is an argument, so
 keeping it costs nothing) and arrays the size of the ``(N, C)`` statistics, never
@@ -17,29 +17,10 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 import seqnorm_jax as snj
+from cases import cases
 from plain_sums import plain_first  # noqa: F401 (a fixture)
-from seqnorm_jax import functional as F
 
 SHAPE = (8, 4, 4, 16)  # N * C = 128 statistics entries; x has 2048 elements
-
-CASES = [
-    ("batch_norm", F.batch_norm, {}),
-    ("ghost_norm", F.ghost_norm, {"batch_groups": 4}),
-    ("ghost_norm_strided", F.ghost_norm, {"batch_groups": 2, "grouping": "strided"}),
-    ("group_norm", F.group_norm, {"num_groups": 4}),
-    ("seq_norm", F.seq_norm, {"channel_groups": 4, "batch_groups": 2}),
-    ("seq_norm_ghost_first", F.seq_norm, {"channel_groups": 4, "batch_groups": 2,
-                                          "order": "ghost_first"}),
-    ("batch_group_norm", F.batch_group_norm, {"batch_groups": 2, "channel_groups": 4}),
-    ("heterologous_norm", F.heterologous_norm, {}),
-    ("heterologous_norm_groups", F.heterologous_norm, {"mean_set": "group", "mean_groups": 4,
-                                                       "std_set": "extended", "std_groups": 2}),
-    ("gn_plus_gn_first", F.gn_plus, {"num_groups": 4, "variant": "gn_first"}),
-    ("gn_plus_bn_first", F.gn_plus, {"num_groups": 4, "variant": "bn_first"}),
-    ("gn_plus_parallel", F.gn_plus, {"num_groups": 4, "variant": "parallel"}),
-    ("bgn", F.bgn, {"num_groups": 4}),
-    ("batch_norm_two_pass", F.batch_norm, {"use_fast_variance": False}),
-]
 
 _RESIDUAL = re.compile(r"^(\w+)\[([\d,]*)\]\s+(.*)$")
 
@@ -62,29 +43,26 @@ def saved_residuals(fn, *args) -> list[tuple[str, tuple[int, ...], str]]:
     return out
 
 
-def check_lean(residuals, x_size: int, nc: int) -> None:
+def check_lean(residuals, x_size: int, nc: int, kept: str = "from the argument x") -> None:
+    """One residual larger than the statistics, of x's size, its origin matching ``kept``."""
     big = [r for r in residuals if int(np.prod(r[1])) > nc]
-    assert len(big) == 1 and big[0][2] == "from the argument x", (
+    assert len(big) == 1 and re.fullmatch(kept, big[0][2]), (
         "the backward pass keeps more than x:\n" + "\n".join(map(str, big)))
     assert int(np.prod(big[0][1])) == x_size
 
 
-@pytest.mark.parametrize("name,fn,kw", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", cases("lean_backward"))
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_backward_keeps_only_x_and_statistics(name, fn, kw, dtype, plain_first):
+def test_backward_keeps_only_x_and_statistics(case, dtype, plain_first):
     x = jax.random.normal(jax.random.key(0), SHAPE, dtype) + 3
     c = SHAPE[-1]
-    gamma, beta = jnp.ones(c), jnp.zeros(c)
-    if name.startswith("gn_plus"):
-        f = lambda x, g, b, lam: fn(x, g, b, lam, **kw)
-        args = (x, gamma, beta, jnp.asarray(0.3))
-    else:
-        f = lambda x, g, b: fn(x, g, b, **kw)
-        args = (x, gamma, beta)
+    kw = case.training_kwargs()
+    f = lambda x, *rest: case.fn(x, *rest, **kw)  # the residuals name x by its name
+    args = case.args(x, jnp.ones(c), jnp.zeros(c))
     res = saved_residuals(f, *args)
-    check_lean(res, x.size, SHAPE[0] * c)
+    check_lean(res, x.size, SHAPE[0] * c, case.kept_input)
     # the input is kept in its own dtype (no float32 copy of a bfloat16 x)
-    kept_x = [r for r in res if r[2] == "from the argument x"]
+    kept_x = [r for r in res if re.fullmatch(case.kept_input, r[2])]
     assert kept_x[0][0] == {jnp.float32: "f32", jnp.bfloat16: "bf16"}[dtype]
 
 
