@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqnorm_jax import stats
-from seqnorm_jax.functional._call import BatchSizeError, Call, any_mesh, output, setup
+from seqnorm_jax.functional._call import BatchSizeError, Call, normalization
 from seqnorm_jax.functional._maps import batch_set, finish, finish_view, normalizer
 from seqnorm_jax.stats import Moments
 
@@ -50,14 +50,11 @@ def _channel_groups(call: Call, kind: str, groups: int, name: str) -> int | None
     return call.channel_groups(groups, None, groups_name=name)
 
 
-@any_mesh
+@normalization
 def heterologous_norm(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    call: Call, x: Array, scale: Array | None = None, bias: Array | None = None, *,
     mean_set: str = "batch", std_set: str = "extended", mean_groups: int = 1,
-    std_groups: int = 1, std_center: str = "mean_set", epsilon: float = 1e-5, axis: int = -1,
-    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
-    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
-    mask=None,
+    std_groups: int = 1, std_center: str = "mean_set",
 ):
     """Heterologous Normalization (paper 003): mean and std from different pixel sets.
 
@@ -75,10 +72,6 @@ def heterologous_norm(
     the batch are pooled from them at use time, so inference is one fixed affine
     map per channel (foldable into the previous convolution).
     """
-    call = setup("heterologous_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
     mean_kind = NORM_SETS[call.choice(mean_set, NORM_SETS, "mean_set")]
     std_kind = NORM_SETS[call.choice(std_set, NORM_SETS, "std_set")]
     call.choice(std_center, STD_CENTERS, "std_center")
@@ -86,7 +79,7 @@ def heterologous_norm(
     sg = _channel_groups(call, std_set, std_groups, "std_groups")
     for name, kind, g in ((mean_set, mean_kind, mg), (std_set, std_kind, sg)):
         if not kind.over_batch or call.training:
-            samples = call.n if kind.over_batch and axis_name is None else 1
+            samples = call.n if kind.over_batch and call.axis_name is None else 1
             call.check_set_size(
                 samples, 1 if g is None else call.c // g, f"{name!r}",
                 BatchSizeError if kind.over_batch else ValueError,
@@ -96,10 +89,10 @@ def heterologous_norm(
     if (mean_kind.over_batch and std_kind.over_batch and around_mean
             and call.whole_local_batch and (call.training or call.plain_inference)):
         # Both sets pool the batch: everything follows from per-channel statistics.
-        return output(*_batch_sets_norm(call, x, scale, bias, mg, sg), return_stats)
+        return _batch_sets_norm(call, x, scale, bias, mg, sg)
 
-    k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,
-                                      mask=mask)
+    k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=call.use_fast_variance,
+                                      mask=call.mask)
     w = call.weight
     # Per-channel batch moments in training, running ones (blended) in inference; the
     # mean relative to k, so that a batch mean set loses no digits.
@@ -128,15 +121,15 @@ def heterologous_norm(
         # batch moments above already hold the whole set, with no second cross-device
         # reduction.)
         var = stats.pool(m, batch_groups=1, channel_groups=sg, center=center,
-                         axis_name=axis_name, axis_index_groups=axis_index_groups,
+                         axis_name=call.axis_name, axis_index_groups=call.axis_index_groups,
                          weight=w, offset=k).var
     else:
         if center is not None and offset is None:
             center = center + k  # the frame of the per-channel (absolute) moments
         var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center,
                          weight=weight, offset=offset).var
-    y = finish(call, x, normalizer(Moments(mean, var), epsilon), k, scale, bias)
-    return output(y, update, return_stats)
+    y = finish(call, x, normalizer(Moments(mean, var), call.epsilon), k, scale, bias)
+    return y, update
 
 
 def _batch_sets_norm(call: Call, x: Array, scale, bias, mean_groups: int | None,

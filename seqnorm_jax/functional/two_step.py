@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from seqnorm_jax import stats
-from seqnorm_jax.functional._call import (GHOST_FIX, GN_FIX, BatchSizeError, any_mesh, output,
-                                          setup)
+from seqnorm_jax.functional._call import GHOST_FIX, GN_FIX, BatchSizeError, Call, normalization
 from seqnorm_jax.functional._maps import (affine_map, batch_set, blend, compose, finish,
                                           finish_view, fused_two_steps, inference_two_steps,
                                           normalizer, sample_set, two_steps)
@@ -25,18 +24,18 @@ from seqnorm_jax.stats import GROUPINGS, Moments
 Array = jax.Array
 
 SEQ_NORM_ORDERS = ("group_first", "ghost_first")
+# SeqNorm's group step without channel_groups or channel_group_size: one group of every
+# channel (the ghost step's default is the library's, one sample group: the whole batch).
+SEQ_NORM_CHANNEL_GROUPS = 1
 GN_PLUS_VARIANTS = ("gn_first", "bn_first", "parallel")
 
 
-@any_mesh
+@normalization
 def seq_norm(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    call: Call, x: Array, scale: Array | None = None, bias: Array | None = None, *,
     channel_groups: int | None = None, channel_group_size: int | None = None,
     batch_groups: int | None = None, ghost_size: int | None = None,
-    order: str = "group_first", grouping: str = "contiguous", epsilon: float = 1e-5,
-    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
-    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
-    mask=None,
+    order: str = "group_first", grouping: str = "contiguous",
 ):
     """SeqNorm (papers 000/001): GroupNorm without affine, then GhostNorm, one gamma/beta.
 
@@ -45,65 +44,60 @@ def seq_norm(
     inference the group step is computed from the example and the ghost step
     uses the running statistics. Both steps use ``epsilon``.
     """
-    call = setup("seq_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
     group_first = call.choice(order, SEQ_NORM_ORDERS, "order") == "group_first"
     call.choice(grouping, GROUPINGS, "grouping")
-    g_c = call.channel_groups(channel_groups, channel_group_size, default=1)
+    g_c = call.channel_groups(channel_groups, channel_group_size,
+                              default=SEQ_NORM_CHANNEL_GROUPS)
     call.check_set_size(1, call.c // g_c, "sample's channel group",
                         fix="Use fewer channel_groups (a larger channel_group_size).",
                         per_sample=True)
     g_m = 1
     if call.training:
         g_m = call.batch_groups(batch_groups, ghost_size)
-        if axis_name is None:
+        if call.axis_name is None:
             call.check_set_size(call.n // g_m, 1, "ghost batch's", BatchSizeError, GHOST_FIX)
 
     if call.dense and call.mask is None and call.plain_inference:
         view = stats.GroupView(x.shape, call.axis, None, g_c)
         k, f1, f2 = inference_two_steps(call, x, view, group_first)
-        return output(finish_view(call, x, view, f1, k, scale, bias, f2), None, return_stats)
+        return finish_view(call, x, view, f1, k, scale, bias, f2), None
     if call.dense and call.training and call.whole_local_batch:
         view = stats.GroupView(x.shape, call.axis, g_m, g_c, grouping)
         if stats.pooling.spanning_blocks(x, g_m, grouping) == 1:
             y, k, st1, st2 = fused_two_steps(
                 call, x, view, (scale, bias), not group_first,
-                lambda m, p: affine_map(view, normalizer(m, epsilon), p))
+                lambda m, p: affine_map(view, normalizer(m, call.epsilon), p))
         else:  # ghost batches across devices: statistics merged from blocks (over_blocks)
             k, f1, st1, st2 = two_steps(call, x, view, first_over_batch=not group_first)
-            y = finish_view(call, x, view, f1, k, scale, bias, normalizer(st2, epsilon))
+            y = finish_view(call, x, view, f1, k, scale, bias, normalizer(st2, call.epsilon))
         ghost_stats = st2 if group_first else Moments(k + st1.mean, st1.var)
         update = Moments(view.per_channel(ghost_stats.mean), view.per_channel(ghost_stats.var))
-        return output(y, update, return_stats)
+        return y, update
 
-    k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,
-                                      mask=mask)
+    k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=call.use_fast_variance,
+                                      mask=call.mask)
     ghost = lambda mm, center=None: batch_set(call, mm, batch_groups=g_m, channel_groups=None,
                                               grouping=grouping, k=center, offset=center)
     group = lambda mm, center=None: sample_set(mm, g_c, call.weight, center, offset=center)
     # m holds the moments of x - k: the first step's statistics are relative to k, and
     # the second step's input (the first step's output) is centered already.
     if group_first:
-        f1 = normalizer(group(m, k), epsilon)
+        f1 = normalizer(group(m, k), call.epsilon)
         st2, update = ghost(stats.map_moments(m, *f1))
-        f2 = normalizer(st2, epsilon)
+        f2 = normalizer(st2, call.epsilon)
     else:
         st1, update = ghost(m, k)
-        f1 = normalizer(st1, epsilon)
-        f2 = normalizer(group(stats.map_moments(m, *f1)), epsilon)
+        f1 = normalizer(st1, call.epsilon)
+        f2 = normalizer(group(stats.map_moments(m, *f1)), call.epsilon)
     y = finish(call, x, compose(f1, f2), k, scale, bias)
-    return output(y, update, return_stats)
+    return y, update
 
 
-@any_mesh
+@normalization
 def gn_plus(
-    x: Array, scale: Array | None = None, bias: Array | None = None,
+    call: Call, x: Array, scale: Array | None = None, bias: Array | None = None,
     mixing: Array | float = 1.0, *, num_groups: int | None = 32, group_size: int | None = None,
-    variant: str = "gn_first", epsilon: float = 1e-5, axis: int = -1, running_mean=None,
-    running_var=None, example_weight=0.0, axis_name=None, axis_index_groups=None,
-    use_fast_variance: bool = True, dtype=None, return_stats=False, mask=None,
+    variant: str = "gn_first",
 ):
     """GN+ (paper 004): GroupNorm and BatchNorm outputs mixed by ``S = sigmoid(mixing)``.
 
@@ -117,15 +111,11 @@ def gn_plus(
     normalizes over the batch axis only with the unbiased std plus eps and keeps
     no running statistics (its evaluation output depends on the batch).
     """
-    call = setup("gn_plus", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
     call.choice(variant, GN_PLUS_VARIANTS, "variant")
     g = call.channel_groups(num_groups, group_size, groups_name="num_groups",
                             size_name="group_size")
     call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX, per_sample=True)
-    if call.training and axis_name is None:
+    if call.training and call.axis_name is None:
         call.check_set_size(call.n, 1, "batch", BatchSizeError)
     gn_first = variant == "gn_first"
 
@@ -138,15 +128,14 @@ def gn_plus(
         view = stats.GroupView(x.shape, call.axis, None, g)
         k, f1, (a2, b2) = inference_two_steps(call, x, view, gn_first)
         s = jax.nn.sigmoid(jnp.asarray(mixing, a2.dtype))
-        return output(finish_view(call, x, view, f1, k, scale, bias, mixed(s, a2, b2)), None,
-                      return_stats)
+        return finish_view(call, x, view, f1, k, scale, bias, mixed(s, a2, b2)), None
     if (call.dense and call.training and call.whole_local_batch
             and variant != "parallel"):
         view = stats.GroupView(x.shape, call.axis, 1, g)
         if stats.pooling.spanning_blocks(x, 1) == 1:
             def second(m, p):
                 s = jax.nn.sigmoid(jnp.asarray(p[2], m.mean.dtype))
-                return affine_map(view, mixed(s, *normalizer(m, epsilon)), p[:2])
+                return affine_map(view, mixed(s, *normalizer(m, call.epsilon)), p[:2])
 
             y, k, st1, st2 = fused_two_steps(call, x, view, (scale, bias, jnp.asarray(mixing)),
                                              not gn_first, second)
@@ -154,23 +143,23 @@ def gn_plus(
             k, f1, st1, st2 = two_steps(call, x, view, first_over_batch=not gn_first)
             s = jax.nn.sigmoid(jnp.asarray(mixing, st1.mean.dtype))
             y = finish_view(call, x, view, f1, k, scale, bias,
-                            mixed(s, *normalizer(st2, epsilon)))
+                            mixed(s, *normalizer(st2, call.epsilon)))
         bn_stats = st2 if gn_first else Moments(k + st1.mean, st1.var)
         update = Moments(view.per_channel(bn_stats.mean), view.per_channel(bn_stats.var))
-        return output(y, update, return_stats)
+        return y, update
 
-    k, mc = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,
-                                       mask=mask)  # the moments of x - k
+    k, mc = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=call.use_fast_variance,
+                                       mask=call.mask)  # the moments of x - k
     s = jax.nn.sigmoid(jnp.asarray(mixing, mc.mean.dtype))
 
     # Statistics of x are taken relative to k; those of a normalized x around 0.
     def bn(mm, center=None):
         st, update = batch_set(call, mm, batch_groups=1, channel_groups=None, k=center,
                                offset=center)
-        return normalizer(st, epsilon), update
+        return normalizer(st, call.epsilon), update
 
     gn = lambda mm, center=None: normalizer(sample_set(mm, g, call.weight, center,
-                                                       offset=center), epsilon)
+                                                       offset=center), call.epsilon)
     if variant == "gn_first":
         f_gn = gn(mc, k)
         f_bn, update = bn(stats.map_moments(mc, *f_gn))
@@ -182,4 +171,4 @@ def gn_plus(
         f_bn, update = bn(mc, k)
         ab = blend(s, gn(mc, k), f_bn)
     y = finish(call, x, ab, k, scale, bias)
-    return output(y, update, return_stats)
+    return y, update
