@@ -37,17 +37,17 @@ def _batch_groups_norm(call: Call, x: Array, scale, bias, *, batch_groups: int |
                                 GHOST_FIX if g_c == c else GROUP_FIX)
     else:
         g_m = 1  # unused in inference: any batch size works
-    if call.training and call.whole_local_batch and (g_c == c or call.dense):
-        # Straight to the (G_M, G_C) group statistics: one reduction of x, and no
-        # per-sample moments (on dense inputs those would be as large as x). Channel
-        # groups of feature maps go through per-sample moments instead: XLA:CPU's
-        # backward of a reduction over a split channel axis is 2-5x slower.
-        view = stats.GroupView(x.shape, call.axis, g_m, g_c, grouping)
+    plan = stats.plan(x, axis=call.axis, family="batch", training=call.training,
+                      plain_inference=call.plain_inference, masked=call.mask is not None,
+                      axis_name=call.axis_name, batch_groups=g_m,
+                      channel_groups=None if g_c == c else g_c, grouping=grouping)
+    if plan.regime == "view":  # straight to the (G_M, G_C) group statistics
+        view = plan.view
         k, st = stats.group_moments(x, view, use_fast_variance=call.use_fast_variance)
         y = finish_view(call, x, view, normalizer(st, call.epsilon), k, scale, bias)
         update = Moments(view.per_channel(k + st.mean), view.per_channel(st.var))
         return y, update
-    if call.plain_inference:  # one multiply-add pass, no reduction over x
+    if plan.regime == "running":  # one multiply-add pass, no reduction over x
         m, k = None, lax.stop_gradient(call.running.mean)
     else:
         k, m = stats.sample_moments_about(x, axis=call.axis,

@@ -51,10 +51,13 @@ def group_norm(
                             size_name="group_size")
     if axis_name is None:
         call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX, per_sample=True)
-    if call.whole_local_batch and call.dense:
+    plan = stats.plan(x, axis=call.axis, family="sample", training=True,
+                      plain_inference=False, masked=mask is not None, axis_name=axis_name,
+                      channel_groups=g)
+    if plan.regime == "view":
         # Dense: straight to the (N, G) statistics (per-sample moments would be x itself),
         # gamma and beta as a second map (folded, the map would be as large as x).
-        view = stats.GroupView(x.shape, call.axis, None, g)
+        view = plan.view
         return fused(call, x, view, (scale, bias), lambda m, p: normalizer(m, epsilon),
                      lambda m, p: affine_map(view, None, p), view.reduce)[0]
     k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,
