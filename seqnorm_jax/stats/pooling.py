@@ -202,19 +202,13 @@ def pool_with_target(
 
 @dataclasses.dataclass(frozen=True)
 class PoolPlan:
-    """How :func:`pool` reduces a batch to its sample groups (:func:`pool_plan`).
-
-    Attributes:
-      regime: ``"local"`` (every group on this device, or a batch this process sees
-        whole), ``"blocks"`` (under ``jax.jit``, groups that span the devices of a sharded
-        batch: per-device blocks merged from one all-reduce, :func:`merge_blocks`),
-        ``"shards"`` (inside ``shard_map``, groups within each device's shard: local, and
-        the running-statistics target averaged over the devices) or ``"spanning"`` (inside
-        ``shard_map``, groups that span shards: every group gathered from one all-reduce).
-      groups: the sample groups reduced on this device (all of them for ``"spanning"``).
-      blocks: blocks per group, each within a device's shard (1: a group lies in one).
-      devices, position, members: the device sub-group (:func:`_device_group`).
-    """
+    """How :func:`pool` reduces a batch to its sample groups (:func:`pool_plan`): the
+    ``regime`` ``"local"`` (one device, or a batch seen whole), ``"blocks"`` (under
+    ``jax.jit``, groups spanning a sharded batch's devices: :func:`merge_blocks`),
+    ``"shards"`` (``shard_map``, groups within shards; the target averaged over devices)
+    or ``"spanning"`` (``shard_map``, every group gathered from one all-reduce); the
+    ``groups`` reduced here (all for ``"spanning"``), ``blocks`` per group (1: within one
+    device) and the device sub-group (:func:`_device_group`)."""
 
     regime: str
     groups: int
@@ -246,11 +240,9 @@ def _pool(m: Moments, *, batch_groups: int | None, channel_groups: int | None,
           axis_name: str | None = None, axis_index_groups: Any = None,
           weight: Array | None = None, relative_to: Array | None = None,
           offset: Array | None = None, with_target: bool = False):
-    """:func:`pool` / :func:`pool_with_target`: ``(pooled, target or None)``.
-
-    Each group's statistics as ``(ref, delta, var)`` (:func:`_merge`) of shape
-    ``(G, 1, G_C, 1)`` by the plan's regime, then broadcast back to ``(N, C)``, and the
-    target averaged over the groups (and over the devices, for groups within shards)."""
+    """:func:`pool` / :func:`pool_with_target`: ``(pooled, target or None)``. Each group's
+    ``(ref, delta, var)`` (:func:`_merge`, shape ``(G, 1, G_C, 1)``) by the plan's regime,
+    broadcast back to ``(N, C)``; the target averaged over groups (and devices: shards)."""
     checks.choice(grouping, GROUPINGS, "grouping")
     n, c = m.mean.shape
     g_c = c if channel_groups is None else channel_groups
