@@ -30,13 +30,14 @@ statistics to the entries it marks. Differences from flax:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import initializers
 
+from seqnorm_jax import checks
 from seqnorm_jax import functional as F
 from seqnorm_jax import layers_common as common
 from seqnorm_jax.stats import Moments
@@ -99,10 +100,17 @@ class _BatchNormFields(nn.Module):
 class _RunningNorm(_BatchNormFields):
     """Base of the layers that keep running statistics; see the module docstring.
 
-    Each subclass defines ``_norm(training)``: its pure function with its own fields
-    bound (a binder of :mod:`seqnorm_jax.layers_common`); it may create the layer's
-    own parameters.
+    Each subclass names its pure function (``function``, a key of
+    :data:`seqnorm_jax.functional.FUNCTIONS`), which gets the layer's fields by name
+    (:func:`seqnorm_jax.layers_common.arguments`); ``_given(training)`` returns what is
+    not a field (GN+'s ``lambda``, the noise key) and may create the layer's own
+    parameters.
     """
+
+    function: ClassVar[str] = "batch_norm"
+
+    def _given(self, training: bool) -> dict[str, Any]:
+        return {}
 
     @nn.compact
     def __call__(
@@ -131,18 +139,17 @@ class _RunningNorm(_BatchNormFields):
         """
         who = type(self).__name__
         _check_float32_reductions(self)
-        settings = common.Settings.of(who, self)
         use_ra = common.check_mode(who, nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average))
         c = common.num_features(x, self.axis)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
         scale, bias = _params(self, c)
-        norm = self._norm(training=not use_ra)
         y, new = common.normalize(
-            who, norm, settings, x, scale, bias, Moments(ra_mean.value, ra_var.value),
-            use_running_average=use_ra, mask=mask, example_weight=example_weight,
-            initializing=self.is_initializing(),
+            self, F.FUNCTIONS[self.function], x, scale, bias,
+            Moments(ra_mean.value, ra_var.value), use_running_average=use_ra, mask=mask,
+            example_weight=example_weight, initializing=self.is_initializing(),
+            **self._given(not use_ra),
         )
         if new is not None:
             ra_mean.value, ra_var.value = new
@@ -154,9 +161,6 @@ class BatchNorm(_RunningNorm):
 
     Statistics per channel over the batch and spatial axes.
     """
-
-    def _norm(self, training):
-        return common.batch_norm(self)
 
 
 class GhostNorm(_RunningNorm):
@@ -176,12 +180,11 @@ class GhostNorm(_RunningNorm):
     Keras and PyTorch implementations differ).
     """
 
+    function: ClassVar[str] = "ghost_norm"
+
     batch_groups: int | None = None
     ghost_size: int | None = None
     grouping: str = "contiguous"
-
-    def _norm(self, training):
-        return common.ghost_norm(self)
 
 
 class BatchGroupNorm(_RunningNorm):
@@ -197,14 +200,13 @@ class BatchGroupNorm(_RunningNorm):
       grouping: ``"contiguous"`` or ``"strided"`` sample groups.
     """
 
+    function: ClassVar[str] = "batch_group_norm"
+
     batch_groups: int | None = None
     ghost_size: int | None = None
     channel_groups: int | None = None
     channel_group_size: int | None = None
     grouping: str = "contiguous"
-
-    def _norm(self, training):
-        return common.batch_group_norm(self)
 
 
 class SeqNorm(_RunningNorm):
@@ -221,15 +223,14 @@ class SeqNorm(_RunningNorm):
     step's input.
     """
 
+    function: ClassVar[str] = "seq_norm"
+
     channel_groups: int | None = None
     channel_group_size: int | None = None
     batch_groups: int | None = None
     ghost_size: int | None = None
     order: str = "group_first"
     grouping: str = "contiguous"
-
-    def _norm(self, training):
-        return common.seq_norm(self)
 
 
 class HeterologousNorm(_RunningNorm):
@@ -247,14 +248,13 @@ class HeterologousNorm(_RunningNorm):
     Running statistics: per-channel batch mean and variance, pooled at use time.
     """
 
+    function: ClassVar[str] = "heterologous_norm"
+
     mean_set: str = "batch"
     std_set: str = "extended"
     mean_groups: int = 1
     std_groups: int = 1
     std_center: str = "mean_set"
-
-    def _norm(self, training):
-        return common.heterologous_norm(self)
 
 
 class GNPlus(_RunningNorm):
@@ -269,14 +269,16 @@ class GNPlus(_RunningNorm):
     Running statistics are those of the BN part's input.
     """
 
+    function: ClassVar[str] = "gn_plus"
+
     num_groups: int | None = 32
     group_size: int | None = None
     variant: str = "gn_first"
     lambda_init: float = 1.0
 
-    def _norm(self, training):
+    def _given(self, training):
         lam = self.param("lambda", initializers.constant(self.lambda_init), (), self.param_dtype)
-        return common.gn_plus(self, lam)
+        return {"mixing": lam}
 
 
 class BGN(_RunningNorm):
@@ -288,11 +290,10 @@ class BGN(_RunningNorm):
         a ``group_size`` overrides ``num_groups``).
     """
 
+    function: ClassVar[str] = "bgn"
+
     num_groups: int | None = 1
     group_size: int | None = None
-
-    def _norm(self, training):
-        return common.bgn(self)
 
 
 class NoisyBatchNorm(_RunningNorm):
@@ -304,10 +305,12 @@ class NoisyBatchNorm(_RunningNorm):
         ``rngs={"noise": key}`` to ``apply`` in training.
     """
 
+    function: ClassVar[str] = "noisy_batch_norm"
+
     noise_std: float = 3e-4
     rng_collection: str = "noise"
 
-    def _norm(self, training):
+    def _given(self, training):
         rng = None
         if training and self.noise_std and not self.is_initializing():
             if not self.has_rng(self.rng_collection):
@@ -315,7 +318,7 @@ class NoisyBatchNorm(_RunningNorm):
                     "NoisyBatchNorm", self.noise_std,
                     f"pass rngs={{'{self.rng_collection}': key}} to apply")
             rng = self.make_rng(self.rng_collection)
-        return common.noisy_batch_norm(self, rng)
+        return {"rng": rng}
 
 
 class GroupNorm(nn.Module):
@@ -355,15 +358,10 @@ class GroupNorm(nn.Module):
         """Group-normalize ``x`` (features on the last axis); ``mask`` as in flax."""
         who = type(self).__name__
         _check_float32_reductions(self)
-        common.check_epsilon(who, self.epsilon)
-        common.check_example_weight(who, example_weight, training=False)
+        checks.example_weight(example_weight, who)  # accepted, changes nothing
         scale, bias = _params(self, x.shape[-1])
-        return F.group_norm(
-            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
-            epsilon=self.epsilon, reduction_axes=self.reduction_axes, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance,
-            dtype=self.dtype, mask=mask,
-        )
+        return F.group_norm.named(who)(x, scale, bias,
+                                       **common.arguments(self, F.group_norm, mask=mask))
 
 
 class Identity(_BatchNormFields):

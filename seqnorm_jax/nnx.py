@@ -33,13 +33,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import initializers
 
+from seqnorm_jax import checks
 from seqnorm_jax import functional as F
 from seqnorm_jax import layers_common as common
 from seqnorm_jax.stats import Moments
@@ -94,9 +95,11 @@ def _mode(who: str, call: bool | None, attribute: bool | None) -> bool:
 class _RunningNorm(nnx.Module):
     """Base of the layers with running statistics: ``flax.nnx.BatchNorm``'s interface.
 
-    Each subclass defines ``_norm(training, rngs)``: its pure function with its own
-    settings bound (a binder of :mod:`seqnorm_jax.layers_common`); ``rngs`` is the
-    call's noise key source (``NoisyBatchNorm`` only).
+    Each subclass names its pure function (``function``, a key of
+    :data:`seqnorm_jax.functional.FUNCTIONS`), which gets the layer's attributes by name
+    (:func:`seqnorm_jax.layers_common.arguments`); ``_given(training, rngs)`` returns what
+    is not an attribute (GN+'s ``lambda_``, the noise key drawn from ``rngs``, the call's
+    key source).
 
     Args:
       num_features: the number of channels ``C``.
@@ -117,6 +120,11 @@ class _RunningNorm(nnx.Module):
       rngs: the ``nnx.Rngs`` that key the initializers.
       bias_metadata / scale_metadata: metadata of the ``nnx.Param``s.
     """
+
+    function: ClassVar[str] = "batch_norm"
+
+    def _given(self, training: bool, rngs) -> dict[str, Any]:
+        return {}
 
     def __init__(
         self,
@@ -141,9 +149,9 @@ class _RunningNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = _EMPTY,
     ):
         who = type(self).__name__
-        common.check_momentum(who, momentum)
-        common.check_epsilon(who, epsilon)
-        common.check_example_weight(who, example_weight, training=False)
+        checks.momentum(momentum, who)  # checked when called too; here, early
+        checks.epsilon(epsilon, who)
+        checks.example_weight(example_weight, who)
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
@@ -192,9 +200,9 @@ class _RunningNorm(nnx.Module):
         use_ra = _mode(who, use_running_average, self.use_running_average)
         weight = self.example_weight if example_weight is None else example_weight
         y, new = common.normalize(
-            who, self._norm(not use_ra, rngs), common.Settings.of(who, self), x,
-            _value(self.scale), _value(self.bias), Moments(self.mean[...], self.var[...]),
-            use_running_average=use_ra, mask=mask, example_weight=weight,
+            self, F.FUNCTIONS[self.function], x, _value(self.scale), _value(self.bias),
+            Moments(self.mean[...], self.var[...]), use_running_average=use_ra, mask=mask,
+            example_weight=weight, **self._given(not use_ra, rngs),
         )
         if new is not None:  # statistics, not a path for gradients (as flax.nnx.BatchNorm)
             self.mean[...], self.var[...] = jax.lax.stop_gradient(new)
@@ -211,15 +219,12 @@ class _RunningNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
         if example_weight is not None:
-            common.check_example_weight(type(self).__name__, example_weight, training=False)
+            checks.example_weight(example_weight, type(self).__name__)
             self.example_weight = example_weight
 
 
 class BatchNorm(_RunningNorm):
     """BatchNorm, equal to ``flax.nnx.BatchNorm`` to float32 rounding."""
-
-    def _norm(self, training, rngs):
-        return common.batch_norm(self)
 
 
 class GhostNorm(_RunningNorm):
@@ -231,15 +236,14 @@ class GhostNorm(_RunningNorm):
       **kwargs: the keywords of :class:`_RunningNorm` (``flax.nnx.BatchNorm``'s).
     """
 
+    function: ClassVar[str] = "ghost_norm"
+
     def __init__(self, num_features: int, *, batch_groups: int | None = None,
                  ghost_size: int | None = None, grouping: str = "contiguous", **kwargs):
         super().__init__(num_features, **kwargs)
         self.batch_groups = batch_groups
         self.ghost_size = ghost_size
         self.grouping = grouping
-
-    def _norm(self, training, rngs):
-        return common.ghost_norm(self)
 
 
 class BatchGroupNorm(_RunningNorm):
@@ -252,6 +256,8 @@ class BatchGroupNorm(_RunningNorm):
       **kwargs: the keywords of :class:`_RunningNorm` (``flax.nnx.BatchNorm``'s).
     """
 
+    function: ClassVar[str] = "batch_group_norm"
+
     def __init__(self, num_features: int, *, batch_groups: int | None = None,
                  ghost_size: int | None = None, channel_groups: int | None = None,
                  channel_group_size: int | None = None, grouping: str = "contiguous",
@@ -262,9 +268,6 @@ class BatchGroupNorm(_RunningNorm):
         self.channel_groups = channel_groups
         self.channel_group_size = channel_group_size
         self.grouping = grouping
-
-    def _norm(self, training, rngs):
-        return common.batch_group_norm(self)
 
 
 class SeqNorm(_RunningNorm):
@@ -278,6 +281,8 @@ class SeqNorm(_RunningNorm):
       **kwargs: the keywords of :class:`_RunningNorm` (``flax.nnx.BatchNorm``'s).
     """
 
+    function: ClassVar[str] = "seq_norm"
+
     def __init__(self, num_features: int, *, channel_groups: int | None = None,
                  channel_group_size: int | None = None, batch_groups: int | None = None,
                  ghost_size: int | None = None, order: str = "group_first",
@@ -290,9 +295,6 @@ class SeqNorm(_RunningNorm):
         self.order = order
         self.grouping = grouping
 
-    def _norm(self, training, rngs):
-        return common.seq_norm(self)
-
 
 class HeterologousNorm(_RunningNorm):
     """Heterologous Normalization (see :class:`seqnorm_jax.linen.HeterologousNorm`).
@@ -304,6 +306,8 @@ class HeterologousNorm(_RunningNorm):
       **kwargs: the keywords of :class:`_RunningNorm` (``flax.nnx.BatchNorm``'s).
     """
 
+    function: ClassVar[str] = "heterologous_norm"
+
     def __init__(self, num_features: int, *, mean_set: str = "batch",
                  std_set: str = "extended", mean_groups: int = 1, std_groups: int = 1,
                  std_center: str = "mean_set", **kwargs):
@@ -313,9 +317,6 @@ class HeterologousNorm(_RunningNorm):
         self.mean_groups = mean_groups
         self.std_groups = std_groups
         self.std_center = std_center
-
-    def _norm(self, training, rngs):
-        return common.heterologous_norm(self)
 
 
 class GNPlus(_RunningNorm):
@@ -329,6 +330,8 @@ class GNPlus(_RunningNorm):
       **kwargs: the keywords of :class:`_RunningNorm` (``flax.nnx.BatchNorm``'s).
     """
 
+    function: ClassVar[str] = "gn_plus"
+
     def __init__(self, num_features: int, *, num_groups: int | None = 32,
                  group_size: int | None = None, variant: str = "gn_first",
                  lambda_init: float = 1.0, **kwargs):
@@ -339,8 +342,8 @@ class GNPlus(_RunningNorm):
         self.lambda_init = lambda_init
         self.lambda_ = nnx.Param(jnp.full((), lambda_init, self.param_dtype))
 
-    def _norm(self, training, rngs):
-        return common.gn_plus(self, self.lambda_[...])
+    def _given(self, training, rngs):
+        return {"mixing": self.lambda_[...]}
 
 
 class BGN(_RunningNorm):
@@ -351,14 +354,13 @@ class BGN(_RunningNorm):
       **kwargs: the keywords of :class:`_RunningNorm` (``flax.nnx.BatchNorm``'s).
     """
 
+    function: ClassVar[str] = "bgn"
+
     def __init__(self, num_features: int, *, num_groups: int | None = 1,
                  group_size: int | None = None, **kwargs):
         super().__init__(num_features, **kwargs)
         self.num_groups = num_groups
         self.group_size = group_size
-
-    def _norm(self, training, rngs):
-        return common.bgn(self)
 
 
 class NoisyBatchNorm(_RunningNorm):
@@ -374,6 +376,8 @@ class NoisyBatchNorm(_RunningNorm):
       **kwargs: the keywords of :class:`_RunningNorm` (``flax.nnx.BatchNorm``'s).
     """
 
+    function: ClassVar[str] = "noisy_batch_norm"
+
     def __init__(self, num_features: int, *, noise_std: float = 3e-4,
                  rng_collection: str = "noise", rngs: nnx.Rngs, **kwargs):
         super().__init__(num_features, rngs=rngs, **kwargs)
@@ -388,7 +392,7 @@ class NoisyBatchNorm(_RunningNorm):
         this call's noise instead of the layer's own stream."""
         return self._apply(x, use_running_average, mask, example_weight, rngs)
 
-    def _norm(self, training, rngs):
+    def _given(self, training, rngs):
         key = None
         if training and self.noise_std:
             source = rngs if rngs is not None else self.rngs
@@ -402,7 +406,7 @@ class NoisyBatchNorm(_RunningNorm):
                 raise common.noise_rng_error(
                     "NoisyBatchNorm", self.noise_std,
                     f"pass rngs= (a key or nnx.Rngs) to the call, got {type(source).__name__}")
-        return common.noisy_batch_norm(self, key)
+        return {"rng": key}
 
 
 class GroupNorm(nnx.Module):
@@ -446,7 +450,7 @@ class GroupNorm(nnx.Module):
         use_running_average: bool | None = None,
     ):
         who = type(self).__name__
-        common.check_epsilon(who, epsilon)
+        checks.epsilon(epsilon, who)  # checked when called too; here, early
         groups = F.resolve_groups(
             num_features, num_groups, group_size, who=who, groups_name="num_groups",
             size_name="group_size", what=f"number of features, num_features={num_features}")
@@ -471,15 +475,11 @@ class GroupNorm(nnx.Module):
                  mask: Array | None = None, example_weight: float | Array | None = None
                  ) -> Array:
         """Group-normalize ``x`` (features on the last axis); ``mask`` as in flax."""
-        common.check_example_weight(type(self).__name__,
-                                     0.0 if example_weight is None else example_weight,
-                                     training=False)
-        return F.group_norm(
-            x, _value(self.scale), _value(self.bias), num_groups=self.num_groups,
-            epsilon=self.epsilon, reduction_axes=self.reduction_axes, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, use_fast_variance=self.use_fast_variance,
-            dtype=self.dtype, mask=mask,
-        )
+        who = type(self).__name__
+        checks.example_weight(0.0 if example_weight is None else example_weight, who)
+        return F.group_norm.named(who)(
+            x, _value(self.scale), _value(self.bias),
+            **common.arguments(self, F.group_norm, mask=mask, group_size=None))
 
     def set_view(self, use_running_average: bool | None = None):
         """Class method used by ``nnx.view``; GroupNorm has no running statistics, so

@@ -30,6 +30,9 @@ from flax import nnx as fnnx
 from seqnorm_jax import checks
 from seqnorm_jax import linen as snl
 from seqnorm_jax import nnx as snx
+from seqnorm_jax.functional._call import BATCH_GROUPS
+from seqnorm_jax.functional.two_step import SEQ_NORM_CHANNEL_GROUPS
+from seqnorm_jax.layers_common import RULES
 
 __all__ = [
     "NormLayer",
@@ -84,29 +87,32 @@ class NormLayer:
 # ----------------------------------------------------------------------------
 
 
-def _groups(layer: Any, s: Sizes, what: str, groups: str, size: str, default: int) -> int:
+def _groups(layer: Any, s: Sizes, what: str, groups: str, size: str,
+            default: int | None) -> int:
+    """The layer's number of groups of the batch or the channels; ``default`` (None: one
+    channel per group) when it gives neither a count nor a size, as its pure function."""
     total = s.n if what == "batch" else s.c
     count = getattr(layer, groups, None)
     by_size = getattr(layer, size, None)
-    if by_size is not None and groups in ("num_groups",):
-        count = None  # a group_size overrides the default num_groups (flax's rule)
+    if groups in RULES:  # a group_size overrides the default num_groups, as in the layers
+        count = RULES[groups](count, {size: by_size})
     return checks.resolve_groups(
         total, count, by_size, who=type(layer).__name__, groups_name=groups, size_name=size,
         what=f"{'batch size' if what == 'batch' else 'number of channels'} of the input "
-             f"(shape {s.shape})", default=default)
+             f"(shape {s.shape})", default=s.c if default is None else default)
 
 
 def _ghost(layer: Any, s: Sizes) -> int:
-    return s.n // _groups(layer, s, "batch", "batch_groups", "ghost_size", 1)
+    return s.n // _groups(layer, s, "batch", "batch_groups", "ghost_size", BATCH_GROUPS)
 
 
-def _channel_group(layer: Any, s: Sizes, default: int) -> int:
+def _channel_group(layer: Any, s: Sizes, default: int | None) -> int:
     return s.c // _groups(layer, s, "channels", "channel_groups", "channel_group_size",
                           default)
 
 
 def _num_groups(layer: Any, s: Sizes) -> int:
-    return s.c // _groups(layer, s, "channels", "num_groups", "group_size", s.c)
+    return s.c // _groups(layer, s, "channels", "num_groups", "group_size", None)
 
 
 def _batch_size(layer: Any, s: Sizes) -> int:
@@ -118,7 +124,7 @@ def _ghost_size(layer: Any, s: Sizes) -> int:
 
 
 def _batch_group_size(layer: Any, s: Sizes) -> int:
-    return _ghost(layer, s) * s.spatial * _channel_group(layer, s, s.c)
+    return _ghost(layer, s) * s.spatial * _channel_group(layer, s, None)
 
 
 def _group_size(layer: Any, s: Sizes) -> int | None:
@@ -135,7 +141,7 @@ def _seq_size(layer: Any, s: Sizes) -> int:
     # The set of the last step, whose output the layer returns (each step is
     # scale-invariant, so the first does not change the bound of the second).
     if layer.order == "ghost_first":
-        return s.spatial * _channel_group(layer, s, 1)
+        return s.spatial * _channel_group(layer, s, SEQ_NORM_CHANNEL_GROUPS)
     return _ghost(layer, s) * s.spatial
 
 

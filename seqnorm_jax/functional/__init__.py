@@ -22,9 +22,11 @@ statistics move towards (``None`` in inference mode). See
 
 Layout
 ------
-Each function checks its input and shared arguments once (:mod:`._call`), resolves
-its own groups, and then does its math: statistics from :mod:`seqnorm_jax.stats`,
-normalization maps and the final pass from :mod:`._maps`. The batch family is in
+Each function checks its input and shared arguments once (:mod:`._call`, which also
+writes the shared keywords once and gives every function its signature), resolves its
+own groups, and then does its math: statistics from :mod:`seqnorm_jax.stats`, reduced as
+the call's plan says (:func:`seqnorm_jax.stats.plan`), normalization maps and the final
+pass from :mod:`._maps`. The batch family is in
 :mod:`.batch`, GroupNorm in :mod:`.group`, SeqNorm and GN+ in :mod:`.two_step`, and
 Heterologous Normalization in :mod:`.heterologous`.
 """

@@ -1,16 +1,24 @@
 """One call of a pure function: its input's layout and its shared arguments, checked once.
 
-Every pure function starts with :func:`setup`, which checks ``x``, ``mask``, the
-running statistics and ``example_weight``, resolves the feature axis and the sizes,
-and returns a :class:`Call`. The function's own arguments (groups, order, sets) are
-resolved through the call's methods, each of which raises a ``ValueError`` naming the
-argument and its fix; then the function does its math.
+The arguments every pure function with running statistics shares (``epsilon``, ``axis``,
+the running statistics, ``example_weight``, the device axis, ``use_fast_variance``,
+``dtype``, ``return_stats``, ``mask``) are written once, in :func:`_shared`. The
+:func:`normalization` decorator gives a function its public signature (its own arguments,
+then that tail), checks them once per call (:func:`setup`: ``x``, ``mask``, the running
+statistics, ``epsilon``, ``example_weight``) into one frozen :class:`Call`, and returns
+``y`` or ``(y, update)``. The function's own arguments (groups, order, sets) are resolved
+through the call's methods, each of which raises a ``ValueError`` naming the argument and
+its fix; then the function does its math.
+
+A layer calls the same function through ``function.named(who)`` (messages name the layer)
+and passes its fields by name (:func:`keyword_names`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +36,8 @@ GHOST_FIX = "Use fewer batch_groups (a larger ghost_size) or a larger batch."
 GROUP_FIX = ("Use fewer batch_groups (a larger ghost_size) or fewer channel_groups (a larger "
              "channel_group_size), or a larger batch.")
 GN_FIX = "Use fewer num_groups (a larger group_size)."
+# Without batch_groups or ghost_size: one sample group, the whole batch (BatchNorm's).
+BATCH_GROUPS = 1
 
 
 class BatchSizeError(ValueError):
@@ -120,7 +130,8 @@ class Call:
             default=self.c if default is None else default,
         )
 
-    def batch_groups(self, groups: int | None, size: int | None, default: int = 1) -> int:
+    def batch_groups(self, groups: int | None, size: int | None,
+                     default: int = BATCH_GROUPS) -> int:
         """The number of sample groups of the (global) batch, from a count or a size.
 
         Across devices (``axis_name``) the count applies to the global batch and its
@@ -180,19 +191,38 @@ def setup(
     running_mean: Array | None = None,
     running_var: Array | None = None,
     example_weight: float | Array = 0.0,
+    caller: str | None = None,
 ) -> Call:
-    """Check a pure function's shared arguments and resolve ``x``'s layout."""
+    """Check a pure function's shared arguments and resolve ``x``'s layout: the one place
+    each of them is checked (the rules are :mod:`seqnorm_jax.checks`'). Messages name the
+    function ``who``; those about ``epsilon`` and ``example_weight``, a layer's field and
+    call argument, name the ``caller`` (a layer) when given."""
     check_input(who, x, mask)
     shape = tuple(x.shape)
     feature = stats.feature_axis(len(shape), axis)
+    running = _running(who, x, feature, running_mean, running_var)
     return Call(
-        who=who, shape=shape, axis=feature, given_axis=axis, epsilon=epsilon,
+        who=who, shape=shape, axis=feature, given_axis=axis,
+        epsilon=checks.epsilon(epsilon, caller or who),
         dtype=jnp.dtype(x.dtype if dtype is None else dtype),
         use_fast_variance=use_fast_variance, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, mask=mask,
-        running=_running(who, x, feature, running_mean, running_var),
-        example_weight=checks.example_weight(example_weight, who),
+        axis_index_groups=axis_index_groups, mask=mask, running=running,
+        example_weight=_example_weight(caller or who, example_weight,
+                                       training=running is None),
     )
+
+
+def _example_weight(who: str, alpha: Any, training: bool) -> float | Array:
+    """``example_weight`` in ``[0, 1]`` (:func:`checks.example_weight`), and only at
+    inference: in training the statistics are the batch's and there is nothing to blend."""
+    alpha = checks.example_weight(alpha, who)
+    if training and not (checks.static_number(alpha) and alpha == 0):
+        raise ValueError(
+            f"{who}: example_weight={alpha!r} applies at inference only; call with "
+            "use_running_average=True (the pure functions: give running_mean and "
+            "running_var), or leave example_weight at 0."
+        )
+    return alpha
 
 
 def check_input(who: str, x: Array, mask: Array | None) -> None:
@@ -236,6 +266,100 @@ def _running(who: str, x: Array, axis: int, running_mean, running_var) -> Moment
 def output(y: Array, update: Moments | None, return_stats: bool):
     """``y``, or ``(y, update)`` with ``return_stats``."""
     return (y, update) if return_stats else y
+
+
+# ----------------------------------------------------------------------------
+# the public signature: a function's own arguments, then the shared tail
+# ----------------------------------------------------------------------------
+
+
+def _shared(
+    *,
+    epsilon: float = 1e-5,
+    axis: int = -1,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+    example_weight: float | Array = 0.0,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    dtype: Any = None,
+    return_stats: bool = False,
+    mask: Array | None = None,
+):
+    """The keywords every pure function with running statistics takes, after its own
+    (their one definition; :func:`normalization` appends them):
+
+    Args:
+      epsilon: added to the variance before ``1/sqrt`` (> 0).
+      axis: the feature axis (the batch axis is 0).
+      running_mean, running_var: ``(C,)`` running statistics: given, the function runs
+        in inference mode (any batch size); otherwise it uses the batch's.
+      example_weight: inference only: alpha in ``[0, 1]`` of "Four Things" (0: the
+        running statistics, 1: each example's own).
+      axis_name, axis_index_groups: the device axis (inside ``shard_map``) the batch
+        statistics are pooled over, and its sub-groups (as in ``lax.psum``).
+      use_fast_variance: one-pass (shifted) variance; False: two passes.
+      dtype: the output dtype (default: the input's).
+      return_stats: also return the values the running statistics move towards
+        (``None`` in inference).
+      mask: boolean, broadcastable to ``x``: the entries the statistics are taken over.
+    """
+
+
+SHARED: dict[str, inspect.Parameter] = dict(inspect.signature(_shared).parameters)
+
+
+def keyword_names(function: Callable[..., Any]) -> tuple[str, ...]:
+    """The keyword arguments of a pure function, in its signature's order (not ``x``,
+    ``scale``, ``bias``): the names a layer binds its fields and call arguments to."""
+    return tuple(name for name in inspect.signature(function).parameters
+                 if name not in ("x", "scale", "bias"))
+
+
+def normalization(fn: Callable[..., Any] | None = None, *, shared: bool = True,
+                  rank1: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None):
+    """The public pure function of ``fn(call, x, scale, bias, *, own...) -> (y, update)``.
+
+    Its signature is ``fn``'s without ``call``, then the shared keywords of
+    :func:`_shared`; a call binds the arguments, checks the shared ones once into a
+    :class:`Call` (:func:`setup`), runs ``fn`` and returns ``y``, or ``(y, update)`` with
+    ``return_stats``. With ``shared=False``, ``fn(caller, x, ...)`` declares every
+    argument itself. ``rank1`` wraps the bound function (a rank-1 input read as one
+    sample). The result runs on ``Explicit`` mesh axes too (:func:`any_mesh`), and
+    ``result.named(caller)`` is the same function for a layer: the messages about its
+    fields ``epsilon`` and ``example_weight`` name ``caller``.
+    """
+    if fn is None:
+        return functools.partial(normalization, shared=shared, rank1=rank1)
+    who = fn.__name__
+    own = list(inspect.signature(fn).parameters.values())[1:]
+    signature = inspect.Signature(own + (list(SHARED.values()) if shared else []))
+
+    def run(caller: str | None, args: tuple, kwargs: dict):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        if not shared:
+            return fn(caller, **arguments)
+        common = {name: arguments.pop(name) for name in SHARED}
+        return_stats = common.pop("return_stats")
+        call = setup(who, arguments["x"], caller=caller, **common)
+        y, update = fn(call, **arguments)
+        return output(y, update, return_stats)
+
+    @functools.cache
+    def named(caller: str | None) -> Callable[..., Any]:
+        def function(*args, **kwargs):
+            return run(caller, args, kwargs)
+
+        functools.update_wrapper(function, fn)
+        function.__signature__ = signature
+        return any_mesh(function if rank1 is None else rank1(function))
+
+    public = named(None)
+    public.named = named
+    return public
 
 
 # ----------------------------------------------------------------------------

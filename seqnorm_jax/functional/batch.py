@@ -7,15 +7,13 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from seqnorm_jax import stats
-from seqnorm_jax.functional._call import (GHOST_FIX, GROUP_FIX, BatchSizeError, Call, any_mesh,
-                                          output, setup)
+from seqnorm_jax import checks, stats
+from seqnorm_jax.functional._call import GHOST_FIX, GROUP_FIX, BatchSizeError, Call, normalization
 from seqnorm_jax.functional._maps import batch_set, finish, finish_view, normalizer
 from seqnorm_jax.stats import GROUPINGS, Moments
 
@@ -23,8 +21,7 @@ Array = jax.Array
 
 
 def _batch_groups_norm(call: Call, x: Array, scale, bias, *, batch_groups: int | None,
-                       ghost_size: int | None, channel_groups: int, grouping: str,
-                       return_stats: bool):
+                       ghost_size: int | None, channel_groups: int, grouping: str):
     """:func:`batch_group_norm` of a resolved call with ``channel_groups`` resolved.
 
     Settings that are BatchNorm (one sample group, one channel per group) accept
@@ -40,17 +37,17 @@ def _batch_groups_norm(call: Call, x: Array, scale, bias, *, batch_groups: int |
                                 GHOST_FIX if g_c == c else GROUP_FIX)
     else:
         g_m = 1  # unused in inference: any batch size works
-    if call.training and call.whole_local_batch and (g_c == c or call.dense):
-        # Straight to the (G_M, G_C) group statistics: one reduction of x, and no
-        # per-sample moments (on dense inputs those would be as large as x). Channel
-        # groups of feature maps go through per-sample moments instead: XLA:CPU's
-        # backward of a reduction over a split channel axis is 2-5x slower.
-        view = stats.GroupView(x.shape, call.axis, g_m, g_c, grouping)
+    plan = stats.plan(x, axis=call.axis, family="batch", training=call.training,
+                      plain_inference=call.plain_inference, masked=call.mask is not None,
+                      axis_name=call.axis_name, batch_groups=g_m,
+                      channel_groups=None if g_c == c else g_c, grouping=grouping)
+    if plan.regime == "view":  # straight to the (G_M, G_C) group statistics
+        view = plan.view
         k, st = stats.group_moments(x, view, use_fast_variance=call.use_fast_variance)
         y = finish_view(call, x, view, normalizer(st, call.epsilon), k, scale, bias)
         update = Moments(view.per_channel(k + st.mean), view.per_channel(st.var))
-        return output(y, update, return_stats)
-    if call.plain_inference:  # one multiply-add pass, no reduction over x
+        return y, update
+    if plan.regime == "running":  # one multiply-add pass, no reduction over x
         m, k = None, lax.stop_gradient(call.running.mean)
     else:
         k, m = stats.sample_moments_about(x, axis=call.axis,
@@ -59,11 +56,12 @@ def _batch_groups_norm(call: Call, x: Array, scale, bias, *, batch_groups: int |
     st, update = batch_set(call, m, batch_groups=g_m, channel_groups=g_c, grouping=grouping,
                            k=k, offset=None if m is None else k)
     y = finish(call, x, normalizer(st, call.epsilon), k, scale, bias)
-    return output(y, update, return_stats)
+    return y, update
 
 
-@any_mesh
+@normalization
 def batch_group_norm(
+    call: Call,
     x: Array,
     scale: Array | None = None,
     bias: Array | None = None,
@@ -73,17 +71,6 @@ def batch_group_norm(
     channel_groups: int | None = None,
     channel_group_size: int | None = None,
     grouping: str = "contiguous",
-    epsilon: float = 1e-5,
-    axis: int = -1,
-    running_mean: Array | None = None,
-    running_var: Array | None = None,
-    example_weight: float | Array = 0.0,
-    axis_name: str | None = None,
-    axis_index_groups: Any = None,
-    use_fast_variance: bool = True,
-    dtype: Any = None,
-    return_stats: bool = False,
-    mask: Array | None = None,
 ):
     """Batch/group normalization of "Four Things" (paper 002, section 4).
 
@@ -94,14 +81,10 @@ def batch_group_norm(
     of each group's mean and biased variance, per channel (equal within a channel
     group).
     """
-    call = setup("batch_group_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
     return _batch_groups_norm(
         call, x, scale, bias, batch_groups=batch_groups, ghost_size=ghost_size,
         channel_groups=call.channel_groups(channel_groups, channel_group_size),
-        grouping=grouping, return_stats=return_stats)
+        grouping=grouping)
 
 
 def _rank1_is_one_sample(fn):
@@ -122,38 +105,23 @@ def _rank1_is_one_sample(fn):
     return wrapper
 
 
-@any_mesh
-@_rank1_is_one_sample
-def batch_norm(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *, epsilon: float = 1e-5,
-    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
-    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
-    mask=None,
-):
+@normalization(rank1=_rank1_is_one_sample)
+def batch_norm(call: Call, x: Array, scale: Array | None = None, bias: Array | None = None):
     """BatchNorm: statistics per channel over the batch and spatial axes (Ioffe & Szegedy).
 
     Equal to ``flax.linen.BatchNorm`` to float32 rounding, including its inputs: a
     rank-1 ``(C,)`` input is one sample (flax reduces over no axis: the output is
     ``bias``), and ``mask`` takes the statistics over the entries where it is True.
     """
-    call = setup("batch_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
     return _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
-                              channel_groups=call.c, grouping="contiguous",
-                              return_stats=return_stats)
+                              channel_groups=call.c, grouping="contiguous")
 
 
-@any_mesh
-@_rank1_is_one_sample
+@normalization(rank1=_rank1_is_one_sample)
 def ghost_norm(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    call: Call, x: Array, scale: Array | None = None, bias: Array | None = None, *,
     batch_groups: int | None = None, ghost_size: int | None = None,
-    grouping: str = "contiguous", epsilon: float = 1e-5, axis: int = -1,
-    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
-    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
-    mask=None,
+    grouping: str = "contiguous",
 ):
     """GhostNorm (Hoffer et al. 2017; papers 000/001): BatchNorm per ghost batch.
 
@@ -164,57 +132,35 @@ def ghost_norm(
     and the mean of the per-ghost biased variances. ``batch_groups=1`` is
     :func:`batch_norm`, rank-1 input included.
     """
-    call = setup("ghost_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
     return _batch_groups_norm(call, x, scale, bias, batch_groups=batch_groups,
-                              ghost_size=ghost_size, channel_groups=call.c, grouping=grouping,
-                              return_stats=return_stats)
+                              ghost_size=ghost_size, channel_groups=call.c, grouping=grouping)
 
 
-@any_mesh
-def bgn(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *,
-    num_groups: int | None = None, group_size: int | None = None, epsilon: float = 1e-5,
-    axis: int = -1, running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
-    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
-    mask=None,
-):
+@normalization
+def bgn(call: Call, x: Array, scale: Array | None = None, bias: Array | None = None, *,
+        num_groups: int | None = None, group_size: int | None = None):
     """Batch Group Normalization (Zhou et al. 2020): channel groups over the whole batch.
 
     Statistics per group of ``C / num_groups`` contiguous channels over the batch,
     the spatial axes and the channels of the group. ``num_groups=C`` is
     BatchNorm; ``num_groups=1`` pools everything. Running statistics per group.
     """
-    call = setup("bgn", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
     groups = call.channel_groups(num_groups, group_size, groups_name="num_groups",
                                  size_name="group_size")
     return _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
-                              channel_groups=groups, grouping="contiguous",
-                              return_stats=return_stats)
+                              channel_groups=groups, grouping="contiguous")
 
 
-@any_mesh
-def noisy_batch_norm(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *,
-    noise_std: float = 3e-4, rng: Array | None = None, epsilon: float = 1e-5, axis: int = -1,
-    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
-    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
-    mask=None,
-):
+@normalization
+def noisy_batch_norm(call: Call, x: Array, scale: Array | None = None,
+                     bias: Array | None = None, *, noise_std: float = 3e-4,
+                     rng: Array | None = None):
     """BatchNorm with Gaussian noise ``N(0, noise_std^2)`` added to its input in training.
 
     The noise (paper 000's ablation; best ``noise_std=3e-4``) needs ``rng`` in
     training; inference (running statistics given) adds none.
     """
-    call = setup("noisy_batch_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
+    noise_std = checks.noise_std(noise_std, call.who)
     if call.training and noise_std:
         if rng is None:
             raise ValueError(
@@ -224,5 +170,4 @@ def noisy_batch_norm(
         noise = jax.random.normal(rng, x.shape, stats.stat_dtype(x.dtype)) * noise_std
         x = (x.astype(noise.dtype) + noise).astype(x.dtype)
     return _batch_groups_norm(call, x, scale, bias, batch_groups=1, ghost_size=None,
-                              channel_groups=call.c, grouping="contiguous",
-                              return_stats=return_stats)
+                              channel_groups=call.c, grouping="contiguous")

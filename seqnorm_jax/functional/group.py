@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from seqnorm_jax import stats
-from seqnorm_jax.functional._call import GN_FIX, any_mesh, check_input, setup
+from seqnorm_jax.functional._call import GN_FIX, check_input, normalization, setup
 from seqnorm_jax.functional._maps import (affine_map, centered, finish, fused, normalizer,
                                           sample_set)
 from seqnorm_jax.stats import Moments
@@ -17,9 +17,9 @@ from seqnorm_jax.stats import Moments
 Array = jax.Array
 
 
-@any_mesh
+@normalization(shared=False)
 def group_norm(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    caller: str | None, x: Array, scale: Array | None = None, bias: Array | None = None, *,
     num_groups: int | None = 32, group_size: int | None = None, epsilon: float = 1e-6,
     axis: int = -1, use_fast_variance: bool = True, dtype=None, reduction_axes=None,
     axis_name: str | None = None, axis_index_groups: Any = None, mask: Array | None = None,
@@ -39,22 +39,25 @@ def group_norm(
     check_input(who, x, mask)
     if reduction_axes is not None or x.ndim == 1:
         return _over_samples(
-            lambda xs, ms: group_norm(
+            lambda xs, ms: group_norm.named(caller)(
                 xs, scale, bias, num_groups=num_groups, group_size=group_size, epsilon=epsilon,
                 use_fast_variance=use_fast_variance, dtype=dtype, axis_name=axis_name,
                 axis_index_groups=axis_index_groups, mask=ms),
             x, mask, reduction_axes, axis, who)
     call = setup(who, x, axis=axis, epsilon=epsilon, dtype=dtype,
                  use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask)
+                 axis_index_groups=axis_index_groups, mask=mask, caller=caller)
     g = call.channel_groups(num_groups, group_size, groups_name="num_groups",
                             size_name="group_size")
     if axis_name is None:
         call.check_set_size(1, call.c // g, "sample's group", fix=GN_FIX, per_sample=True)
-    if call.whole_local_batch and call.dense:
+    plan = stats.plan(x, axis=call.axis, family="sample", training=True,
+                      plain_inference=False, masked=mask is not None, axis_name=axis_name,
+                      channel_groups=g)
+    if plan.regime == "view":
         # Dense: straight to the (N, G) statistics (per-sample moments would be x itself),
         # gamma and beta as a second map (folded, the map would be as large as x).
-        view = stats.GroupView(x.shape, call.axis, None, g)
+        view = plan.view
         return fused(call, x, view, (scale, bias), lambda m, p: normalizer(m, epsilon),
                      lambda m, p: affine_map(view, None, p), view.reduce)[0]
     k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,

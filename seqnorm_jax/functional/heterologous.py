@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from seqnorm_jax import stats
-from seqnorm_jax.functional._call import BatchSizeError, Call, any_mesh, output, setup
+from seqnorm_jax.functional._call import BatchSizeError, Call, normalization
 from seqnorm_jax.functional._maps import batch_set, finish, finish_view, normalizer
 from seqnorm_jax.stats import Moments
 
@@ -40,24 +40,43 @@ NORM_SETS: dict[str, NormSet] = {
 STD_CENTERS = ("mean_set", "pooled")
 
 
-def _channel_groups(call: Call, kind: str, groups: int, name: str) -> int | None:
-    """The channel groups a set pools over (``None``: each channel alone)."""
-    pooling = NORM_SETS[kind].channels
-    if pooling == "one":
-        return None
-    if pooling == "all":
-        return 1
-    return call.channel_groups(groups, None, groups_name=name)
+class _Set(NamedTuple):
+    """A normalization set resolved for a call: does it pool the batch, and its channel
+    groups (``None``: each channel alone)."""
+
+    over_batch: bool
+    groups: int | None
 
 
-@any_mesh
+class _Source(NamedTuple):
+    """The moments a set is pooled from, their counts and their offset (:func:`stats.pool`)."""
+
+    moments: Moments
+    weight: Array | None
+    offset: Array | None
+
+
+def _resolve_set(call: Call, name: str, groups: int, groups_name: str, what: str) -> _Set:
+    """The set ``name`` with its channel groups, checked to have more than one element."""
+    kind = NORM_SETS[call.choice(name, NORM_SETS, what)]
+    g = {"one": None, "all": 1}.get(kind.channels)
+    if kind.channels == "groups":
+        g = call.channel_groups(groups, None, groups_name=groups_name)
+    if not kind.over_batch or call.training:
+        call.check_set_size(
+            call.n if kind.over_batch and call.axis_name is None else 1,
+            1 if g is None else call.c // g, f"{name!r}",
+            BatchSizeError if kind.over_batch else ValueError,
+            f"Use a larger batch, or a set with more elements than {name!r} (fewer "
+            "mean_groups/std_groups, or a set that pools channels or the batch).")
+    return _Set(kind.over_batch, g)
+
+
+@normalization
 def heterologous_norm(
-    x: Array, scale: Array | None = None, bias: Array | None = None, *,
+    call: Call, x: Array, scale: Array | None = None, bias: Array | None = None, *,
     mean_set: str = "batch", std_set: str = "extended", mean_groups: int = 1,
-    std_groups: int = 1, std_center: str = "mean_set", epsilon: float = 1e-5, axis: int = -1,
-    running_mean=None, running_var=None, example_weight=0.0, axis_name=None,
-    axis_index_groups=None, use_fast_variance: bool = True, dtype=None, return_stats=False,
-    mask=None,
+    std_groups: int = 1, std_center: str = "mean_set",
 ):
     """Heterologous Normalization (paper 003): mean and std from different pixel sets.
 
@@ -75,68 +94,43 @@ def heterologous_norm(
     the batch are pooled from them at use time, so inference is one fixed affine
     map per channel (foldable into the previous convolution).
     """
-    call = setup("heterologous_norm", x, axis=axis, epsilon=epsilon, dtype=dtype,
-                 use_fast_variance=use_fast_variance, axis_name=axis_name,
-                 axis_index_groups=axis_index_groups, mask=mask, running_mean=running_mean,
-                 running_var=running_var, example_weight=example_weight)
-    mean_kind = NORM_SETS[call.choice(mean_set, NORM_SETS, "mean_set")]
-    std_kind = NORM_SETS[call.choice(std_set, NORM_SETS, "std_set")]
-    call.choice(std_center, STD_CENTERS, "std_center")
-    mg = _channel_groups(call, mean_set, mean_groups, "mean_groups")
-    sg = _channel_groups(call, std_set, std_groups, "std_groups")
-    for name, kind, g in ((mean_set, mean_kind, mg), (std_set, std_kind, sg)):
-        if not kind.over_batch or call.training:
-            samples = call.n if kind.over_batch and axis_name is None else 1
-            call.check_set_size(
-                samples, 1 if g is None else call.c // g, f"{name!r}",
-                BatchSizeError if kind.over_batch else ValueError,
-                f"Use a larger batch, or a set with more elements than {name!r} (fewer "
-                "mean_groups/std_groups, or a set that pools channels or the batch).")
-    around_mean = std_center == "mean_set"
-    if (mean_kind.over_batch and std_kind.over_batch and around_mean
+    mean_of = _resolve_set(call, mean_set, mean_groups, "mean_groups", "mean_set")
+    std_of = _resolve_set(call, std_set, std_groups, "std_groups", "std_set")
+    around_mean = call.choice(std_center, STD_CENTERS, "std_center") == "mean_set"
+    if (mean_of.over_batch and std_of.over_batch and around_mean
             and call.whole_local_batch and (call.training or call.plain_inference)):
         # Both sets pool the batch: everything follows from per-channel statistics.
-        return output(*_batch_sets_norm(call, x, scale, bias, mg, sg), return_stats)
+        return _batch_sets_norm(call, x, scale, bias, mean_of.groups, std_of.groups)
 
-    k, m = stats.sample_moments_about(x, axis=call.axis, use_fast_variance=use_fast_variance,
-                                      mask=mask)
-    w = call.weight
-    # Per-channel batch moments in training, running ones (blended) in inference; the
-    # mean relative to k, so that a batch mean set loses no digits.
-    per_channel_rel, update = batch_set(call, m, batch_groups=1, channel_groups=None, k=k,
-                                        offset=k)
-    per_channel_rel = Moments(*(jnp.broadcast_to(a, (call.n, call.c)) for a in per_channel_rel))
-    per_channel = Moments(per_channel_rel.mean + k, per_channel_rel.var)
-
-    def source(kind: NormSet):
-        # Sets over the batch start from the per-channel batch (or running) moments;
-        # per-sample sets from the sample's own (moments of x - k, count-weighted under
-        # a mask).
-        return (per_channel, None, None) if kind.over_batch else (m, w, k)
-
-    if mean_kind.over_batch and mg is None:
-        mean = per_channel_rel.mean
+    # m: each sample's moments of x - k; per-channel batch moments in training, the running
+    # ones (blended) in inference, their mean relative to k (a batch mean loses no digits).
+    k, m = stats.sample_moments_about(x, axis=call.axis,
+                                      use_fast_variance=call.use_fast_variance, mask=call.mask)
+    per_channel, update = batch_set(call, m, batch_groups=1, channel_groups=None, k=k, offset=k)
+    per_channel = Moments(*(jnp.broadcast_to(a, (call.n, call.c)) for a in per_channel))
+    batch = _Source(Moments(per_channel.mean + k, per_channel.var), None, None)
+    sample = _Source(m, call.weight, k)
+    source = lambda s: batch if s.over_batch else sample
+    if mean_of.over_batch and mean_of.groups is None:
+        mean = per_channel.mean
     else:
-        src, weight, offset = source(mean_kind)
-        mean = stats.pool(src, batch_groups=None, channel_groups=mg, weight=weight,
-                          relative_to=k, offset=offset).mean
-    center = mean if around_mean else None  # relative to k
-    src, weight, offset = source(std_kind)
-    if std_kind.over_batch and call.training and around_mean and not mean_kind.over_batch:
-        # A center that differs per sample: pool (v + (m - center)^2) over the batch.
-        # (A mean set over the batch gives a per-channel center: then the per-channel
-        # batch moments above already hold the whole set, with no second cross-device
-        # reduction.)
-        var = stats.pool(m, batch_groups=1, channel_groups=sg, center=center,
-                         axis_name=axis_name, axis_index_groups=axis_index_groups,
-                         weight=w, offset=k).var
+        src = source(mean_of)
+        mean = stats.pool(src.moments, batch_groups=None, channel_groups=mean_of.groups,
+                          weight=src.weight, relative_to=k, offset=src.offset).mean
+    if std_of.over_batch and call.training and around_mean and not mean_of.over_batch:
+        # A center that differs per sample: pool (v + (m - center)^2) over the batch. (A
+        # batch mean set gives a per-channel center, which the per-channel moments above
+        # hold already, with no second cross-device reduction.)
+        var = stats.pool(m, batch_groups=1, channel_groups=std_of.groups, center=mean,
+                         axis_name=call.axis_name, axis_index_groups=call.axis_index_groups,
+                         weight=call.weight, offset=k).var
     else:
-        if center is not None and offset is None:
-            center = center + k  # the frame of the per-channel (absolute) moments
-        var = stats.pool(src, batch_groups=None, channel_groups=sg, center=center,
-                         weight=weight, offset=offset).var
-    y = finish(call, x, normalizer(Moments(mean, var), epsilon), k, scale, bias)
-    return output(y, update, return_stats)
+        src = source(std_of)
+        center = None if not around_mean else mean if src.offset is not None else mean + k
+        var = stats.pool(src.moments, batch_groups=None, channel_groups=std_of.groups,
+                         center=center, weight=src.weight, offset=src.offset).var
+    y = finish(call, x, normalizer(Moments(mean, var), call.epsilon), k, scale, bias)
+    return y, update
 
 
 def _batch_sets_norm(call: Call, x: Array, scale, bias, mean_groups: int | None,

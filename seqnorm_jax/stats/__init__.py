@@ -21,8 +21,9 @@ Numerical conventions
 Everything here is a pure function of arrays: no Flax, no state. The moments are in
 :mod:`seqnorm_jax.stats.moments`, pooling and the cross-device reductions in
 :mod:`seqnorm_jax.stats.pooling`, and :func:`normalize` (statistics, maps and the output
-pass of per-sample channel groups in one custom VJP) in :mod:`seqnorm_jax.stats.fused`;
-all are read through this module.
+pass of per-sample channel groups in one custom VJP) in :mod:`seqnorm_jax.stats.fused`,
+and the choice of how a call reduces its statistics (:func:`plan`) in
+:mod:`seqnorm_jax.stats.plans`; all are read through this module.
 """
 
 from seqnorm_jax.checks import divisors
@@ -44,6 +45,7 @@ from seqnorm_jax.stats.moments import (
     spatial_axes,
     stat_dtype,
 )
+from seqnorm_jax.stats.plans import Plan, plan
 from seqnorm_jax.stats.pooling import (
     any_kept,
     cross_device_mean,
@@ -71,6 +73,8 @@ __all__ = [
     "mix",
     "moments_of_affine",
     "normalize",
+    "Plan",
+    "plan",
     "pool",
     "pool_with_target",
     "running_target",

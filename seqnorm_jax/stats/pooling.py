@@ -10,6 +10,7 @@ merged from one all-reduce).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -164,8 +165,10 @@ def pool(
       Pooled moments broadcast back to ``(N, C)``: entry ``(n, c)`` holds the
       statistics of the group that contains sample ``n`` and channel ``c``.
     """
-    return _pool(m, batch_groups, channel_groups, grouping, center, axis_name,
-                 axis_index_groups, weight, relative_to, offset, with_target=False)[0]
+    return _pool(m, batch_groups=batch_groups, channel_groups=channel_groups,
+                 grouping=grouping, center=center, axis_name=axis_name,
+                 axis_index_groups=axis_index_groups, weight=weight, relative_to=relative_to,
+                 offset=offset)[0]
 
 
 def pool_with_target(
@@ -192,66 +195,95 @@ def pool_with_target(
     all-reduce of the stacked ``(2, C)`` target, and groups that span shards none
     beyond the one all-reduce that gathers the per-shard moments.
     """
-    return _pool(m, batch_groups, channel_groups, grouping, None, axis_name,
-                 axis_index_groups, weight, relative_to, offset, with_target=True)
+    return _pool(m, batch_groups=batch_groups, channel_groups=channel_groups,
+                 grouping=grouping, axis_name=axis_name, axis_index_groups=axis_index_groups,
+                 weight=weight, relative_to=relative_to, offset=offset, with_target=True)
 
 
-def _pool(m, batch_groups, channel_groups, grouping, center, axis_name, axis_index_groups,
-          weight, relative_to, offset, with_target):
-    """:func:`pool` / :func:`pool_with_target`: ``(pooled, target or None)``."""
+@dataclasses.dataclass(frozen=True)
+class PoolPlan:
+    """How :func:`pool` reduces a batch to its sample groups (:func:`pool_plan`): the
+    ``regime`` ``"local"`` (one device, or a batch seen whole), ``"blocks"`` (under
+    ``jax.jit``, groups spanning a sharded batch's devices: :func:`merge_blocks`),
+    ``"shards"`` (``shard_map``, groups within shards; the target averaged over devices)
+    or ``"spanning"`` (``shard_map``, every group gathered from one all-reduce); the
+    ``groups`` reduced here (all for ``"spanning"``), ``blocks`` per group (1: within one
+    device) and the device sub-group (:func:`_device_group`)."""
+
+    regime: str
+    groups: int
+    blocks: int = 1
+    devices: int = 1
+    position: Any = None
+    members: Any = None
+
+
+def pool_plan(mean: Array, batch_groups: int | None, grouping: str, axis_name: str | None,
+              axis_index_groups: Any) -> PoolPlan:
+    """The regime of :func:`pool` for ``(N, C)`` moments whose means are ``mean``."""
+    n = mean.shape[0]
+    g_m = max(n, 1) if batch_groups is None else batch_groups  # per sample; empty: one
+    if axis_name is None or batch_groups is None:
+        blocks = spanning_blocks(mean, g_m, grouping)
+        return PoolPlan("blocks" if blocks > 1 else "local", g_m, blocks)
+    n_dev, position, members = _device_group(axis_name, axis_index_groups)
+    if g_m % n_dev == 0:
+        local = _local_groups(n, g_m, n_dev, grouping, axis_name)
+        return PoolPlan("shards", local, spanning_blocks(mean, local, grouping), n_dev,
+                        position, members)
+    _check_spanning(g_m, n_dev, grouping, axis_name)
+    return PoolPlan("spanning", g_m, devices=n_dev, position=position, members=members)
+
+
+def _pool(m: Moments, *, batch_groups: int | None, channel_groups: int | None,
+          grouping: str = "contiguous", center: Array | None = None,
+          axis_name: str | None = None, axis_index_groups: Any = None,
+          weight: Array | None = None, relative_to: Array | None = None,
+          offset: Array | None = None, with_target: bool = False):
+    """:func:`pool` / :func:`pool_with_target`: ``(pooled, target or None)``. Each group's
+    ``(ref, delta, var)`` (:func:`_merge`, shape ``(G, 1, G_C, 1)``) by the plan's regime,
+    broadcast back to ``(N, C)``; the target averaged over groups (and devices: shards)."""
     checks.choice(grouping, GROUPINGS, "grouping")
     n, c = m.mean.shape
     g_c = c if channel_groups is None else channel_groups
-    g_m = max(n, 1) if batch_groups is None else batch_groups  # per sample; an empty batch: one
     full = lambda a: None if a is None else jnp.broadcast_to(a, (n, c))
-    center, relative_to, weight, offset = (full(a) for a in (center, relative_to, weight,
-                                                              offset))
-    if axis_name is not None and batch_groups is not None:
-        n_dev, position, members = _device_group(axis_name, axis_index_groups)
-        if g_m % n_dev == 0:
-            # Groups lie within shards: pool locally, no communication for the output.
-            local = _local_groups(n, g_m, n_dev, grouping, axis_name)
-            pooled, target = _pool(m, local, g_c, grouping, center, None, None, weight,
-                                   relative_to, offset, with_target)
-            if target is not None:
-                both = cross_device_mean(jnp.stack(target), axis_name, axis_index_groups)
-                target = Moments(both[0], both[1])
-            return pooled, target
-        # Each group spans n_dev // g_m shards: one all-reduce, count-weighted merge.
-        ref, delta, var = _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members,
-                                           center, weight, offset)
-        mine = lambda a: _ungroup(lax.dynamic_index_in_dim(
-            a, position // (n_dev // g_m), axis=0, keepdims=False).reshape(1, 1, g_c, 1),
-            n, c, "contiguous")
-        pooled = Moments(_relative(mine(ref), mine(delta), relative_to), mine(var))
-        target = None
-        if with_target:
-            target = Moments(*(_channels(jnp.mean(a, axis=0)[:, None], c)
-                               for a in (ref + delta, var)))
-        return pooled, target
-    blocks = spanning_blocks(m.mean, g_m, grouping)
-    if blocks > 1:
-        # Groups that span the devices of a sharded batch (jit): Chan's merge within each
-        # block of a device, then of the blocks, from one all-reduce (merge_blocks).
-        view = lambda a: None if a is None else a.reshape(
-            g_m, blocks, n // (g_m * blocks), g_c, c // g_c)
-        w = view(weight)
-        ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (2, 4), weight=w,
-                                 center=view(center), offset=view(offset))
-        count = None if w is None else jnp.sum(w, axis=(2, 4), keepdims=True)
-        ref, delta, var = (a[:, 0] for a in merge_blocks(ref, delta, var, count, 1,
-                                                         centered=center is not None))
+    center, weight, offset = full(center), full(weight), full(offset)
+    plan = pool_plan(m.mean, batch_groups, grouping, axis_name, axis_index_groups)
+    if plan.regime == "spanning":
+        ref, delta, var = (a[:, None, :, None] for a in _gathered_groups(
+            m, plan.groups, g_c, axis_name, plan.devices, plan.members, center, weight,
+            offset))
+        mine = plan.position // (plan.devices // plan.groups)  # this device's group
+        un = lambda a: _ungroup(lax.dynamic_index_in_dim(a, mine, 0), n, c, "contiguous")
     else:
-        view = lambda a: None if a is None else _group_view(a, g_m, g_c, grouping)
-        ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (1, 3),
-                                 weight=view(weight), center=view(center),
-                                 offset=view(offset))
-    un = lambda a: _ungroup(a, n, c, grouping)
-    pooled = Moments(_relative(un(ref), un(delta), relative_to), un(var))
-    target = None
-    if with_target:
-        target = Moments(*(_channels(jnp.mean(a, axis=(0, 1)), c) for a in (ref + delta, var)))
-    return pooled, target
+        ref, delta, var = _group_stats(m, plan, g_c, grouping, center, weight, offset)
+        un = lambda a: _ungroup(a, n, c, grouping)
+    pooled = Moments(_relative(un(ref), un(delta), full(relative_to)), un(var))
+    if not with_target:
+        return pooled, None
+    target = jnp.stack([_channels(jnp.mean(a, axis=(0, 1)), c) for a in (ref + delta, var)])
+    if plan.regime == "shards":
+        target = cross_device_mean(target, axis_name, axis_index_groups)
+    return pooled, Moments(target[0], target[1])
+
+
+def _group_stats(m: Moments, plan: PoolPlan, g_c: int, grouping: str, center, weight,
+                 offset) -> tuple[Array, Array, Array]:
+    """``(ref, delta, var)`` of the ``plan.groups`` sample groups of this device's moments
+    and the ``g_c`` channel groups, shape ``(G, 1, G_C, 1)``."""
+    n, c = m.mean.shape
+    if plan.blocks == 1:
+        view = lambda a: None if a is None else _group_view(a, plan.groups, g_c, grouping)
+        return _merge(Moments(view(m.mean), view(m.var)), (1, 3), weight=view(weight),
+                      center=view(center), offset=view(offset))
+    # Chan's merge within each block of a device, then of the blocks, from one all-reduce.
+    view = lambda a: None if a is None else a.reshape(
+        plan.groups, plan.blocks, n // (plan.groups * plan.blocks), g_c, c // g_c)
+    ref, delta, var = _merge(Moments(view(m.mean), view(m.var)), (2, 4), weight=view(weight),
+                             center=view(center), offset=view(offset))
+    count = None if weight is None else jnp.sum(view(weight), axis=(2, 4), keepdims=True)
+    merged = merge_blocks(ref, delta, var, count, 1, centered=center is not None)
+    return tuple(a[:, 0] for a in merged)
 
 
 def _relative(ref: Array, delta: Array, relative_to: Array | None) -> Array:
@@ -297,13 +329,12 @@ def _check_spanning(g_m: int, n_dev: int, grouping: str, axis_name: str) -> None
         )
 
 
-def _gathered_groups(m, g_m, g_c, grouping, axis_name, n_dev, members, center=None,
-                     weight=None, offset=None) -> tuple[Array, Array, Array]:
+def _gathered_groups(m, g_m, g_c, axis_name, n_dev, members, center=None, weight=None,
+                     offset=None) -> tuple[Array, Array, Array]:
     """Statistics ``(G_M, G_C)`` of every group of the global batch when each group spans
     ``n_dev // g_m`` shards, as ``(ref, delta, var)`` (see :func:`_merge`): one gather
     (:func:`_gather`) of the per-shard ``(ref, delta, var, count)``, then a count-weighted
     merge of each group's shards on every device."""
-    _check_spanning(g_m, n_dev, grouping, axis_name)
     n, c = m.mean.shape
     cview = lambda a: None if a is None else a.reshape(n, g_c, c // g_c)
     ref, delta, var = (jnp.squeeze(a, (0, 2)) for a in _merge(
