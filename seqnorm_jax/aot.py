@@ -140,6 +140,8 @@ CHIPS: dict[str, Chip] = {
                  "NVIDIA A100 Tensor Core GPU datasheet, A100 80GB SXM: 80 GB HBM2e, "
                  "2039 GB/s, 312 bf16 TFLOPS dense"),
 }
+"""The accelerators ``topology`` knows, by name, with their published HBM, peak bfloat16
+FLOP/s and HBM bandwidth."""
 
 # What XLA:GPU compiles for (GpuTargetConfigProto's gpu_device_info), from NVIDIA's
 # published specifications: the CUDA C++ Programming Guide's table of compute

@@ -422,9 +422,10 @@ class GroupNorm(nnx.Module):
       num_groups: the number of channel groups (default 32); ``None`` with
         ``group_size``.
       group_size: channels per group.
-      epsilon, dtype, param_dtype, use_bias, use_scale, bias_init, scale_init,
-      reduction_axes, axis_name, axis_index_groups, use_fast_variance, rngs,
-      bias_metadata, scale_metadata: as ``flax.nnx.GroupNorm``.
+      **rest: ``epsilon``, ``dtype``, ``param_dtype``, ``use_bias``, ``use_scale``,
+        ``bias_init``, ``scale_init``, ``reduction_axes``, ``axis_name``,
+        ``axis_index_groups``, ``use_fast_variance``, ``rngs``, ``bias_metadata`` and
+        ``scale_metadata``: as ``flax.nnx.GroupNorm``.
     """
 
     def __init__(

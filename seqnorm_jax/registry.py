@@ -178,10 +178,12 @@ NORM_LAYERS: tuple[NormLayer, ...] = (
     # RMSNorm does not subtract a mean: the centered-set bounds do not apply.
     NormLayer("flax.RMSNorm", (), (nn.RMSNorm, fnnx.RMSNorm), None, ours=False),
 )
+"""The registry: one :class:`NormLayer` entry per norm layer of this library."""
 
 # The linen classes of every norm layer (for ``isinstance``).
 NORM_TYPES: tuple[type, ...] = tuple(
     cls for e in NORM_LAYERS for cls in e.classes if issubclass(cls, nn.Module))
+"""The linen classes of every norm layer of this library (for ``isinstance``)."""
 
 _BY_CLASS: dict[type, NormLayer] = {cls: e for e in NORM_LAYERS for cls in e.classes}
 
@@ -268,6 +270,8 @@ def _aliases() -> dict[str, str]:
 
 
 ALIASES: dict[str, str] = _aliases()
+"""Every accepted layer name (class names and aliases, normalized: lower case without ``-``
+and ``_``) -> the class name."""
 
 
 def parse_value(text: str) -> Any:

@@ -41,6 +41,7 @@ from seqnorm_jax.train.step import apply_model
 __all__ = ["STAT_NAMES", "StatisticsRecorder", "input_statistics", "plot_fluctuation"]
 
 STAT_NAMES = ("bn_mean", "bn_std", "en_mean", "en_std")
+"""The statistics ``StatisticsRecorder`` follows: BN and EN (pooled) mean and std."""
 
 
 def _to_nc(x: jax.Array, feats: tuple[int, ...]) -> jax.Array:

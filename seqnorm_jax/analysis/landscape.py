@@ -55,6 +55,7 @@ __all__ = [
 
 # Paper 000, Appendix B.2 (MNIST): 8 learning rates 0.1, 0.2, ..., 0.8.
 PAPER_STEP_SIZES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+"""Paper 000's step sizes for the loss-landscape probe (Appendix B.2, MNIST)."""
 
 
 def _loss_fn(state, rngs, batch):

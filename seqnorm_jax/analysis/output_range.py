@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 NORM_TYPES = registry.NORM_TYPES  # the linen classes of every norm layer
+"""The linen classes of every norm layer of this library
+(``seqnorm_jax.registry.NORM_TYPES``)."""
 feature_axes = registry.feature_axes
 normalization_set_size = registry.normalization_set_size
 

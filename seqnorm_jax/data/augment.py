@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 PRESETS = ("none", "flip_crop", "flip_crop_cutout", "imagenet")
+"""The augmentation presets of ``make_loader(augment=...)``."""
 
 
 def _check_image(image: np.ndarray, fn: str) -> np.ndarray:

@@ -111,6 +111,7 @@ DATASETS: dict[str, DatasetInfo] = {
         tfds_name=None, tfds_test_split="test", sources=("digits",),
     ),
 }
+"""Every known dataset, by name: its shape, classes, splits and normalization constants."""
 
 _ALIASES = {
     "fashionmnist": "fashion_mnist", "fashion-mnist": "fashion_mnist",

@@ -75,3 +75,4 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "bgn": bgn,
     "noisy_batch_norm": noisy_batch_norm,
 }
+"""Every pure function of this module, by name."""

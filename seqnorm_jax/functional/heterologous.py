@@ -37,7 +37,10 @@ NORM_SETS: dict[str, NormSet] = {
     "extended": NormSet(over_batch=True, channels="groups"),
     "extended_groups": NormSet(over_batch=True, channels="groups"),
 }
+"""The normalization sets of ``heterologous_norm``'s ``mean_set`` and ``std_set``."""
 STD_CENTERS = ("mean_set", "pooled")
+"""The values of ``heterologous_norm``'s ``std_center``: the variance around the mean set's
+means or around the pooled mean."""
 
 
 class _Set(NamedTuple):

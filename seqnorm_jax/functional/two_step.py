@@ -31,10 +31,13 @@ from seqnorm_jax.stats import GROUPINGS, Moments
 Array = jax.Array
 
 SEQ_NORM_ORDERS = ("group_first", "ghost_first")
+"""The values of ``seq_norm``'s ``order``: the group step first (the papers') or the ghost
+step first."""
 # SeqNorm's group step without channel_groups or channel_group_size: one group of every
 # channel (the ghost step's default is the library's, one sample group: the whole batch).
 SEQ_NORM_CHANNEL_GROUPS = 1
 GN_PLUS_VARIANTS = ("gn_first", "bn_first", "parallel")
+"""The values of ``gn_plus``'s ``variant``: where GroupNorm and BatchNorm sit in GN+."""
 
 
 def _mixed(mixing: Array | None, second: ScaleShift, group_first: bool) -> ScaleShift:

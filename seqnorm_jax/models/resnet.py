@@ -187,6 +187,8 @@ class ResNet(nn.Module):
 
 
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+"""ResNet-18: :class:`ResNet` with (2, 2, 2, 2) basic blocks."""
 ResNet18.__doc__ = "ResNet-18: :class:`ResNet` with (2, 2, 2, 2) basic blocks."
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+"""ResNet-50 v1.5: :class:`ResNet` with (3, 4, 6, 3) bottleneck blocks."""
 ResNet50.__doc__ = "ResNet-50 v1.5: :class:`ResNet` with (3, 4, 6, 3) bottleneck blocks."

@@ -23,6 +23,8 @@ from seqnorm_jax import checks
 Array = jax.Array
 
 GROUPINGS = ("contiguous", "strided")
+"""How samples are assigned to ghost batches: contiguous runs or strided (Keras 2's
+``virtual_batch_size``)."""
 
 
 class Moments(NamedTuple):

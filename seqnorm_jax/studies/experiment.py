@@ -44,6 +44,8 @@ __all__ = ["SCALES", "Experiment", "config_path", "environment", "list_experimen
            "load_experiment", "run_experiment"]
 
 SCALES = ("full", "cpu", "smoke")
+"""The scales of an experiment config: the paper's setting, a CPU-sized one, and a two-step
+smoke run."""
 _TOP_KEYS = {"name", "paper", "ref", "title", "claim", "kind", "base", "runs", "seeds",
              "analysis", "x_label", "x_log", "compute", "gaps", "notes", "cpu", "smoke"}
 _SCALE_KEYS = {"base", "runs", "seeds", "analysis", "image_shape", "notes"}

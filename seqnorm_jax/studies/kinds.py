@@ -299,3 +299,4 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("tune", ("batch_groups", "channel_groups", "tolerance", "metric", "norm_fields"),
          baseline=False, run=_run_tune),
 )}
+"""The experiment kinds, by name: what a study of each kind records and reports."""

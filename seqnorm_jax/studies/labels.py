@@ -8,6 +8,7 @@ __all__ = ["DEFAULT_NORMS", "LABELS", "METRICS"]
 
 # The layers of the default comparison, by short label.
 DEFAULT_NORMS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+")
+"""The layers of the default comparison (``seqnorm-jax compare``), by short label."""
 # Every short label default_norm_specs knows (others are taken as norm specs).
 LABELS = ("none", "bn", "ghost", "gn", "seqnorm", "hn", "gn+", "bgn", "fourthings", "noisybn")
 
@@ -17,3 +18,4 @@ METRICS: dict[str, tuple[str, bool]] = {
     "best_eval_accuracy": ("best validation accuracy over the epochs", True),
     "eval_loss": ("validation loss after the last epoch", False),
 }
+"""The selectable metrics: name -> (description, whether higher is better)."""

@@ -30,6 +30,8 @@ __all__ = [
 # Share of the training split held out for validation when ``base.validation_size`` is
 # None: paper 000 tunes on 5,000 of CIFAR's 50,000 training images ("randomly stratified").
 VALIDATION_FRACTION = 0.1
+"""The share of the training split held out for validation when ``base.validation_size`` is
+None."""
 
 
 # (parameter, sub-folder of out_dir, symbol) of each stage

@@ -25,10 +25,16 @@ __all__ = ["CONFIG_NAME", "DTYPES", "NORM_DECAY_MODES", "ON_DIVERGENCE", "OPTIMI
            "config_changes", "field_docs", "write_config"]
 
 NORM_DECAY_MODES = ("zero", "one", "off")
+"""The values of ``TrainConfig.norm_weight_decay``: decay the norm layers' gamma towards 0,
+towards 1, or not at all (paper 002)."""
 OPTIMIZERS = ("sgd", "nesterov", "adam", "adamw")
+"""The values of ``TrainConfig.optimizer``."""
 SCHEDULES = ("constant", "cosine", "one_cycle", "cosine_one_cycle", "step")
+"""The values of ``TrainConfig.schedule``: the learning-rate schedules."""
 DTYPES = ("float32", "bfloat16")
 ON_DIVERGENCE = ("stop", "continue")
+"""The values of ``TrainConfig.on_divergence``: stop with the last finite state, or apply
+the updates and go on."""
 # Fields that a resumed run may change freely: they do not change what the steps done so
 # far computed, nor the state's structure (``epochs`` extends or shortens the run; with the
 # ``cosine``/``one_cycle`` schedules this also stretches the learning rate's curve from the
@@ -36,6 +42,7 @@ ON_DIVERGENCE = ("stop", "continue")
 RESUME_SAFE_FIELDS = ("epochs", "progress", "log_every", "checkpoint_every",
                       "keep_checkpoints", "data_workers", "eval_batch_size", "on_divergence",
                       "data_dir")
+"""The ``TrainConfig`` fields a resumed run may change without ``--allow-change``."""
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string",
                "bool": "true or false", "list[float]": "a list of numbers",

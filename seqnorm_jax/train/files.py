@@ -287,6 +287,8 @@ def _acquire(path: str, shown: str, flag: str) -> int:
 
 # ------------------------------------------------------------------------- signals
 PREEMPTED = 75  # the exit status of a preempted command (sysexits.h EX_TEMPFAIL)
+"""The exit status of a preempted command, 75 (``EX_TEMPFAIL``: try again with
+``--resume``)."""
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 _state: dict = {"depth": 0, "signal": None, "previous": {}}

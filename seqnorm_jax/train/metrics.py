@@ -39,6 +39,7 @@ __all__ = ["EVAL_FILE", "EVENTS_FOLDER", "METRIC_COLUMNS", "LogProgress", "Metri
 # accuracy, the means over the epoch's training steps.
 METRIC_COLUMNS = ("kind", "step", "epoch", "loss", "accuracy", "lr", "images_per_sec",
                   "eval_loss", "eval_accuracy", "example_weight", "epoch_time", "wall_time")
+"""The columns of ``metrics.csv`` (and the keys of a ``metrics.jsonl`` row), in order."""
 
 
 # The TensorBoard scalar of each column, by row kind: ``tensorboard --logdir <runs>`` shows
