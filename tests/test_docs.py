@@ -4,7 +4,9 @@
   block depends on another) in a fresh subprocess on the CPU platform. A block that needs
   several devices says so in an HTML comment on the line before it:
   ``<!-- docs-test: devices=8 -->`` runs it with
-  ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+  ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. A block that compiles for TPU
+  says ``<!-- docs-test: needs=tpu -->``: where libtpu (the ``[tpu]`` extra) is not
+  installed, the block must end in the one error that names that extra.
 * Every fenced block names its language; shell blocks (```bash, ```console) are not run,
   but every ``seqnorm-jax COMMAND`` in them must be a command of the CLI's parser
   (``seqnorm-jax COMMAND --help`` exits 0).
@@ -18,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import io
 import os
@@ -94,7 +97,7 @@ def test_every_block_names_its_language(block):
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=block_id)
 def test_python_block_runs(block, tmp_path):
     path, _, line, code, options = block
-    assert set(options) <= {"devices"}, f"unknown docs-test option in {options}"
+    assert set(options) <= {"devices", "needs"}, f"unknown docs-test option in {options}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     # Each block starts from a clean process: no fake devices or compile flags inherited.
@@ -105,6 +108,12 @@ def test_python_block_runs(block, tmp_path):
     # Blocks write their files (plots, runs) into a fresh folder, never into the clone.
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    if options.get("needs") == "tpu" and importlib.util.find_spec("libtpu") is None:
+        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].endswith(
+            'the TPU compiler (libtpu) is not installed: pip install "seqnorm-jax[tpu]"'), (
+            f"{path.relative_to(ROOT)}:{line}: without libtpu the block must name the "
+            f"[tpu] extra:\n{proc.stderr[-3000:]}")
+        return
     assert proc.returncode == 0, (
         f"{path.relative_to(ROOT)}:{line} failed (exit {proc.returncode}):\n"
         f"{proc.stderr[-3000:]}")
