@@ -1,9 +1,9 @@
 """The documentation cannot rot: its examples run, its commands exist, its API is complete.
 
 * Every ```python block of README.md and docs/**/*.md runs alone (its own imports, no
-  block depends on another) in a fresh subprocess on the CPU platform. A block that needs
-  several devices says so in an HTML comment on the line before it:
-  ``<!-- docs-test: devices=8 -->`` runs it with
+  block depends on another), on the CPU platform: exec'd in a fresh namespace, or, for a
+  block that needs several devices and says so in an HTML comment on the line before it
+  (``<!-- docs-test: devices=8 -->``), in a fresh process with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. A block that compiles for TPU
   says ``<!-- docs-test: needs=tpu -->``: where libtpu (the ``[tpu]`` extra) is not
   installed, the block must end in the one error that names that extra.
@@ -94,29 +94,51 @@ def test_every_block_names_its_language(block):
     assert not options or lang == "python", f"{path.name}:{line}: a marker on a {lang} block"
 
 
-@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=block_id)
-def test_python_block_runs(block, tmp_path):
-    path, _, line, code, options = block
-    assert set(options) <= {"devices", "needs"}, f"unknown docs-test option in {options}"
+def _run_in_subprocess(code: str, cwd: Path, devices: int) -> tuple[int, str]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    # Each block starts from a clean process: no fake devices or compile flags inherited.
-    env.pop("XLA_FLAGS", None)
     env.pop("JAX_NUM_CPU_DEVICES", None)
-    if "devices" in options:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={int(options['devices'])}"
-    # Blocks write their files (plots, runs) into a fresh folder, never into the clone.
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+    flags = [f for f in env.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=BLOCK_TIMEOUT_S)
+    return proc.returncode, proc.stderr
+
+
+def _run_in_process(code: str, cwd: Path, monkeypatch) -> tuple[int, str]:
+    """exec in a fresh namespace: no name of another block (or of this module) is visible,
+    so a block that forgets an import fails; modules already imported are reused."""
+    monkeypatch.chdir(cwd)
+    namespace = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(code, "<docs block>", "exec"), namespace)
+    except BaseException as error:  # noqa: BLE001 -- reported with the block's place
+        import traceback
+        return 1, "".join(traceback.format_exception(error))
+    return 0, ""
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=block_id)
+def test_python_block_runs(block, tmp_path, monkeypatch):
+    """Blocks without a marker run in this process (the suite's CPU devices and compile
+    flags, tests/conftest.py); marked blocks in a fresh process with their devices. Either
+    way each block writes its files (plots, runs) into a fresh folder, never the clone."""
+    path, _, line, code, options = block
+    assert set(options) <= {"devices", "needs"}, f"unknown docs-test option in {options}"
+    if "devices" in options:
+        returncode, stderr = _run_in_subprocess(code, tmp_path, int(options["devices"]))
+    else:
+        returncode, stderr = _run_in_process(code, tmp_path, monkeypatch)
     if options.get("needs") == "tpu" and importlib.util.find_spec("libtpu") is None:
-        assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].endswith(
+        assert returncode == 1 and stderr.strip().splitlines()[-1].endswith(
             'the TPU compiler (libtpu) is not installed: pip install "seqnorm-jax[tpu]"'), (
             f"{path.relative_to(ROOT)}:{line}: without libtpu the block must name the "
-            f"[tpu] extra:\n{proc.stderr[-3000:]}")
+            f"[tpu] extra:\n{stderr[-3000:]}")
         return
-    assert proc.returncode == 0, (
-        f"{path.relative_to(ROOT)}:{line} failed (exit {proc.returncode}):\n"
-        f"{proc.stderr[-3000:]}")
+    assert returncode == 0, (
+        f"{path.relative_to(ROOT)}:{line} failed (exit {returncode}):\n{stderr[-3000:]}")
 
 
 COMMAND = re.compile(r"(?:^|[\s/(`])seqnorm-jax\s+([a-z][a-z-]*)")
@@ -207,3 +229,21 @@ def test_public_name_has_docstring(module_name, name):
     assert doc and doc.strip(), (
         f"{module_name}.{name} has no docstring; the API reference would show it bare "
         f"(for a constant, put a string literal on the line after its assignment)")
+
+
+def test_readme_links_resolve():
+    """The README's relative links (into docs/, CHANGELOG.md, LICENSE) work on GitHub:
+    each names a file of the repository, and an anchor a heading of that page."""
+    text = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    relative = [link for link in links if not re.match(r"[a-z]+:", link)]
+    assert len(relative) >= 15, relative
+    for link in relative:
+        target, _, anchor = link.partition("#")
+        path = ROOT / target
+        assert path.is_file(), f"README.md links to {link}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+\s+(.+?)\s*$", path.read_text(), flags=re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-")
+                     for h in headings}
+            assert anchor in slugs, f"README.md links to {link}: no heading {anchor!r}"
