@@ -3,6 +3,8 @@
 * The plots live next to the studies that made them, under ``experiments/results/``; the
   pages show them as ``results/<study>/<plot>.png``. Only the PNG files are published
   (the studies' READMEs and tables are linked on the repository).
+* The docstrings cross-reference in Sphinx's roles (``:func:`name```); the API pages
+  show such a reference as its code name, without the role.
 * After the build, every name in the ``__all__`` of each module rendered with a
   ``::: module`` directive in ``docs/api/`` must have an entry (an HTML id
   ``module.name``, or ``module.sub.name`` where a submodule of the same name hides it) in
@@ -22,6 +24,7 @@ from mkdocs.structure.files import File
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
 log = logging.getLogger("mkdocs.plugins.api_check")
+SPHINX_ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):(?=<code>)")
 
 
 def on_files(files, config):
@@ -29,6 +32,12 @@ def on_files(files, config):
         files.append(File(png.relative_to(EXPERIMENTS).as_posix(), str(EXPERIMENTS),
                           config["site_dir"], config["use_directory_urls"]))
     return files
+
+
+def on_page_content(html, page, config, files):
+    if page.file.src_uri.startswith("api/"):
+        html = SPHINX_ROLE.sub("", html)
+    return html
 
 
 def on_post_build(config):
