@@ -176,7 +176,7 @@ class GhostNorm(_RunningNorm):
         ``virtual_batch_size``).
 
     Running statistics move towards the whole-batch mean and the mean over ghost
-    batches of their biased variances, once per call (see the README for how
+    batches of their biased variances, once per call (see docs/running-statistics.md for how
     Keras and PyTorch implementations differ).
     """
 

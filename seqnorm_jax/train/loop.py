@@ -12,7 +12,7 @@ running statistics, step) is restored exactly, each epoch's data order is a func
 ``(seed, epoch)`` alone and the loader skips the steps already done, and each step's
 rngs are a function of ``(seed, step)``.
 
-What a run guarantees (see the README's "Runs that never hang" section):
+What a run guarantees (see the documentation page "Run folders and reliability"):
 
 * settings are checked when the ``Trainer`` is built, before any work: the config's
   types and ranges, ``out_dir``, and the norm layers against the batch, the mesh and the
