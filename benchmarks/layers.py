@@ -366,7 +366,7 @@ def _prefix(row: dict[str, Any]) -> str:
 
 def markdown_tables(data: dict[str, Any]) -> str:
     """The ratios of a ``--json`` file as one markdown table per mode and dtype (layers by
-    shapes), the tables of ``benchmarks/RESULTS.md`` and the README."""
+    shapes), the tables of ``benchmarks/RESULTS.md`` and the documentation (docs/speed.md)."""
     out = []
     for dtype in dict.fromkeys(r["dtype"] for r in data["results"]):
         res = [r for r in data["results"] if r["dtype"] == dtype]

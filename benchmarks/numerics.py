@@ -1,4 +1,4 @@
-"""Largest output error of every pure function against float64 at |mean| >> std (README "Numerics").
+"""Largest output error of every pure function against float64 at |mean| >> std (docs/numerics.md).
 
     python benchmarks/numerics.py
 

@@ -669,7 +669,8 @@ def _cost(compiled: Any) -> dict[str, float]:
         raise RuntimeError(
             f"analyze: this jax ({jax.__version__}) offers no cost analysis for a deviceless "
             f"XLA:GPU compile ({type(e).__name__}: {e}); use a TPU topology for flops and "
-            "bytes, or the jax version in the README's install line.") from None
+            "bytes, or a jax version the documentation lists as tested (Getting started, "
+            "Install).") from None
     instructions = list(hlo_instructions(compiled.as_text()))
     cost["flops"] = cost.get("flops", 0.0) + _cudnn_conv_flops(instructions)
     return cost

@@ -29,7 +29,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     [_flags, *(f"{k}={v}" for k, v in FAST_COMPILE.items() if k not in _flags)]).strip()
 
 # tests/compilers/ compile for TPU and GPU pods with the accelerator compilers (the [tpu]
-# and [cuda] extras), in their own pytest process and venv (README, "Tests"):
+# and [cuda] extras), in their own pytest process and venv (docs/tests.md):
 #   pytest -q --confcutdir=tests/compilers tests/compilers
 # The normal suite never collects them (and --confcutdir keeps this file's fake CPU
 # devices and compile flags out of theirs).

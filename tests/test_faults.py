@@ -1,4 +1,4 @@
-"""Runs that never hang, never mix, never mislead (the README section of that name).
+"""Runs that never hang, never mix, never mislead (docs/runs.md).
 
 Write faults end the process within a bounded time with one ``error: <path>: <cause>``
 line and exit status 2; a non-finite loss is a result (``diverged at step N``, exit 3,

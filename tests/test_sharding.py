@@ -210,7 +210,7 @@ def test_train_step_sharded_equals_one_device(placement, norm):
 
 # Groups spanning the devices at |mean| >> std: the blocks of each group are shifted by
 # their own first values and merged around the first block's (stats.merge_blocks), so the
-# one all-reduce keeps the exactness of one device (README, "Numerics").
+# one all-reduce keeps the exactness of one device (docs/numerics.md).
 LARGE_MEAN_CASES = [
     ("batch_norm", snj.functional.batch_norm, {}),
     ("ghost_norm_g2", snj.functional.ghost_norm, {"batch_groups": 2}),

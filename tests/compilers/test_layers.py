@@ -1,5 +1,5 @@
 """Every layer's training step on the TPU compiler (libtpu; run in a venv with the [tpu]
-extra, see README "Tests").
+extra, see docs/tests.md).
 
 One layer's step (forward, backward to the input and the parameters, updated running
 statistics; :func:`benchmarks.compilers.layer_step`), bfloat16, batch sharded over every

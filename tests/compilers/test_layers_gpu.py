@@ -1,5 +1,5 @@
 """Every layer's training step on XLA:GPU for 8 H100s, without a GPU (run in a venv with
-the [cuda] extra, see README "Tests"): the checks of tests/compilers/test_layers.py on
+the [cuda] extra, see docs/tests.md): the checks of tests/compilers/test_layers.py on
 one 8-GPU host. The entry-computation kernels per layer, next to flax's, are printed by
 ``benchmarks/compilers.py --topology h100:8`` (benchmarks/RESULTS.md).
 """
