@@ -6,7 +6,8 @@
   (``<!-- docs-test: devices=8 -->``), in a fresh process with
   ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. A block that compiles for TPU
   says ``<!-- docs-test: needs=tpu -->``: where libtpu (the ``[tpu]`` extra) is not
-  installed, the block must end in the one error that names that extra.
+  installed, the block must end in the one error that names that extra (the compiler
+  tests, tests/compilers/test_docs_tpu.py, run it in full with libtpu).
 * Every fenced block names its language; shell blocks (```bash, ```console) are not run,
   but every ``seqnorm-jax COMMAND`` in them must be a command of the CLI's parser
   (``seqnorm-jax COMMAND --help`` exits 0).
