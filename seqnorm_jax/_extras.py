@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["TRAIN_MODULES", "MissingExtraError", "lazy_exports", "missing_train_modules",
-           "require_train"]
+           "require_train", "require_wandb"]
 
 # The top-level modules the ``train`` extra installs (pyproject.toml, [train]), by the
 # name they are imported as. optax and orbax come with flax today, but the training side
@@ -51,6 +51,15 @@ def require_train(part: str) -> None:
         raise MissingExtraError(
             f"{part} needs the training extra, which is not installed (missing: "
             f"{', '.join(missing)}): pip install \"seqnorm-jax[train]\"")
+
+
+def require_wandb(field: str) -> None:
+    """Raise :class:`MissingExtraError` if ``field`` asks for Weights & Biases logging and
+    the ``wandb`` extra is not installed (checked before a run does any work)."""
+    if importlib.util.find_spec("wandb") is None:
+        raise MissingExtraError(
+            f"{field} logs to Weights & Biases, which is not installed: "
+            "pip install \"seqnorm-jax[wandb]\" (or leave it unset)")
 
 
 def lazy_exports(package: str, init_file: str) -> tuple[Any, Any]:

@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as err:
         print(f"seqnorm-jax {args.command}: {err}", file=sys.stderr)
         return PREEMPTED
-    except (ValueError, DatasetNotFoundError, FileNotFoundError) as err:
+    except (ValueError, DatasetNotFoundError, FileNotFoundError, MissingExtraError) as err:
         if args.traceback:
             raise
         print(f"seqnorm-jax {args.command}: error: {error_text(err)}", file=sys.stderr)

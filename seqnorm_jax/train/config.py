@@ -41,7 +41,7 @@ the updates and go on."""
 # resumed step on, like any change of the run's length).
 RESUME_SAFE_FIELDS = ("epochs", "progress", "log_every", "checkpoint_every",
                       "keep_checkpoints", "data_workers", "eval_batch_size", "on_divergence",
-                      "data_dir")
+                      "data_dir", "wandb_project")
 """The ``TrainConfig`` fields a resumed run may change without ``--allow-change``."""
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "str": "a string",
@@ -165,6 +165,8 @@ class TrainConfig:
       on_divergence: at a non-finite training loss (detected in the compiled step):
         stop ends the run there and checkpoints the last finite state; continue applies
         the updates as computed and trains on. Either way FitResult.diverged says where.
+      wandb_project: also log the metric rows to this Weights & Biases project (needs
+        the wandb extra; entity, mode and key from WANDB_* variables; none: off).
     """
 
     model: str = "cnn"
@@ -213,6 +215,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     on_divergence: str = "stop"
+    wandb_project: str | None = None
 
     def __post_init__(self):
         self.validate()

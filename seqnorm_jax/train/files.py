@@ -53,7 +53,7 @@ CONFIG_NAME = "config.json"
 # What a training run writes into its folder (a study's run record included): a folder
 # holding any of them holds a run.
 RUN_FILES = (CONFIG_NAME, "metrics.jsonl", "metrics.csv", "tensorboard", "checkpoints",
-             "checkpoints.damaged", "eval.jsonl", "record.json")
+             "checkpoints.damaged", "eval.jsonl", "record.json", "wandb", "wandb.json")
 
 
 # ----------------------------------------------------------------------------- paths

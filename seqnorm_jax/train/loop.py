@@ -50,6 +50,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from seqnorm_jax import checks
+from seqnorm_jax._extras import require_wandb
 from seqnorm_jax.distributed import (
     batch_sharding,
     data_mesh,
@@ -162,6 +163,11 @@ class Trainer:
         self.out_dir = None if out_dir is None else os.fspath(run_path(out_dir))
         if self.out_dir is not None:
             check_out_dir(self.out_dir, "out_dir (--out)", create=False)
+        if config.wandb_project is not None:
+            if self.out_dir is None:
+                raise ValueError("TrainConfig.wandb_project: Weights & Biases logs the metric "
+                                 "rows of a run folder; give the Trainer an out_dir (--out).")
+            require_wandb("TrainConfig.wandb_project (--wandb-project)")
         self.mesh = data_mesh() if mesh is None else mesh
         self.batch_axis = mesh_batch_axis(self.mesh)
         if (train_source is None) != (eval_source is None):
@@ -373,7 +379,8 @@ class Trainer:
             writer = None
             if self.out_dir is not None and is_writer():  # one writer: process 0
                 write_config(self.out_dir, c)
-                writer = MetricsWriter(self.out_dir, resume_step=resume_step)
+                writer = MetricsWriter(self.out_dir, resume_step=resume_step,
+                                       wandb_project=c.wandb_project, config=c.to_dict())
             run = Run(self._run_parts(), state, window,
                       Logger(writer, [] if writer is None else list(writer.rows)), checkpointer)
             run.skipped = skipped

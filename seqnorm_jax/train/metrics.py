@@ -1,7 +1,8 @@
 """What a run reports: metrics files, TensorBoard event files and progress bars.
 
 Metrics: one JSON object per line (``metrics.jsonl``), the same rows as CSV, and
-TensorBoard event files (``tensorboard/``, written with tensorboardX, no TensorFlow).
+TensorBoard event files (``tensorboard/``, written with tensorboardX, no TensorFlow);
+with ``TrainConfig.wandb_project``, the same scalars in a Weights & Biases run as well.
 
 Non-finite numbers (a diverged run's loss) are written as the JSON strings ``"nan"``,
 ``"inf"`` and ``"-inf"``, so every line is strict JSON (``json.loads`` without the
@@ -24,6 +25,7 @@ import io
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +34,7 @@ from typing import Any, TextIO
 from seqnorm_jax.train.files import is_local, open_run_file, run_file_errors, run_path
 
 __all__ = ["EVAL_FILE", "EVENTS_FOLDER", "METRIC_COLUMNS", "LogProgress", "MetricsWriter",
-           "SCALAR_TAGS", "append_eval_rows", "progress_bar", "read_jsonl"]
+           "SCALAR_TAGS", "WANDB_FILE", "append_eval_rows", "progress_bar", "read_jsonl"]
 
 # Train rows fill step..images_per_sec (means over the steps since the previous train row);
 # eval rows (one per epoch) fill eval_*, example_weight, epoch_time and, in loss and
@@ -48,6 +50,9 @@ METRIC_COLUMNS = ("kind", "step", "epoch", "loss", "accuracy", "lr", "images_per
 EVENTS_FOLDER = "tensorboard"
 # `seqnorm-jax eval`'s results, one JSON object per evaluation, in the run's folder.
 EVAL_FILE = "eval.jsonl"
+WANDB_FILE = "wandb.json"
+"""The run folder's record of its Weights & Biases run (project and run id), which a
+resumed run continues."""
 SCALAR_TAGS = {
     "train": {"loss": "train/loss", "accuracy": "train/accuracy", "lr": "train/lr",
               "images_per_sec": "train/images_per_sec"},
@@ -151,6 +156,39 @@ class _EventFile:
             self._writer.close()
 
 
+class _WandbRun:
+    """The metric rows' scalars in a Weights & Biases run: the same tags, steps and sink
+    interface as :class:`_EventFile`. The run id is kept in the folder's
+    :data:`WANDB_FILE`, so a resumed run continues its W&B run (W&B keeps the points the
+    interrupted run logged after the checkpoint; it has no purge step). W&B's own files go
+    to ``<folder>/wandb/``; entity, mode (``WANDB_MODE=offline``) and key come from its
+    ``WANDB_*`` environment variables."""
+
+    def __init__(self, folder, project: str, config: dict[str, Any], resume: bool):
+        import wandb
+
+        record = folder / WANDB_FILE
+        kept = json.loads(record.read_text()) if resume and record.exists() else {}
+        if kept.get("project") != project:
+            kept = {"project": project, "id": secrets.token_hex(8)}
+            with run_file_errors(os.fspath(record)):
+                record.write_text(json.dumps(kept) + "\n")
+        try:
+            self._run = wandb.init(project=project, id=kept["id"], name=folder.name,
+                                   dir=os.fspath(folder), config=config, resume="allow")
+        except Exception as err:  # W&B's own errors (no key, no network) have no common base
+            raise ValueError(
+                f"TrainConfig.wandb_project={project!r}: Weights & Biases could not start "
+                f"the run ({type(err).__name__}: {err}); log in (wandb login, WANDB_API_KEY) "
+                "or set WANDB_MODE=offline to keep the run on disk.") from err
+
+    def add(self, values: dict[str, float], step: int, wall_time: float | None) -> None:
+        self._run.log(values, step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 class MetricsWriter:
     """Append metric rows to ``<dir>/metrics.jsonl`` and ``<dir>/metrics.csv``, and their
     scalars (:data:`SCALAR_TAGS`) to TensorBoard event files in ``<dir>/tensorboard/``.
@@ -167,6 +205,9 @@ class MetricsWriter:
       resume_step: when resuming from a checkpoint at this step, rows logged after it
         by the interrupted run are dropped (and a partial last line), so the files read
         as one uninterrupted run; ``None`` starts fresh files.
+      wandb_project: also log the scalars to this Weights & Biases project (the
+        ``wandb`` extra), under the same tags and steps as the event files.
+      config: the run's configuration, recorded with the W&B run.
 
     A file deleted (or moved away) while the run writes is written anew at the next row,
     whole: every row of the run so far, as if it had never gone.
@@ -178,7 +219,8 @@ class MetricsWriter:
       RunFileError: a file cannot be written (names it and the cause).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, resume_step: int | None = None):
+    def __init__(self, directory: str | os.PathLike, *, resume_step: int | None = None,
+                 wandb_project: str | None = None, config: dict[str, Any] | None = None):
         folder = run_path(directory)
         folder.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = os.fspath(folder / "metrics.jsonl")
@@ -196,10 +238,13 @@ class MetricsWriter:
         for path, text in self._text.items():
             with open_run_file(path, "wb") as f:
                 f.write(text.encode())
-        self._events = None
+        self._sinks: list[_EventFile | _WandbRun] = []
         if is_local(self.jsonl_path):
-            self._events = _EventFile(folder / EVENTS_FOLDER,
-                                      None if resume_step is None else resume_step + 1)
+            self._sinks.append(_EventFile(folder / EVENTS_FOLDER,
+                                          None if resume_step is None else resume_step + 1))
+        if wandb_project is not None:
+            self._sinks.append(_WandbRun(folder, wandb_project, config or {},
+                                         resume=resume_step is not None))
 
     def write(self, row: dict[str, Any]) -> dict[str, Any]:
         """Append one row (keys among :data:`METRIC_COLUMNS`); returns the cleaned row."""
@@ -215,19 +260,20 @@ class MetricsWriter:
 
     def _add_scalars(self, row: dict[str, Any]) -> None:
         """``row`` as :func:`read_jsonl` gives it (plain numbers, non-finite ones as floats)."""
-        if self._events is None or "step" not in row:
+        if not self._sinks or "step" not in row:
             return
         values = {tag: float(row[column])
                   for column, tag in SCALAR_TAGS.get(row.get("kind"), {}).items()
                   if isinstance(row.get(column), (int, float))}
         if values:
-            self._events.add(values, row["step"], row.get("wall_time"))
+            for sink in self._sinks:
+                sink.add(values, row["step"], row.get("wall_time"))
 
     def close(self) -> None:
-        """Flush and close the event file (the JSONL and CSV are complete after each row)."""
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        """Flush and close the event file and the W&B run (the JSONL and CSV are complete
+        after each row)."""
+        while self._sinks:
+            self._sinks.pop(0).close()
 
     def _append(self, path: str, text: str) -> None:
         """Append ``text``. A file that is gone (deleted or moved while the run writes)
