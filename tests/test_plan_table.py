@@ -42,6 +42,32 @@ def test_table_row_from_cached_steps(tmp_path):
     assert row[5] == "2.00 GiB / 16.00 GiB" and row[6] == "yes |"
 
 
+def test_table_without_compiling_shows_what_the_cache_holds(tmp_path, monkeypatch):
+    # two of the four steps cached by this code: the table plans those two and neither
+    # lowers nor compiles the others (nor writes anything for them)
+    exp = load_experiment("003_fluctuation_mlp4").resolve("full")
+    configs = [c for _, c in exp.configs()]
+    keys = [plan.step_key(c, "v5e:1x1", exp.image_shape) for c in configs]
+    assert len(set(keys)) == 4
+    for key, s in zip(keys[:2], (1e-3, 2e-3)):
+        (tmp_path / (key + ".json")).write_text(json.dumps(
+            {"code": plan.code_fingerprint(), "program": "p", "step": _record(s, GIB)}))
+
+    def no_lowering(*args, **kwargs):
+        raise AssertionError("lowered")
+
+    monkeypatch.setattr(plan, "lower_step", no_lowering)
+    out = tmp_path / "table.md"
+    text = plan.plan_table(["003_fluctuation_mlp4"], str(tmp_path), out=str(out),
+                           compile=False)
+    assert out.read_text() == text
+    row = text.splitlines()[2].split(" | ")
+    assert row[1:4] == ["v5e:1x1", "2 of 4", "1.000 ms - 2.000 ms"]
+    assert "(planned runs only)" in row[4]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(k + ".json"
+                                                                      for k in keys[:2])
+
+
 def test_step_key_ignores_constants_not_the_step():
     exp = load_experiment("003_fluctuation_mlp4").resolve("full")
     c = exp.configs()[0][1]

@@ -314,7 +314,7 @@ def _plan(args) -> int:
         for name in topologies:
             aot.parse_topology(name)
         print(plan_table.plan_table(names, args.cache, topologies=topologies, out=args.out,
-                                    progress=_progress), end="")
+                                    progress=_progress, compile=args.compile), end="")
         return 0
     if not args.topology:
         raise ValueError("--topology is required: a TPU chip grid (v5e:16x16, v4:2x2x2, "

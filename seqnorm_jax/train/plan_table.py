@@ -95,7 +95,8 @@ def table_topology(configs: Sequence[TrainConfig], topologies=TABLE_TOPOLOGIES) 
 
 
 def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_shape=None,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[str], None] | None = None,
+                compile: bool = True) -> dict[str, Any] | None:
     """:meth:`StepPlan.to_dict` of ``config``'s step on ``topology``, from
     ``cache_dir/<step_key>.json`` or compiled and stored there; a config that cannot be
     planned is stored as ``{"error": message}``.
@@ -105,7 +106,8 @@ def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_sha
     it was compiled from. The same code fingerprint serves it at once; otherwise the step
     is lowered (seconds, no compile) and served if the program is unchanged (the file then
     records the new code fingerprint), else compiled again. So a change to the package
-    recompiles only the steps whose program it changed."""
+    recompiles only the steps whose program it changed. With ``compile=False`` a step that
+    would have to compile is ``None`` instead (nothing is compiled or written for it)."""
     import json
 
     path = os.path.join(cache_dir, step_key(config, topology, image_shape) + ".json")
@@ -115,11 +117,15 @@ def cached_step(config: TrainConfig, topology: str, cache_dir: str, *, image_sha
             entry = json.load(f)
         if entry.get("code") == code_fingerprint():
             return entry["step"]
+    if entry is None and not compile:
+        return None
     try:
         lowered = lower_step(config, topology, image_shape=image_shape)
         program = lowered.program_fingerprint()
         if entry is not None and entry.get("program") == program:
             step = entry["step"]
+        elif not compile:
+            return None
         else:
             step = lowered.compile(progress).to_dict()
     except ValueError as err:
@@ -142,13 +148,15 @@ def _run_plan(config: TrainConfig, step: dict[str, Any]) -> float | None:
 
 
 def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOGIES,
-               out: str | None = None, progress: Callable[[str], None] | None = None) -> str:
+               out: str | None = None, progress: Callable[[str], None] | None = None,
+               compile: bool = True) -> str:
     """The paper configs ``names`` at full scale, one row each: the topology, the runs
     planned, the roofline step time, the training time of all runs and seeds, the peak
     memory per chip against HBM. Steps compile once each, cached in ``cache_dir``, the
     cheapest models first and one run of every config before the second of any, so the
     table can be built over several sittings; with ``out`` it is rewritten after every
-    compile."""
+    compile. ``compile=False`` gives the table of the steps the cache holds for this code,
+    compiling nothing (a cached step from other code is lowered to check its program)."""
     from seqnorm_jax.studies.experiment import load_experiment
 
     exps = [load_experiment(n).resolve("full") for n in names]
@@ -170,12 +178,18 @@ def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOG
             if i >= len(row["configs"]):
                 continue
             c = row["configs"][i]
-            row["steps"][i] = cached_step(c, row["topology"], cache_dir,
-                                          image_shape=row["exp"].image_shape, progress=progress)
+            step = cached_step(c, row["topology"], cache_dir, compile=compile,
+                               image_shape=row["exp"].image_shape, progress=progress)
+            if step is None:
+                continue
+            row["steps"][i] = step
             text = _table(rows)
             if out is not None:
                 with open(out, "w") as f:
                     f.write(text)
+    if out is not None:
+        with open(out, "w") as f:
+            f.write(text)
     return text
 
 
