@@ -49,9 +49,9 @@ def test_table_without_compiling_shows_what_the_cache_holds(tmp_path, monkeypatc
     configs = [c for _, c in exp.configs()]
     keys = [plan.step_key(c, "v5e:1x1", exp.image_shape) for c in configs]
     assert len(set(keys)) == 4
-    for key, s in zip(keys[:2], (1e-3, 2e-3)):
-        (tmp_path / (key + ".json")).write_text(json.dumps(
-            {"code": plan.code_fingerprint(), "program": "p", "step": _record(s, GIB)}))
+    for c, s in zip(configs[:2], (1e-3, 2e-3)):
+        _cache_entry(tmp_path, c, plan.code_fingerprint(), "p", _record(s, GIB),
+                     image_shape=exp.image_shape)
 
     def no_lowering(*args, **kwargs):
         raise AssertionError("lowered")
@@ -90,8 +90,8 @@ class _Lowered:
         return SimpleNamespace(to_dict=lambda: self.record)
 
 
-def _cache_entry(tmp_path, config, code, program, record):
-    path = tmp_path / (plan.step_key(config, "v5e:1x1") + ".json")
+def _cache_entry(tmp_path, config, code, program, record, image_shape=None):
+    path = tmp_path / (plan.step_key(config, "v5e:1x1", image_shape) + ".json")
     path.write_text(json.dumps({"code": code, "program": program, "step": record}))
     return path
 

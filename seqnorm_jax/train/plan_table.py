@@ -172,7 +172,14 @@ def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOG
 
     order = sorted(rows, key=cost)
     longest = max((len(r["configs"]) for r in rows), default=0)
-    text = _table(rows)
+
+    def save() -> str:
+        text = _table(rows)
+        if out is not None:
+            with open(out, "w") as f:
+                f.write(text)
+        return text
+
     for i in range(longest):
         for row in order:
             if i >= len(row["configs"]):
@@ -183,14 +190,8 @@ def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOG
             if step is None:
                 continue
             row["steps"][i] = step
-            text = _table(rows)
-            if out is not None:
-                with open(out, "w") as f:
-                    f.write(text)
-    if out is not None:
-        with open(out, "w") as f:
-            f.write(text)
-    return text
+            save()
+    return save()
 
 
 def _table(rows) -> str:
