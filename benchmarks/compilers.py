@@ -8,7 +8,11 @@ compiler's cost analysis) or the kernels of the entry computation (GPU: fusions 
 custom calls, each a pass over memory), next to flax ``nn.BatchNorm`` compiled the same
 way; and the x-sized arrays each program reads and writes per device
 (``benchmarks/layers.py``'s ``x_passes``: a GPU kernel that touches ``x``, ``dy``, ``dx``
-or an intermediate of their size counts once per such array).
+or an intermediate of their size counts once per such array). Next to each accelerator
+figure it prints the same step compiled by XLA:CPU for one device's share of the batch
+(bytes accessed from XLA:CPU's cost analysis, x-sized arrays), and the speed targets:
+bytes accessed per TPU chip <= 1.1x flax BatchNorm's, x-sized arrays per GPU <= flax
+BatchNorm's.
 
     python benchmarks/compilers.py --topology v5e:16x16            # TPU, both shapes
     python benchmarks/compilers.py --topology h100:8 --shapes 32x32x64
@@ -146,6 +150,25 @@ def analyze_layer(layer: Any, topo: aot.Topology, shape: Sequence[int], dtype: A
     return analysis, x_passes(compiled.as_text(), math.prod(shape) // topo.num_devices)
 
 
+def cpu_step(layer: Any, shape: Sequence[int], dtype: Any = "bfloat16") -> tuple[float, int]:
+    """``(bytes accessed, x-sized arrays read and written)`` of :func:`layer_step` compiled
+    by XLA:CPU for one device and an input of ``shape`` (one device's share of a batch)."""
+    layer = layer.clone(dtype=jnp.dtype(dtype))
+    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    x = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=on_cpu)
+    variables = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=on_cpu),
+        jax.eval_shape(lambda x: training(layer).init({"params": jax.random.key(0),
+                                                       "noise": jax.random.key(1)}, x), x))
+    compiled = jax.jit(layer_step(layer)).lower(variables, x, x).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost["bytes accessed"]), x_passes(compiled.as_text(), math.prod(shape))
+
+
+TPU_BYTES_TARGET = 1.1  # bytes accessed per chip against flax BatchNorm's
+
+
 def statistics_all_reduces(a: aot.Analysis) -> int:
     return a.collective_counts["all-reduce"]
 
@@ -204,30 +227,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         shape = (args.per_chip * d,) + per_example
         ref, ref_passes = analyze_layer(LAYERS["flax_bn"](d), topo, shape, args.dtype,
                                         passes=True)
-        print(f"\n## {hwc} (global {shape})\n")
+        per_device = (args.per_chip,) + per_example
+        # on one device, one device's share: ghost groups aligned with the devices are
+        # one group there (the layers built for one device)
+        cpu_ref = cpu_step(LAYERS["flax_bn"](1), per_device, args.dtype)
+        print(f"\n## {hwc} (global {shape}; XLA:CPU: one device's {per_device})\n")
         if gpu:
             print("| layer | all-reduces (bytes/device) | other collectives | entry kernels "
-                  "| x-sized reads+writes | flax BatchNorm: all-reduces, kernels, x-sized |")
-            print("| --- | --- | --- | --- | --- | --- |")
+                  "| x-sized reads+writes | flax BatchNorm: all-reduces, kernels, x-sized "
+                  "| target: x-sized <= flax's | XLA:CPU x-sized (flax's) |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
         else:
             print("| layer | all-reduces (bytes/chip) | other collectives | bytes accessed "
-                  "per chip | vs flax BatchNorm | temporaries |")
-            print("| --- | --- | --- | --- | --- | --- |")
+                  f"per chip | vs flax BatchNorm | target <= {TPU_BYTES_TARGET}x | temporaries "
+                  "| XLA:CPU bytes vs flax | XLA:CPU x-sized (flax's) |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in names:
             t0 = time.perf_counter()
             a, n_passes = ((ref, ref_passes) if name == "flax_bn" else
                            analyze_layer(LAYERS[name](d), topo, shape, args.dtype, passes=True))
+            cpu_bytes, cpu_passes = (cpu_ref if name == "flax_bn" else
+                                     cpu_step(LAYERS[name](1), per_device, args.dtype))
             row = _row(name, a, ref, gpu, n_passes, ref_passes) | {
-                "shape": hwc, "compile_s": time.perf_counter() - t0}
+                "shape": hwc, "compile_s": time.perf_counter() - t0,
+                "cpu_bytes_accessed": cpu_bytes, "cpu_ratio": cpu_bytes / cpu_ref[0],
+                "cpu_x_passes": cpu_passes, "cpu_flax_x_passes": cpu_ref[1]}
+            row["target_met"] = (n_passes <= ref_passes if gpu
+                                 else row["ratio"] <= TPU_BYTES_TARGET)
+            verdict = "PASS" if row["target_met"] else "MISS"
+            on_cpu = f"{cpu_passes} ({cpu_ref[1]})"
             rows.append(row)
             others = ", ".join(f"{v} {k}" for k, v in row["other_collectives"].items()) or "-"
             ar = f"{row['all_reduces']} ({row['all_reduce_bytes']:,})"
             if gpu:
                 print(f"| {name} | {ar} | {others} | {row['kernels']} | {n_passes} | "
-                      f"{row['flax_all_reduces']}, {row['flax_kernels']}, {ref_passes} |")
+                      f"{row['flax_all_reduces']}, {row['flax_kernels']}, {ref_passes} | "
+                      f"{verdict} | {on_cpu} |")
             else:
                 print(f"| {name} | {ar} | {others} | {row['bytes_accessed'] / 1e6:.0f} MB | "
-                      f"{row['ratio']:.2f}x | {row['temporaries'] / 1e6:.0f} MB |")
+                      f"{row['ratio']:.2f}x | {verdict} | {row['temporaries'] / 1e6:.0f} MB | "
+                      f"{row['cpu_ratio']:.2f}x | {on_cpu} |")
             sys.stdout.flush()
     if args.json:
         with open(args.json, "w") as f:
