@@ -4,7 +4,8 @@
 #   experiments/results/plan/examples.sh gpu   (in a venv with the [cuda] extra)
 # Paper configs at full scale. The step figures are the compilers' (per device); "compiled
 # in" is the time on the machine that wrote them: a 2-core x86_64 VM shared with other
-# jobs (load 5-8), jax 0.10.2, libtpu 0.0.42.1, jax-cuda12-plugin 0.10.2.
+# jobs (load 3-5: two other compiles), jax 0.10.2, libtpu 0.0.42.1, jax-cuda12-plugin
+# 0.10.2; regenerated 2026-12-07 on the current code (step figures unchanged).
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 out=experiments/results/plan
