@@ -21,6 +21,9 @@ interleaved rounds (median), float32.
 6. The x-sized arrays that the per-(n, c) sums of a bfloat16 ``x`` in float32 read and
    write on XLA:CPU (``jnp.sum(x.astype(float32), spatial)``, the moments' two sums), from
    the compiled HLO: where a float32 copy of ``x`` is written before the reductions.
+7. GN+'s inference in the library, its maps computed before the output pass
+   (``_maps.computed_first``, what the layer does on XLA:CPU) against the same layer with
+   them fused into the pass (the function replaced by the identity while it traces).
 
     python benchmarks/alternatives.py                      # cifar-64 and cifar-256
     python benchmarks/alternatives.py --shapes cifar-256 --rounds 25
@@ -43,6 +46,7 @@ from layers import (SHAPES, HandWrittenGroupNorm, compile_layer, machine_info, m
 import seqnorm_jax as snj
 from seqnorm_jax import stats
 from seqnorm_jax.functional._call import setup
+from seqnorm_jax.functional import _maps
 from seqnorm_jax.functional._maps import finish, normalizer
 
 GROUPS = 32
@@ -211,6 +215,25 @@ def vjp_difference(a: nn.Module, b: nn.Module, x) -> float:
     return float(max(jax.tree.leaves(diff)))
 
 
+def gn_plus_library_inference(shape) -> dict:
+    """GN+'s inference (item 7): the library's, and the same with its maps fused into the
+    output pass (``_maps.computed_first`` replaced by the identity while it traces)."""
+    x = jax.random.normal(jax.random.key(0), shape) * 2.0 + 1.0
+    layer = snj.GNPlus(num_groups=GROUPS, use_running_average=True)
+    variables = layer.init(jax.random.key(1), x)
+    runs, computed_first = {}, _maps.computed_first
+    for name, maps in (("maps computed first", computed_first),
+                       ("maps fused into the pass", lambda *m: m)):
+        _maps.computed_first = maps
+        try:
+            f = jax.jit(lambda x: layer.apply(variables, x))
+            jax.block_until_ready(f(x))  # traced and compiled now, with this choice
+        finally:
+            _maps.computed_first = computed_first
+        runs[name] = (lambda f=f: f(x))
+    return runs
+
+
 def sum_passes(shape, dtype) -> int:
     """x-sized reads and writes (``layers.x_passes``) of the two per-(n, c) sums of ``x``
     (``x`` and ``x * x`` over the spatial axes, in float32) for an input of ``dtype``."""
@@ -259,6 +282,8 @@ def main(argv=None) -> None:
         runs = {f"{lname}|{mode}": run for lname, module in modules.items()
                 for mode, run in compile_layer(module, x, False).items()}
         runs.update({f"GN+ {k}|infer": run for k, run in gn_plus_inference(shape).items()})
+        library = gn_plus_library_inference(shape)
+        runs.update({f"GN+ library, {k}|infer": run for k, run in library.items()})
         blocks = sample_block_inference(shape)
         runs.update({f"per-sample {k}|infer": run for k, run in blocks.items()})
         med = measure(runs, args.rounds)
@@ -269,6 +294,9 @@ def main(argv=None) -> None:
         base = med["GN+ flax BatchNorm map|infer"]
         for k in ("composed", "factored", "materialised (cond)"):
             print(f"  GN+ inference, map {k:20s} {med[f'GN+ {k}|infer'] / base:5.2f}x")
+        for k in library:
+            print(f"  GN+ inference (library), {k:25s} "
+                  f"{med[f'GN+ library, {k}|infer'] / med['GN+ flax BatchNorm map|infer']:5.2f}x")
         base = med["per-sample flax BatchNorm map|infer"]
         for k in blocks:
             if k != "flax BatchNorm map":

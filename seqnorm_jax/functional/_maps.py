@@ -131,8 +131,29 @@ def _affine_pass(x: Array, k: Array, a: Array, b: Array, axis: int, dtype) -> Ar
     return y.astype(dtype)
 
 
-def finish(call: Call, x: Array, ab: ScaleShift, k: Array, scale, bias) -> Array:
-    """Apply gamma and beta, then the single elementwise pass ``(x - k) * a + b``.
+def computed_first(*maps: Array) -> tuple[Array, ...]:
+    """``maps`` (small arrays the output pass broadcasts) computed before that pass.
+
+    On XLA:CPU the arithmetic that makes a map is otherwise fused into the x-sized output
+    loop and redone for every element (an optimization barrier does not stop it); for
+    GN+'s inference, whose map blends two normalizations with gamma and beta, that is the
+    larger part of the loop. A conditional does stop it: both branches return the maps'
+    values unchanged (the second, taken when the first map has a non-finite entry,
+    through an exact identity XLA does not fold), so the loop reads the computed maps
+    (GN+'s inference at cifar-64: 1.72-1.75x -> 1.30-1.44x flax BatchNorm; SeqNorm's
+    simpler map gained nothing; ``benchmarks/RESULTS.md``). Other backends get the maps as
+    they are (XLA:GPU reads a conditional's predicate on the host)."""
+    def on_cpu():
+        same = lambda v: jnp.where(jnp.isfinite(v), v + 0 * v, v)  # v, exactly
+        return lax.cond(jnp.all(jnp.isfinite(maps[0])), lambda: maps,
+                        lambda: tuple(same(v) for v in maps))
+    return lax.platform_dependent(cpu=on_cpu, default=lambda: maps)
+
+
+def finish(call: Call, x: Array, ab: ScaleShift, k: Array, scale, bias, *,
+           maps_first: bool = False) -> Array:
+    """Apply gamma and beta, then the single elementwise pass ``(x - k) * a + b``
+    (``maps_first``: the maps computed before it, :func:`computed_first`).
 
     With a mask, the entries it drops are normalized like the others (as flax does)
     but through a copy of the map that carries no gradient to the statistics or the
@@ -140,6 +161,8 @@ def finish(call: Call, x: Array, ab: ScaleShift, k: Array, scale, bias) -> Array
     """
     a, b = _with_affine(ab, scale, bias)
     k = jnp.asarray(k, a.dtype)
+    if maps_first:
+        k, a, b = computed_first(k, a, b)
     if call.mask is None:
         return _affine_pass(x, k, a, b, call.axis, call.dtype)
     w = jnp.broadcast_to(call.mask, x.shape)

@@ -102,7 +102,9 @@ def _two_steps(call: Call, x: Array, scale, bias, *, order: str, channel_groups:
         st1, update = batch(m, k)
         f1 = normalizer(st1, eps)
         ab = compose(f1, _mixed(mixing, group(stats.map_moments(m, *f1)), group_first))
-    return finish(call, x, ab, k, scale, bias), update
+    # GN+'s inference map (a blend of two steps) is computed before the pass on XLA:CPU
+    maps_first = mixing is not None and not call.training
+    return finish(call, x, ab, k, scale, bias, maps_first=maps_first), update
 
 
 @normalization
