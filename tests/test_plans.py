@@ -84,3 +84,37 @@ def test_gn_plus_regimes_agree_with_the_reference(variant):
                                                     variant=variant,
                                                     mask=jnp.ones(DENSE, bool)) ** 3))(x)
     np.testing.assert_allclose(g_fused, g_sample, rtol=2e-4, atol=2e-4)
+
+
+def test_maps_computed_first_keep_every_value():
+    """``computed_first`` returns the maps' values exactly in both of its branches:
+    finite maps, and maps with inf, NaN and -0.0 (the branch for non-finite maps)."""
+    from seqnorm_jax.functional._maps import computed_first
+
+    finite = (jnp.array([[1.5, -0.0, 3e38]]), jnp.array([[-2.0, 0.0, 1e-45]]))
+    broken = (jnp.array([[jnp.inf, -0.0, 1.0]]), jnp.array([[jnp.nan, -jnp.inf, -0.0]]))
+    for maps in (finite, broken):
+        for got, want in zip(jax.jit(computed_first)(*maps), maps):
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_gn_plus_inference_computes_its_map_first(monkeypatch):
+    """GN+'s inference on feature maps reads its blended map computed before the output
+    pass on XLA:CPU (one conditional more in the compiled program than with the map left
+    to XLA, which would fuse it into the pass), with the same output."""
+    from seqnorm_jax.functional import _maps
+
+    x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, MAPS), jnp.float32)
+    mean, var = jnp.linspace(-1, 1, MAPS[-1]), jnp.linspace(0.5, 2, MAPS[-1])
+
+    def program():
+        f = jax.jit(lambda x: F.gn_plus(x, None, None, 0.3, num_groups=3, running_mean=mean,
+                                        running_var=var))
+        return f(x), f.lower(x).compile().as_text().count("conditional(")
+
+    y_first, conds_first = program()
+    monkeypatch.setattr(_maps, "computed_first", lambda *maps: maps)
+    y_fused, conds_fused = program()
+    assert conds_first == conds_fused + 1
+    np.testing.assert_allclose(y_first, y_fused, rtol=1e-6, atol=1e-6)
