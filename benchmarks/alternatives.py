@@ -72,6 +72,14 @@ class GroupStatsAsMaps(nn.Module):
         return finish(call, x, (nc(a), nc(b)), nc(k), scale, bias)
 
 
+def _per_channel(v, c):
+    return jnp.repeat(v, c // GROUPS, axis=1)
+
+
+def _nc(v, ndim):
+    return v.reshape(v.shape[0], *(1,) * (ndim - 2), v.shape[1])
+
+
 def gn_plus_inference(shape) -> dict:
     """Jitted GN+ inference variants (and flax BatchNorm's map) on one input of ``shape``."""
     x = jax.random.normal(jax.random.key(0), shape)
@@ -79,13 +87,13 @@ def gn_plus_inference(shape) -> dict:
     spatial = tuple(range(1, len(shape) - 1))
     gamma, beta = jnp.linspace(0.5, 1.5, c), jnp.linspace(-1, 1, c)
     mu, sigma, s = jnp.linspace(-0.1, 0.1, c), jnp.linspace(0.9, 1.1, c), 0.3
-    ex = lambda v: v.reshape(n, *(1,) * len(spatial), c)
+    ex = lambda v: _nc(v, len(shape))
 
     def group_map(x):  # per-sample group statistics as (N, C) maps, centred at k
         m, sq = x.mean(spatial), (x * x).mean(spatial)
         mg = m.reshape(n, GROUPS, -1).mean(-1)
         r = lax.rsqrt(sq.reshape(n, GROUPS, -1).mean(-1) - mg * mg + 1e-5)
-        per_c = lambda v: jnp.repeat(v, c // GROUPS, axis=1)
+        per_c = lambda v: _per_channel(v, c)
         return m, per_c(r), (m - per_c(mg)) * per_c(r)  # centred at k = the (n, c) mean
 
     def composed(x):
@@ -124,14 +132,6 @@ def _lean_stats(x):
     mean = group(x.sum(spatial)) / count
     var = group((x * x).sum(spatial)) / count - mean * mean
     return mean, lax.rsqrt(jnp.maximum(var, 0.0) + 1e-5)  # layers.py's hand-written eps
-
-
-def _per_channel(v, c):
-    return jnp.repeat(v, c // GROUPS, axis=1)
-
-
-def _nc(v, ndim):
-    return v.reshape(v.shape[0], *(1,) * (ndim - 2), v.shape[1])
 
 
 def _lean_gn_fwd(x, scale, bias):

@@ -154,13 +154,9 @@ def cpu_step(layer: Any, shape: Sequence[int], dtype: Any = "bfloat16") -> tuple
     """``(bytes accessed, x-sized arrays read and written)`` of :func:`layer_step` compiled
     by XLA:CPU for one device and an input of ``shape`` (one device's share of a batch)."""
     layer = layer.clone(dtype=jnp.dtype(dtype))
-    on_cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    x = jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=on_cpu)
-    variables = jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=on_cpu),
-        jax.eval_shape(lambda x: training(layer).init({"params": jax.random.key(0),
-                                                       "noise": jax.random.key(1)}, x), x))
-    compiled = jax.jit(layer_step(layer)).lower(variables, x, x).compile()
+    mesh = jax.sharding.Mesh(jax.devices("cpu")[:1], ("data",))
+    compiled = aot.compile_for(layer_step(layer), *abstract_inputs(layer, shape, dtype, mesh),
+                               mesh=mesh)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost["bytes accessed"]), x_passes(compiled.as_text(), math.prod(shape))
