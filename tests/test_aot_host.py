@@ -97,6 +97,10 @@ def test_plan_flag_errors_come_before_any_compile(capsys):
     assert "--topology is required" in capsys.readouterr().err
     assert main(["plan", "--model", "cnn", "--topology", "v5e:16"]) == 2
     assert "2 or 3 sizes" in capsys.readouterr().err
+    for flag in (["--plot", "t.png"], ["--out", "t.md"], ["--no-compile"]):
+        assert main(["plan", "--model", "cnn", "--topology", "v5e:4x4", *flag]) == 2
+        assert f"{flag[0]} belongs to the paper table: add --paper-table" in (
+            capsys.readouterr().err)
 
 
 HLO = """\

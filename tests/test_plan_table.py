@@ -143,3 +143,61 @@ def test_cached_step_records_a_config_that_cannot_be_planned(tmp_path, monkeypat
                     "does_not_fit": False}
     entry = json.loads((tmp_path / (plan.step_key(config, "v5e:1x1") + ".json")).read_text())
     assert entry == {"code": plan.code_fingerprint(), "program": None, "step": step}
+
+
+def _mlp4_cache(tmp_path, cached):
+    """The first ``cached`` of 003_fluctuation_mlp4's four steps cached by this code
+    (1, 2, 3, 4 ms; 1 GiB, the last 2 GiB); returns the experiment and its configs."""
+    exp = load_experiment("003_fluctuation_mlp4").resolve("full")
+    configs = [c for _, c in exp.configs()]
+    for i, c in enumerate(configs[:cached]):
+        _cache_entry(tmp_path, c, plan.code_fingerprint(), "p",
+                     _record((i + 1) * 1e-3, (2 if i == 3 else 1) * GIB),
+                     image_shape=exp.image_shape)
+    return exp, configs
+
+
+@pytest.mark.parametrize("cached", [4, 2])
+def test_plot_draws_the_table_rows(tmp_path, monkeypatch, cached):
+    # each bar is its row's figures: training hours (all planned runs x seeds) and the
+    # peak memory's share of HBM; a row with runs left unplanned is hatched and labelled
+    from seqnorm_jax.analysis import plots
+
+    exp, configs = _mlp4_cache(tmp_path, cached)
+    drawn = {}
+    save = plots.save_figure
+
+    def keep(fig, path, **kw):
+        drawn["fig"] = fig
+        return save(fig, path, **kw)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    monkeypatch.setattr(plan, "lower_step", lambda *a, **k: pytest.fail("lowered"))
+    png = tmp_path / "table.png"
+    plan.plan_table(["003_fluctuation_mlp4"], str(tmp_path), plot=png, compile=False)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    left, right = drawn["fig"].axes
+    (time_bar,), (memory_bar,) = left.patches, right.patches
+    steps = [60_000 // c.batch_size * c.epochs for c in configs][:cached]
+    hours = sum((i + 1) * 1e-3 * n for i, n in enumerate(steps)) * len(exp.seeds) / 3600
+    assert time_bar.get_width() == pytest.approx(hours, rel=1e-12)
+    assert memory_bar.get_width() == pytest.approx(100 * (2 if cached == 4 else 1) / 16)
+    assert left.get_xscale() == "log"
+    label = left.get_yticklabels()[0].get_text()
+    if cached == 4:
+        assert label == "003_fluctuation_mlp4" and time_bar.get_hatch() is None
+    else:
+        assert label == "003_fluctuation_mlp4  (2 of 4 runs)" and time_bar.get_hatch() == "//"
+
+
+def test_plot_errors_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan, "cached_step", lambda *a, **k: pytest.fail("planned"))
+    with pytest.raises(ValueError, match=r"plot='t.svg' is drawn as a PNG: .*\.png"):
+        plan.plan_table(["003_fluctuation_mlp4"], str(tmp_path), plot="t.svg")
+    # nothing planned yet: nothing to draw, said so once the table is written
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="no config has a planned step yet"):
+        plan.plan_table(["003_fluctuation_mlp4"], str(tmp_path), plot=tmp_path / "t.png",
+                        out=tmp_path / "t.md", compile=False)
+    assert "| 003_fluctuation_mlp4 | v5e:1x1 | 0 of 4 | | | | |" in (tmp_path / "t.md").read_text()
+    assert not (tmp_path / "t.png").exists()

@@ -314,8 +314,14 @@ def _plan(args) -> int:
         for name in topologies:
             aot.parse_topology(name)
         print(plan_table.plan_table(names, args.cache, topologies=topologies, out=args.out,
-                                    progress=_progress, compile=args.compile), end="")
+                                    progress=_progress, compile=args.compile,
+                                    plot=args.plot), end="")
         return 0
+    for flag, given in (("--out", args.out is not None), ("--plot", args.plot is not None),
+                        ("--no-compile", not args.compile)):
+        if given:
+            raise ValueError(f"{flag} belongs to the paper table: add --paper-table, or "
+                             f"drop {flag} to plan one config.")
     if not args.topology:
         raise ValueError("--topology is required: a TPU chip grid (v5e:16x16, v4:2x2x2, "
                          "v5p:2x2x2) or GPUs (h100:8, a100:2x8).")

@@ -381,6 +381,9 @@ def _plan_parser(sub) -> None:
                       help="with --paper-table: the compile cache (default: runs/plan/cache)")
     plan.add_argument("--out", default=None, metavar="FILE",
                       help="with --paper-table: also write the table here, after every compile")
+    plan.add_argument("--plot", default=None, metavar="PNG",
+                      help="with --paper-table: also draw the finished table here (training "
+                           "time and memory per config)")
     plan.add_argument("--no-compile", dest="compile", action="store_false",
                       help="with --paper-table: the table of the steps already in --cache, "
                            "compiling nothing")

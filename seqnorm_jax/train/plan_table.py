@@ -28,8 +28,8 @@ from seqnorm_jax.train.plan import (
     train_examples,
 )
 
-__all__ = ["TABLE_TOPOLOGIES", "cached_step", "code_fingerprint", "plan_table", "step_key",
-           "table_topology"]
+__all__ = ["TABLE_TOPOLOGIES", "cached_step", "code_fingerprint", "plan_table", "plot_table",
+           "step_key", "table_topology"]
 
 # The table's topologies: a config runs on 8 TPU v5e chips (one v5litepod-8 host) when
 # every batch of it splits over 8, else on one chip.
@@ -149,16 +149,20 @@ def _run_plan(config: TrainConfig, step: dict[str, Any]) -> float | None:
 
 def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOGIES,
                out: str | None = None, progress: Callable[[str], None] | None = None,
-               compile: bool = True) -> str:
+               compile: bool = True, plot: str | os.PathLike | None = None) -> str:
     """The paper configs ``names`` at full scale, one row each: the topology, the runs
     planned, the roofline step time, the training time of all runs and seeds, the peak
     memory per chip against HBM. Steps compile once each, cached in ``cache_dir``, the
     cheapest models first and one run of every config before the second of any, so the
     table can be built over several sittings; with ``out`` it is rewritten after every
     compile. ``compile=False`` gives the table of the steps the cache holds for this code,
-    compiling nothing (a cached step from other code is lowered to check its program)."""
+    compiling nothing (a cached step from other code is lowered to check its program).
+    With ``plot`` the finished table is also drawn there (:func:`plot_table`)."""
     from seqnorm_jax.studies.experiment import load_experiment
 
+    if plot is not None and not os.fspath(plot).endswith(".png"):
+        raise ValueError(f"plot={os.fspath(plot)!r} is drawn as a PNG: give a path ending "
+                         "in .png.")
     exps = [load_experiment(n).resolve("full") for n in names]
     rows = []
     for exp in exps:
@@ -191,37 +195,89 @@ def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOG
                 continue
             row["steps"][i] = step
             save()
-    return save()
+    text = save()
+    if plot is not None:
+        plot_table(rows, plot)
+    return text
+
+
+def _summary(row) -> dict[str, Any]:
+    """One table row's figures from its cached steps: the runs planned out of the config's,
+    the refused and too-large counts, and over the planned steps the step times, the
+    training seconds of all runs x seeds, the peak memory per chip, the chip's HBM and
+    whether every step fits."""
+    exp, configs, steps = row["exp"], row["configs"], row["steps"]
+    ok = {i: s for i, s in steps.items() if "error" not in s}
+    too_big = sum(1 for s in steps.values() if s.get("does_not_fit"))
+    out = dict(name=exp.name, kind=exp.kind, topology=row["topology"], planned=len(steps),
+               runs=len(configs), too_big=too_big, errors=len(steps) - len(ok) - too_big)
+    if ok:
+        out.update(times=[s["step_seconds"] for s in ok.values()],
+                   wall=sum(_run_plan(configs[i], s) for i, s in ok.items()) * len(exp.seeds),
+                   memory=max(s["memory"]["total"] for s in ok.values()),
+                   hbm=next(iter(ok.values()))["memory"]["hbm"],
+                   fits=all(s["memory"]["fits"] for s in ok.values()) and not too_big)
+    return out
 
 
 def _table(rows) -> str:
     lines = ["| config | topology | runs planned | step time (roofline) | training time, all "
              "runs x seeds | peak memory per chip / HBM | fits |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
-    for row in rows:
-        exp, configs, steps = row["exp"], row["configs"], row["steps"]
-        ok = {i: s for i, s in steps.items() if "error" not in s}
-        too_big = sum(1 for s in steps.values() if s.get("does_not_fit"))
-        errors = len(steps) - len(ok) - too_big
-        planned = f"{len(steps)} of {len(configs)}" + (f" ({errors} refused)" if errors else "")
-        if too_big:
-            planned += f" ({too_big} too large for a chip)"
-        if not configs:
-            lines.append(f"| {exp.name} | - | no fixed runs ({exp.kind}: chosen while it "
+    for s in map(_summary, rows):
+        planned = f"{s['planned']} of {s['runs']}" + (
+            f" ({s['errors']} refused)" if s["errors"] else "")
+        if s["too_big"]:
+            planned += f" ({s['too_big']} too large for a chip)"
+        if not s["runs"]:
+            lines.append(f"| {s['name']} | - | no fixed runs ({s['kind']}: chosen while it "
                          "runs) | | | | |")
             continue
-        if not ok:
-            lines.append(f"| {exp.name} | {row['topology']} | {planned} | | | | |")
+        if "wall" not in s:
+            lines.append(f"| {s['name']} | {s['topology']} | {planned} | | | | |")
             continue
-        times = [s["step_seconds"] for s in ok.values()]
-        wall = sum(_run_plan(configs[i], s) for i, s in ok.items()) * len(exp.seeds)
-        mem = max(s["memory"]["total"] for s in ok.values())
-        hbm = next(iter(ok.values()))["memory"]["hbm"]
-        fits = all(s["memory"]["fits"] for s in ok.values()) and not too_big
-        span = (format_seconds(min(times)) if len(set(times)) == 1 or len(times) == 1 else
+        times = s["times"]
+        span = (format_seconds(min(times)) if len(set(times)) == 1 else
                 f"{format_seconds(min(times))} - {format_seconds(max(times))}")
-        part = "" if len(steps) == len(configs) else " (planned runs only)"
-        lines.append(f"| {exp.name} | {row['topology']} | {planned} | {span} | "
-                     f"{format_seconds(wall)}{part} | {format_bytes(mem)} / {format_bytes(hbm)} | "
-                     f"{'yes' if fits else 'no'} |")
+        part = "" if s["planned"] == s["runs"] else " (planned runs only)"
+        lines.append(f"| {s['name']} | {s['topology']} | {planned} | {span} | "
+                     f"{format_seconds(s['wall'])}{part} | {format_bytes(s['memory'])} / "
+                     f"{format_bytes(s['hbm'])} | {'yes' if s['fits'] else 'no'} |")
     return "\n".join(lines) + "\n"
+
+
+def plot_table(rows, path: str | os.PathLike) -> str:
+    """The table as a PNG at ``path``: per config, the training time of all runs x seeds
+    (hours, log scale) and the peak memory per chip as a share of the chip's HBM, one
+    colour per topology; a config with runs left unplanned is hatched and marked (its
+    time counts only the planned runs), and one with nothing planned has no bar."""
+    from matplotlib.patches import Patch
+
+    from seqnorm_jax.analysis.plots import label_colors, pyplot, save_figure
+
+    summaries = [s for s in map(_summary, rows) if "wall" in s]
+    if not summaries:
+        raise ValueError(f"plot {os.fspath(path)!r}: no config has a planned step yet; "
+                         "compile some (drop --no-compile) before plotting.")
+    colors = label_colors(sorted({s["topology"] for s in summaries}))
+    names = [s["name"] + ("" if s["planned"] == s["runs"] else
+                          f"  ({s['planned']} of {s['runs']} runs)") for s in summaries]
+    fig, (left, right) = pyplot().subplots(1, 2, sharey=True,
+                                           figsize=(12, 0.32 * len(summaries) + 1.6),
+                                           gridspec_kw=dict(width_ratios=(3, 2)))
+    y = list(range(len(summaries)))[::-1]
+    for yi, s in zip(y, summaries):
+        kw = dict(color=colors[s["topology"]], hatch=None if s["planned"] == s["runs"] else "//",
+                  edgecolor="black", linewidth=0.4)
+        left.barh(yi, s["wall"] / 3600, **kw)
+        right.barh(yi, 100 * s["memory"] / s["hbm"], **kw)
+    left.set_xscale("log")
+    left.set_xlabel("training time, all runs x seeds (hours, roofline)")
+    left.set_yticks(y, names, fontsize=8)
+    left.grid(axis="x", alpha=0.3)
+    left.set_ylim(-0.6, len(summaries) - 0.4)
+    right.axvline(100, color="black", linewidth=0.8)
+    right.set_xlabel("peak memory per chip (% of HBM)")
+    right.legend(handles=[Patch(color=c, label=t) for t, c in colors.items()],
+                 loc="lower right", fontsize=8)
+    return save_figure(fig, path, title="Paper configs at full scale (XLA:TPU, deviceless AOT)")
