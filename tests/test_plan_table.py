@@ -190,7 +190,8 @@ def test_plot_draws_the_table_rows(tmp_path, monkeypatch, cached):
         assert label == "003_fluctuation_mlp4  (2 of 4 runs)" and time_bar.get_hatch() == "//"
 
 
-def test_plot_errors_before_any_work(tmp_path, monkeypatch):
+def test_plot_errors(tmp_path, monkeypatch):
+    # a path that is not a PNG: refused before anything is planned
     monkeypatch.setattr(plan, "cached_step", lambda *a, **k: pytest.fail("planned"))
     with pytest.raises(ValueError, match=r"plot='t.svg' is drawn as a PNG: .*\.png"):
         plan.plan_table(["003_fluctuation_mlp4"], str(tmp_path), plot="t.svg")

@@ -203,14 +203,15 @@ def plan_table(names: Sequence[str], cache_dir: str, *, topologies=TABLE_TOPOLOG
 
 def _summary(row) -> dict[str, Any]:
     """One table row's figures from its cached steps: the runs planned out of the config's,
-    the refused and too-large counts, and over the planned steps the step times, the
-    training seconds of all runs x seeds, the peak memory per chip, the chip's HBM and
-    whether every step fits."""
+    whether that is all of them, the refused and too-large counts, and over the planned
+    steps the step times, the training seconds of all runs x seeds, the peak memory per
+    chip, the chip's HBM and whether every step fits."""
     exp, configs, steps = row["exp"], row["configs"], row["steps"]
     ok = {i: s for i, s in steps.items() if "error" not in s}
     too_big = sum(1 for s in steps.values() if s.get("does_not_fit"))
     out = dict(name=exp.name, kind=exp.kind, topology=row["topology"], planned=len(steps),
-               runs=len(configs), too_big=too_big, errors=len(steps) - len(ok) - too_big)
+               runs=len(configs), complete=len(steps) == len(configs), too_big=too_big,
+               errors=len(steps) - len(ok) - too_big)
     if ok:
         out.update(times=[s["step_seconds"] for s in ok.values()],
                    wall=sum(_run_plan(configs[i], s) for i, s in ok.items()) * len(exp.seeds),
@@ -239,7 +240,7 @@ def _table(rows) -> str:
         times = s["times"]
         span = (format_seconds(min(times)) if len(set(times)) == 1 else
                 f"{format_seconds(min(times))} - {format_seconds(max(times))}")
-        part = "" if s["planned"] == s["runs"] else " (planned runs only)"
+        part = "" if s["complete"] else " (planned runs only)"
         lines.append(f"| {s['name']} | {s['topology']} | {planned} | {span} | "
                      f"{format_seconds(s['wall'])}{part} | {format_bytes(s['memory'])} / "
                      f"{format_bytes(s['hbm'])} | {'yes' if s['fits'] else 'no'} |")
@@ -260,14 +261,14 @@ def plot_table(rows, path: str | os.PathLike) -> str:
         raise ValueError(f"plot {os.fspath(path)!r}: no config has a planned step yet; "
                          "compile some (drop --no-compile) before plotting.")
     colors = label_colors(sorted({s["topology"] for s in summaries}))
-    names = [s["name"] + ("" if s["planned"] == s["runs"] else
-                          f"  ({s['planned']} of {s['runs']} runs)") for s in summaries]
+    names = [s["name"] + ("" if s["complete"] else f"  ({s['planned']} of {s['runs']} runs)")
+             for s in summaries]
     fig, (left, right) = pyplot().subplots(1, 2, sharey=True,
                                            figsize=(12, 0.32 * len(summaries) + 1.6),
                                            gridspec_kw=dict(width_ratios=(3, 2)))
     y = list(range(len(summaries)))[::-1]
     for yi, s in zip(y, summaries):
-        kw = dict(color=colors[s["topology"]], hatch=None if s["planned"] == s["runs"] else "//",
+        kw = dict(color=colors[s["topology"]], hatch=None if s["complete"] else "//",
                   edgecolor="black", linewidth=0.4)
         left.barh(yi, s["wall"] / 3600, **kw)
         right.barh(yi, 100 * s["memory"] / s["hbm"], **kw)
